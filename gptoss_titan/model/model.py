@@ -1,0 +1,198 @@
+"""The gpt-oss transformer, read from the parts to the whole.
+
+Shape legend: B batch, T time, H hidden, N query heads, G kv heads, D head dim, V vocab,
+E experts, L layers.
+
+The model knows nothing about parallelism. It is built on the meta device (no memory), the
+parallel passes are applied from the outside, then `to_empty(device)` and `init_weights()` set
+every parameter and buffer, the RoPE tables included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .args import ModelArgs
+from .attention import sink_attention
+from .loss import fused_linear_cross_entropy
+from .moe import MoE, load_balancing_loss
+
+
+class RMSNorm(nn.Module):
+    """y = w * x * rsqrt(mean(x^2) + eps), computed in fp32, returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * y).to(x.dtype)
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def yarn_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """[D/2] YaRN inverse frequencies (fp32): interpolate low frequencies, keep high ones.
+
+    freq_i = theta^(2i/D); the ramp between `low` and `high` (in frequency index units, from the
+    beta_fast / beta_slow rotation counts over the original context, not rounded) blends
+    1/(factor freq_i) (below low ... interpolated) with 1/freq_i (extrapolated).
+    """
+    d, base = args.head_dim, args.rope_theta
+    freq = base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)  # [D/2]
+    if args.rope_factor <= 1:
+        return 1.0 / freq
+
+    def dim_for(rotations: float) -> float:
+        return d * math.log(args.rope_original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(dim_for(args.rope_beta_fast), 0.0), min(dim_for(args.rope_beta_slow), d - 1.0)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # [D/2]
+    return (1.0 / (args.rope_factor * freq)) * ramp + (1.0 / freq) * (1 - ramp)
+
+
+def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_seq_len, D/2] in fp32, both multiplied by the YaRN mscale."""
+    inv_freq = yarn_inv_freq(args).to(device)
+    pos = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
+    angles = torch.outer(pos, inv_freq)  # [S, D/2]
+    m = args.yarn_mscale()
+    return angles.cos() * m, angles.sin() * m
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D], cos/sin [T, D/2]: rotate the halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    """GQA with q/k/v/o biases, YaRN RoPE, per-head sinks; sliding window on even layers."""
+
+    def __init__(self, args: ModelArgs, sliding: bool):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = args.sliding_window if sliding else None
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=True)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=True)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=True)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=True)
+        self.sinks = nn.Parameter(torch.empty(args.n_heads))  # [N] one logit per query head
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, N, T, D]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = sink_attention(q, k, v, self.sinks, self.window)  # [B, N, T, D]
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H]
+
+    def init_weights(self, std: float) -> None:
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            nn.init.normal_(lin.weight, std=std)
+            nn.init.zeros_(lin.bias)
+        nn.init.normal_(self.sinks, std=std)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, sliding=args.is_sliding(layer_id))
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.moe = MoE(args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, need_probs: bool = False):
+        """x [B, T, H] -> (x [B, T, H], expert counts [E], router prob sums [E] or None)."""
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        m, counts, prob_sum = self.moe(self.ffn_norm(x), need_probs)
+        return x + m, counts, prob_sum
+
+    def init_weights(self, std: float) -> None:
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attention.init_weights(std)
+        self.moe.init_weights(std)
+
+
+class OutputHead(nn.Module):
+    """lm_head (no bias). Given targets it returns the summed cross-entropy without full logits."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))  # [V, H]
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return h @ self.weight.to(h.dtype).T  # [B, T, V]
+        return fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1))
+
+
+class Transformer(nn.Module):
+    """gpt-oss. Built on the meta device, then `to_empty` + `init_weights()` (see module doc)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)  # no padding_idx: every row trains
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = OutputHead(args.dim, args.vocab_size)
+        # Derived from the args, never saved: recomputed by init_weights() after to_empty().
+        self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
+        """Set every parameter and buffer: N(0, std) weights, zero biases, unit norms, RoPE tables."""
+        std = self.args.init_std
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for layer in self.layers:
+            layer.init_weights(std)
+        self.norm.init_weights()
+        nn.init.normal_(self.output.weight, std=std)
+        self.init_buffers(buffer_device)
+
+    @torch.no_grad()
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        device = device or self.rope_cos.device
+        cos, sin = rope_tables(self.args, device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, aux_loss: bool = False):
+        """tokens [B, T] -> logits [B, T, V].
+
+        With targets [B, T] (next tokens, -100 = ignore) it returns instead a tuple
+        (summed cross-entropy, aux loss or None, expert counts [L, E]) without materializing logits.
+        """
+        T = tokens.shape[1]
+        if T > self.args.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.args.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        h = self.tok_embeddings(tokens)  # [B, T, H]
+        counts, prob_sums = [], []
+        for layer in self.layers:
+            h, c, p = layer(h, cos, sin, aux_loss)
+            counts.append(c)
+            prob_sums.append(p)
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h)
+        ce_sum = self.output(h, targets)
+        counts_t = torch.stack(counts)  # [L, E]
+        aux = None
+        if aux_loss:
+            aux = load_balancing_loss(counts_t, torch.stack(prob_sums), tokens.numel(), self.args.top_k)
+        return ce_sum, aux, counts_t

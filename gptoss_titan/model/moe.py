@@ -1,0 +1,182 @@
+"""gpt-oss mixture of experts: top-k router and grouped experts on expert-sorted tokens.
+
+Shape legend: M tokens (B x T flattened), H hidden, E experts, K experts per token,
+I expert intermediate size, R = M x K routed rows.
+
+Only routed tokens are computed: the R = M x K (token, expert) pairs are sorted by expert, each
+expert multiplies its contiguous slice (one grouped matmul, or a loop fallback), and the results
+are weighted and summed back per token. Expert parallelism (parallel/expert_parallel.py) wraps
+`GroupedExperts.forward`, which sees only sorted rows and per-expert counts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from .args import ModelArgs
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    CPU grouped_mm's backward rejects stride-0 (broadcast) gradients, e.g. from `.sum()`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return g.contiguous()
+
+
+@functools.cache
+def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Probe once per (device, dtype) whether torch._grouped_mm runs forward and backward here."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+            return _probe_grouped_mm(device_type, dtype)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
+    w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
+    y = torch._grouped_mm(x, w, offs=offs)
+    ref = torch.cat([x[:3] @ w[0], x[3:] @ w[1]])
+    _ContiguousGrad.apply(y).sum().backward()
+    return bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2))
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool) -> torch.Tensor:
+    """x [R, in] sorted by expert, w [E, in, out], counts [E] -> [R, out]; row r uses its expert's w."""
+    if use_grouped_mm and x.shape[0] > 0:
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E] end row of each expert
+        return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs))
+    # Fallback: one matmul per expert on its slice (host sync for the split sizes).
+    chunks = torch.split(x, counts.tolist(), dim=0)
+    return torch.cat([c @ w[e] for e, c in enumerate(chunks)], dim=0)
+
+
+def clamped_swiglu(u: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """u [R, 2I] interleaved (gate_j, up_j) -> [R, I]: (clamp(up) + 1) * g * sigmoid(alpha g), g = min(gate, limit)."""
+    gate = u[..., 0::2].clamp(max=limit)
+    up = u[..., 1::2].clamp(min=-limit, max=limit)
+    return (up + 1) * gate * torch.sigmoid(alpha * gate)
+
+
+class GroupedExperts(nn.Module):
+    """E experts with the Hugging Face [in, out] layout: gate_up interleaved, biases per expert."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E, H, I = args.num_experts, args.dim, args.moe_inter_dim
+        self.w_gate_up = nn.Parameter(torch.empty(E, H, 2 * I))  # [E, H, 2I]
+        self.b_gate_up = nn.Parameter(torch.empty(E, 2 * I))  # [E, 2I]
+        self.w_down = nn.Parameter(torch.empty(E, I, H))  # [E, I, H]
+        self.b_down = nn.Parameter(torch.empty(E, H))  # [E, H]
+        self.limit, self.alpha = args.swiglu_limit, args.swiglu_alpha
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [R, H] rows sorted by expert; counts [E] rows per expert (sum R) -> [R, H]."""
+        w1, b1, w2, b2 = self.w_gate_up, self.b_gate_up, self.w_down, self.b_down
+        if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
+        use_gmm = grouped_mm_works(x.device.type, x.dtype)
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(counts.numel(), device=x.device), counts, output_size=x.shape[0]
+        )  # [R]
+        u = _grouped_linear(x, w1, counts, use_gmm) + b1[expert_of_row]  # [R, 2I]
+        z = clamped_swiglu(u, self.limit, self.alpha)  # [R, I]
+        return _grouped_linear(z, w2, counts, use_gmm) + b2[expert_of_row]  # [R, H]
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.w_gate_up, std=std)
+        nn.init.zeros_(self.b_gate_up)
+        nn.init.normal_(self.w_down, std=std)
+        nn.init.zeros_(self.b_down)
+
+
+class Router(nn.Module):
+    """Top-K of E linear logits; weights = softmax over the K chosen logits only."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.top_k
+        self.gate = nn.Linear(args.dim, args.num_experts, bias=True)
+        # Auxiliary-loss-free balancing: shifts the top-k choice only, never the weights.
+        self.expert_bias: torch.Tensor | None
+        if args.load_balance_bias:
+            self.register_buffer("expert_bias", torch.zeros(args.num_experts), persistent=True)
+        else:
+            self.expert_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [M, H] -> weights [M, K], experts [M, K], logits [M, E]."""
+        logits = self.gate(x)  # [M, E]
+        scores = logits if self.expert_bias is None else logits + self.expert_bias
+        _, idx = torch.topk(scores, self.top_k, dim=-1)  # [M, K]
+        weights = torch.softmax(logits.gather(-1, idx), dim=-1)  # [M, K]
+        return weights, idx, logits
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.gate.weight, std=std)
+        nn.init.normal_(self.gate.bias, std=std)
+        if self.expert_bias is not None:
+            nn.init.zeros_(self.expert_bias)
+
+
+class MoE(nn.Module):
+    """Router + experts. Returns the output and routing statistics for balancing and metrics."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_experts = args.num_experts
+        self.router = Router(args)
+        self.experts = GroupedExperts(args)
+
+    def forward(self, x: torch.Tensor, need_probs: bool = False):
+        """x [B, T, H] -> (out [B, T, H], counts [E] (int), prob_sum [E] or None).
+
+        counts: how many of the B x T x K assignments went to each expert (no gradient).
+        prob_sum: column sums of the full softmax over E router logits (for the HF aux loss).
+        """
+        B, T, H = x.shape
+        x = x.reshape(B * T, H)  # [M, H]
+        weights, idx, logits = self.router(x)  # [M, K], [M, K], [M, E]
+        flat = idx.reshape(-1)  # [R]
+        order = torch.argsort(flat, stable=True)  # [R] rows sorted by expert
+        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
+        token_of_row = order // self.router.top_k  # [R] source token of each sorted row
+        y = self.experts(x[token_of_row], counts)  # [R, H]
+        y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)  # [R, H] weighted, bias included
+        out = torch.zeros_like(x, dtype=y.dtype).index_add_(0, token_of_row, y)  # [M, H]
+        prob_sum = torch.softmax(logits.float(), dim=-1).sum(0) if need_probs else None  # [E]
+        return out.reshape(B, T, H).to(x.dtype), counts, prob_sum
+
+    def init_weights(self, std: float) -> None:
+        self.router.init_weights(std)
+        self.experts.init_weights(std)
+
+
+def load_balancing_loss(counts: torch.Tensor, prob_sums: torch.Tensor, n_rows: int, top_k: int) -> torch.Tensor:
+    """Hugging Face's aux loss, pooled over layers: E x sum_e(f_e x P_e).
+
+    counts [L, E] top-k assignments, prob_sums [L, E] softmax column sums, n_rows tokens per layer.
+    f_e = assignments to e / (L x n_rows) (sums to K), P_e = mean router probability of e.
+    Equals K under perfectly balanced routing.
+    """
+    L, E = counts.shape
+    f = counts.float().sum(0) / (L * n_rows)  # [E]
+    p = prob_sums.sum(0) / (L * n_rows)  # [E]
+    return E * (f * p).sum()
+

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Launch training on one node with torchrun (TorchTitan's conventions).
+#
+#   ./scripts/run_train.sh                                    # debug model, bundled corpus
+#   NGPU=8 CONFIG_FILE=train_configs/gpt_oss_20b.toml ./scripts/run_train.sh --training.steps=100
+#
+# Environment:
+#   CONFIG_FILE  TOML config (default train_configs/debug_model.toml)
+#   NGPU         processes on this node (default: visible CUDA GPUs, else 1 CPU process)
+#   LOG_RANK     ranks whose output reaches the console, comma separated (default 0)
+#   MASTER_PORT  rendezvous port on localhost (default 29500)
+# Extra arguments are config overrides: --section.field=value.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+CONFIG_FILE=${CONFIG_FILE:-"./train_configs/debug_model.toml"}
+if [ -z "${NGPU:-}" ]; then
+  NGPU=$(python -c "import torch; print(torch.cuda.device_count() or 1)")
+fi
+LOG_RANK=${LOG_RANK:-0}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+if ! python -c "import torch; import sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  # CPU: split the cores between the processes so they do not oversubscribe.
+  cores=$(nproc)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / NGPU > 0 ? cores / NGPU : 1 ))}
+fi
+
+# Check the config and data paths first: a bad value is one line and exit 2, not a torchrun trace.
+python -m gptoss_titan.config --config "${CONFIG_FILE}" "$@"
+
+exec torchrun --nproc_per_node="${NGPU}" --rdzv_backend=c10d --rdzv_endpoint="localhost:${MASTER_PORT}" \
+  --local-ranks-filter="${LOG_RANK}" \
+  -m gptoss_titan.train --config "${CONFIG_FILE}" "$@"

@@ -1,0 +1,72 @@
+import pytest
+
+from gptoss_titan.config import ConfigError, JobConfig, help_text, parse_args
+
+
+def write(tmp_path, text, name="c.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_and_overrides(tmp_path):
+    f = write(tmp_path, '[training]\nsteps = 7\n[optimizer]\nlr = 1\n')
+    cfg = parse_args(["--config", f, "--training.seq_len=64", "--optimizer.lr", "0.5",
+                      "--checkpoint.exclude_from_loading=optimizer,dataloader", "--checkpoint.enable=true"])
+    assert cfg.training.steps == 7 and cfg.training.seq_len == 64
+    assert cfg.optimizer.lr == 0.5 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.checkpoint.exclude_from_loading == ["optimizer", "dataloader"] and cfg.checkpoint.enable is True
+    assert cfg.job.config_file == f
+
+
+def test_repo_configs_load():
+    for name in ("debug_model", "gpt_oss_20b", "gpt_oss_120b"):
+        cfg = parse_args(["--config", f"train_configs/{name}.toml"])
+        assert cfg.model.name == "gpt_oss"
+    big = parse_args(["--config", "train_configs/gpt_oss_20b.toml"])
+    assert (big.optimizer.lr, big.lr_scheduler.warmup_steps, big.lr_scheduler.decay_steps) == (3e-4, 100, 5000)
+    assert big.training.seq_len == 512 and big.training.mixed_precision_param == "bfloat16"
+    assert big.optimizer.lr * big.lr_scheduler.min_lr_factor == pytest.approx(3e-5)
+
+
+@pytest.mark.parametrize(
+    "toml, argv, match",
+    [
+        ("[training]\nstesp = 3\n", [], "did you mean 'steps'"),
+        ("[trainig]\nsteps = 3\n", [], "did you mean 'training'"),
+        ("[training]\nsteps = 'three'\n", [], "training.steps must be int"),
+        ("[training]\nsteps = 3.5\n", [], "training.steps must be int"),
+        ("[checkpoint]\nenable = 1\n", [], "checkpoint.enable must be bool"),
+        ("[optimizer]\nlr = -1e-3\n", [], "optimizer.lr = -0.001 must be > 0"),
+        ("[training]\nseq_len = 5000\n", [], "exceeds the debug model's limit 4096"),
+        ("[training]\nlocal_batch_size = 4\nglobal_batch_size = 6\n", [], "global_batch_size = 6"),
+        ("[model]\nflavor = '20B'\n", [], "did you mean '20b'"),
+        ("", ["--training.steps=x"], "training.steps must be int"),
+        ("", ["--training.stepz=3"], "did you mean 'steps'"),
+        ("", ["--parallelism.tensor_parallel_degree=2"], "not supported yet"),
+        ("", ["--parallelism.expert_parallel_degree=3"], "does not divide the 8 experts"),
+        ("", ["--lr_scheduler.decay_type=cosin"], "did you mean 'cosine'"),
+        ("", ["stray"], "unexpected argument"),
+        ("", ["--training.steps"], "needs a value"),
+        ("", ["--checkpoint.enable=maybe"], "checkpoint.enable must be bool"),
+    ],
+)
+def test_bad_config(tmp_path, toml, argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_args(["--config", write(tmp_path, toml)] + argv)
+
+
+def test_missing_and_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        parse_args(["--config", str(tmp_path / "nope.toml")])
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_args(["--config", write(tmp_path, "[training\nsteps = 3")])
+
+
+def test_help_lists_every_option():
+    text = help_text()
+    cfg = JobConfig()
+    for section, fields in cfg.to_dict().items():
+        for key in fields:
+            assert f"--{section}.{key}=" in text
+    assert "peak learning rate" in text

@@ -1,0 +1,162 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gptoss_titan.config import parse_args
+from gptoss_titan.train import Trainer, main
+
+
+def synthetic_data(folder, vocab=8192, n=20000, seed=0):
+    """A learnable stream: repeated random 'sentences' of 12 tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    phrases = rng.integers(0, vocab, (8, 12))
+    for split, count in (("train", n), ("val", n // 10)):
+        idx = rng.integers(0, 8, count // 12)
+        phrases[idx].reshape(-1).astype(np.uint32).tofile(folder / f"{split}.bin")
+    (folder / "meta.json").write_text(json.dumps({"tokenizer": "synthetic", "vocab_size": vocab}))
+    return folder
+
+
+def argv_for(tmp_path, *extra):
+    data = synthetic_data(tmp_path / "data")
+    return ["--model.flavor=bench", f"--data.dataset_path={data}", f"--job.dump_folder={tmp_path / 'run'}",
+            "--training.steps=4", "--training.seq_len=32", "--training.local_batch_size=2", "--metrics.log_freq=1",
+            "--validation.freq=2", "--validation.steps=2", "--lr_scheduler.warmup_steps=1", "--optimizer.lr=3e-3",
+            *extra]
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_learns_and_writes_metrics(tmp_path):
+    assert main(argv_for(tmp_path, "--training.steps=30", "--validation.freq=10")) == 0
+    run = tmp_path / "run"
+    rows = read_metrics(run)
+    steps = [r for r in rows if "loss" in r]
+    vals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "mem_peak_rss_gib"):
+        assert key in steps[0]
+    assert [r["step"] for r in vals] == [10, 20, 30]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 2.0
+    assert vals[-1]["val_loss"] < vals[0]["val_loss"]
+    assert abs(steps[0]["loss"] - np.log(8192)) < 0.5  # starts at chance level
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["flavor"] == "bench" and cfg["training"]["steps"] == 30
+    assert json.loads((run / "model_args.json").read_text())["vocab_size"] == 8192
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+
+
+def run_trainer(argv):
+    tr = Trainer(parse_args(argv))
+    tr.train()
+    losses = [r["loss"] for r in read_metrics(tr.dump) if "loss" in r]
+    return losses, {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+
+
+def test_gradient_accumulation_equals_big_batch(tmp_path):
+    base = argv_for(tmp_path, "--validation.enable=false", "--training.steps=3")
+    a_loss, a_params = run_trainer(base + ["--training.local_batch_size=4", f"--job.dump_folder={tmp_path}/a"])
+    b_loss, b_params = run_trainer(base + ["--training.local_batch_size=2", "--training.global_batch_size=4",
+                                           f"--job.dump_folder={tmp_path}/b"])
+    np.testing.assert_allclose(a_loss, b_loss, rtol=1e-5)
+    for k in a_params:
+        # Adam turns near-zero gradients into +-lr steps, so a 1e-7 gradient difference can move a
+        # weight by ~1e-5; 1e-4 is still 30x below one step's maximum move (lr = 3e-3).
+        torch.testing.assert_close(a_params[k], b_params[k], rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_close_to_fp32_and_balancing_options(tmp_path):
+    base = argv_for(tmp_path, "--validation.enable=false", "--training.steps=3")
+    f32, _ = run_trainer(base + [f"--job.dump_folder={tmp_path}/f"])
+    bf16, _ = run_trainer(base + ["--training.mixed_precision_param=bfloat16", f"--job.dump_folder={tmp_path}/h"])
+    np.testing.assert_allclose(f32, bf16, rtol=2e-2)
+    aux_run = Trainer(parse_args(base + ["--model.aux_loss_coef=0.01", "--model.load_balance_bias=true",
+                                         f"--job.dump_folder={tmp_path}/x"]))
+    aux_run.train()
+    rows = read_metrics(aux_run.dump)
+    assert all(r["aux_loss"] >= 0 for r in rows)
+    bias = aux_run.model.layers[0].moe.router.expert_bias
+    assert bias.abs().sum() > 0 and bias.sum().abs() < 1e-6 * 8 + 1e-3 * 8
+
+
+def test_lr_schedule():
+    from gptoss_titan.config import LRScheduler
+    from gptoss_titan.optim import lr_factor
+
+    cfg = LRScheduler(warmup_steps=10, decay_steps=100, decay_type="cosine", min_lr_factor=0.1)
+    assert lr_factor(1, 1000, cfg) == pytest.approx(1 / 11)
+    assert lr_factor(10, 1000, cfg) == pytest.approx(10 / 11)
+    assert lr_factor(11, 1000, cfg) == pytest.approx(1.0, abs=1e-3)
+    assert lr_factor(60, 1000, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, 1000, cfg) == pytest.approx(0.1) and lr_factor(500, 1000, cfg) == pytest.approx(0.1)
+    cfg.decay_type = "linear"
+    assert lr_factor(60, 1000, cfg) == pytest.approx(0.55)
+
+
+def test_no_weight_decay_on_norms_biases_sinks_embeddings():
+    from gptoss_titan.config import Optimizer
+    from gptoss_titan.optim import build_optimizer
+
+    from .conftest import build, tiny_args
+
+    m = build(tiny_args())
+    opt = build_optimizer(m, Optimizer())
+    names = {id(p): n for n, p in m.named_parameters()}
+    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    assert all(not any(s in n for s in ("norm", "bias", "sinks", "tok_embeddings", "b_gate_up", "b_down"))
+               for n in decayed)
+    assert "output.weight" in decayed and "layers.0.moe.experts.w_gate_up" in decayed
+    assert len(decayed) + len(opt.param_groups[1]["params"]) == len(list(m.parameters()))
+
+
+BAD = [
+    (lambda t: ["--config", str(t / "missing.toml")], "missing.toml"),
+    (lambda t: ["--config", str(_w(t, "[training\n"))], "not valid TOML"),
+    (lambda t: ["--config", str(_w(t, "[training]\nsteps_ = 1\n"))], "did you mean 'steps'"),
+    (lambda t: ["--training.steps=ten"], "training.steps must be int"),
+    (lambda t: ["--optimizer.lr=-1"], "optimizer.lr = -1.0 must be > 0"),
+    (lambda t: ["--training.seq_len=9999"], "exceeds the bench model's limit 4096"),
+    (lambda t: ["--training.global_batch_size=3"], "global_batch_size = 3"),
+    (lambda t: [f"--data.dataset_path={t / 'nodata'}"], "train.bin"),
+    (lambda t: ["--model.flavor=20bb"], "did you mean '20b'"),
+]
+
+
+def _w(t, text):
+    (t / "bad.toml").write_text(text)
+    return t / "bad.toml"
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, case):
+    make, expected = BAD[case]
+    argv = argv_for(tmp_path) + make(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and expected in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_token_ids_are_rejected(tmp_path, capsys):
+    data = synthetic_data(tmp_path / "baddata")
+    with open(data / "train.bin", "ab") as f:
+        np.array([8999], dtype=np.uint32).tofile(f)  # one id beyond the bench vocab (8192)
+    assert main(argv_for(tmp_path) + [f"--data.dataset_path={data}"]) == 2
+    err = capsys.readouterr().err
+    assert "token id 8999 >= the model's vocab_size 8192" in err and not (tmp_path / "run").exists()
+
+
+def test_cli_subprocess_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gptoss_titan.train", "--optimizer.lr=-3"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+    h = subprocess.run([sys.executable, "-m", "gptoss_titan.train", "--help"], capture_output=True, text=True)
+    assert h.returncode == 0 and "--training.local_batch_size" in h.stdout
