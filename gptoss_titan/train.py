@@ -13,9 +13,11 @@ import json
 import math
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .config import ConfigError, JobConfig, help_text, parse_args
 from .data import DataError, TokenLoader, get_tokenizer, open_split, resolve_dataset
@@ -24,6 +26,9 @@ from .generate import generate
 from .metrics import MetricsLogger, Timer, init_logging, logger, memory_stats
 from .model import FLAVORS, ModelArgs, Transformer
 from .optim import build_lr_scheduler, build_optimizer
+from .parallel import ParallelDims, parallelize
+from .parallel.dry_run import dry_run, is_dry_run
+from .parallel.grad import clip_grad_norm_
 
 
 def device_type() -> str:
@@ -35,19 +40,33 @@ def model_args_for(cfg: JobConfig) -> ModelArgs:
     return dataclasses.replace(FLAVORS[cfg.model.flavor], load_balance_bias=cfg.model.load_balance_bias)
 
 
+def init_distributed(cfg: JobConfig) -> tuple[int, int]:
+    """Start the process group when launched with several processes; return (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    backend = "nccl" if device_type() == "cuda" else "gloo"
+    if device_type() == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.comm.init_timeout_seconds))
+    return dist.get_rank(), world
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         t = cfg.training
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.world_size != 1:
-            raise ConfigError(
-                f"WORLD_SIZE = {self.world_size}: multi-process training is not available in this version; use NGPU=1"
-            )
-        self.rank, self.dp_rank, self.dp_degree = 0, 0, 1
-        self.device = torch.device(device_type())
+        self.model_args = model_args_for(cfg)
+        # Checks that need the world size, before any process group exists.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.dims = ParallelDims.from_config(cfg.parallelism, world, self.model_args.num_experts)
+        self.rank, self.world_size = init_distributed(cfg)
+        self.device = torch.device(device_type(), torch.cuda.current_device()) if device_type() == "cuda" \
+            else torch.device("cpu")
+        self.meshes = self.dims.build_meshes(self.device.type) if self.world_size > 1 else None
+        self.dp_rank = self.meshes.dp.get_local_rank() if self.meshes else 0
+        self.dp_degree = self.dims.dp_degree
         init_logging(self.rank)
-        torch.manual_seed(t.seed)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
 
@@ -63,7 +82,6 @@ class Trainer:
         self.global_bs = global_bs
 
         # Data (all checks happen before anything is written to the run folder).
-        self.model_args = model_args_for(cfg)
         d = cfg.data
         folder = resolve_dataset(d.dataset, d.dataset_path, d.tokenizer, d.cache_dir)
         train_tokens = open_split(folder, "train", self.model_args.vocab_size, t.seq_len)
@@ -72,41 +90,56 @@ class Trainer:
         self.val_tokens = open_split(folder, "val", self.model_args.vocab_size, t.seq_len) \
             if cfg.validation.enable else None
 
-        # Model: meta -> (parallel passes) -> to_empty -> init_weights.
+        # Model: meta -> parallel passes -> to_empty -> init_weights (same values at any sharding).
         with torch.device("meta"):
             model = Transformer(self.model_args)
+        parallelize(model, self.dims, self.meshes, cfg)
         model.to_empty(device=self.device)
-        torch.manual_seed(t.seed)
-        model.init_weights()
+        model.init_weights(seed=t.seed)
         self.model = model
         self.optimizer = build_optimizer(model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, t.steps, cfg.lr_scheduler)
         self.step = 0
         self.tokens_seen = 0
-        self.compute_dtype = torch.bfloat16 if t.mixed_precision_param == "bfloat16" else torch.float32
+        # Without FSDP, bf16 compute is autocast; with FSDP it is the MixedPrecisionPolicy.
+        self.autocast_dtype = torch.bfloat16 if t.mixed_precision_param == "bfloat16" and self.meshes is None \
+            else None
 
         # The run folder.
         self.dump = Path(cfg.job.dump_folder)
-        self.dump.mkdir(parents=True, exist_ok=True)
-        cfg.write(self.dump / "config.json")
-        (self.dump / "model_args.json").write_text(json.dumps(self.model_args.to_dict(), indent=2) + "\n")
+        if self.rank == 0:
+            self.dump.mkdir(parents=True, exist_ok=True)
+            cfg.write(self.dump / "config.json")
+            (self.dump / "model_args.json").write_text(json.dumps(self.model_args.to_dict(), indent=2) + "\n")
+        self.barrier()
         self.metrics = MetricsLogger(self.dump, cfg.metrics.save_tb_folder, cfg.metrics.enable_tensorboard,
                                      self.rank, write_files=self.rank == 0 or not cfg.metrics.rank_0_only)
         n, a = self.model_args.num_params(), self.model_args.num_active_params()
-        logger.info(f"model {cfg.model.flavor}: {n:,} parameters, {a:,} active; device {self.device}; "
+        logger.info(f"model {cfg.model.flavor}: {n:,} parameters, {a:,} active; {self.world_size} x {self.device}; "
                     f"global batch {global_bs} x {t.seq_len} ({self.accum_steps} accumulation steps)")
 
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the loss mesh (every data-parallel rank)."""
+        if self.meshes is not None:
+            dist.all_reduce(t, group=self.meshes.loss.get_group())
+        return t
+
     def autocast(self):
-        if self.compute_dtype == torch.float32:
+        if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         data_timer = Timer()
         batches = [self.train_loader.next_batch() for _ in range(self.accum_steps)]
         data_time = data_timer.lap()
-        n_targets = sum(int((y != -100).sum()) for _, y in batches)  # global count (one rank for now)
+        local_targets = sum(int((y != -100).sum()) for _, y in batches)
+        n_targets = int(self.all_reduce(torch.tensor(local_targets, device=self.device)))  # global count
         ce_total = torch.zeros((), device=self.device)
         aux_total = 0.0
         counts_total = None
@@ -122,15 +155,17 @@ class Trainer:
             loss.backward()
             ce_total += ce_sum.detach()
             counts_total = counts if counts_total is None else counts_total + counts
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = cfg.training.max_norm if cfg.training.max_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        grad_norm = clip_grad_norm_(self.model.parameters(), cfg.training.max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.all_reduce(ce_total)
+        self.all_reduce(counts_total)  # expert loads over the whole batch
         if self.model_args.load_balance_bias:
             self._update_expert_bias(counts_total)
+        if aux_total:
+            aux_total = float(self.all_reduce(torch.tensor(aux_total, device=self.device))) / self.dp_degree
         out = {"loss": float(ce_total) / n_targets, "lr": lr, "grad_norm": float(grad_norm), "data_time_s": data_time}
         if coef > 0:
             out["aux_loss"] = aux_total
@@ -161,7 +196,8 @@ class Trainer:
             total += float(ce_sum)
             count += int((y != -100).sum())
         self.model.train()
-        return total / count
+        sums = self.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=self.device))
+        return float(sums[0] / sums[1])
 
     @torch.no_grad()
     def sample_text(self) -> str:
@@ -214,14 +250,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = parse_args(argv)
+        if is_dry_run():
+            dry_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            return 0
         trainer = Trainer(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer.train()
-    gc.collect()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    gc.collect()  # before destroy: avoids intermittent aborts at torchrun exit (CPU_NOTES.md)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

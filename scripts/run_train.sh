@@ -9,6 +9,8 @@
 #   NGPU         processes on this node (default: visible CUDA GPUs, else 1 CPU process)
 #   LOG_RANK     ranks whose output reaches the console, comma separated (default 0)
 #   MASTER_PORT  rendezvous port on localhost (default 29500)
+#   COMM_MODE    fake_backend: one process builds the meshes and applies every pass for NGPU ranks
+#                on a fake process group, prints per-rank memory, and exits without training
 # Extra arguments are config overrides: --section.field=value.
 set -euo pipefail
 
@@ -28,6 +30,11 @@ fi
 
 # Check the config and data paths first: a bad value is one line and exit 2, not a torchrun trace.
 python -m gptoss_titan.config --config "${CONFIG_FILE}" "$@"
+
+if [ "${COMM_MODE:-}" = "fake_backend" ]; then
+  exec env WORLD_SIZE="${NGPU}" RANK=0 LOCAL_RANK=0 COMM_MODE=fake_backend \
+    python -m gptoss_titan.train --config "${CONFIG_FILE}" "$@"
+fi
 
 exec torchrun --nproc_per_node="${NGPU}" --rdzv_backend=c10d --rdzv_endpoint="localhost:${MASTER_PORT}" \
   --local-ranks-filter="${LOG_RANK}" \

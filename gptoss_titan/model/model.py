@@ -17,8 +17,9 @@ from torch import nn
 
 from .args import ModelArgs
 from .attention import sink_attention
+from .init import init_param, init_spec
 from .loss import fused_linear_cross_entropy
-from .moe import MoE, load_balancing_loss
+from .moe import MoE, grouped_mm_works, load_balancing_loss
 
 
 class RMSNorm(nn.Module):
@@ -33,9 +34,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * y).to(x.dtype)
-
-    def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 def yarn_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -98,12 +96,6 @@ class Attention(nn.Module):
         out = sink_attention(q, k, v, self.sinks, self.window)  # [B, N, T, D]
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H]
 
-    def init_weights(self, std: float) -> None:
-        for lin in (self.wq, self.wk, self.wv, self.wo):
-            nn.init.normal_(lin.weight, std=std)
-            nn.init.zeros_(lin.bias)
-        nn.init.normal_(self.sinks, std=std)
-
 
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
@@ -119,12 +111,6 @@ class TransformerBlock(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin)
         m, counts, prob_sum = self.moe(self.ffn_norm(x), need_probs)
         return x + m, counts, prob_sum
-
-    def init_weights(self, std: float) -> None:
-        self.attention_norm.init_weights()
-        self.ffn_norm.init_weights()
-        self.attention.init_weights(std)
-        self.moe.init_weights(std)
 
 
 class OutputHead(nn.Module):
@@ -155,15 +141,26 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
 
     @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
-        """Set every parameter and buffer: N(0, std) weights, zero biases, unit norms, RoPE tables."""
-        std = self.args.init_std
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
+    def init_weights(self, buffer_device: torch.device | str | None = None, seed: int | None = None) -> None:
+        """Set every parameter and buffer: N(0, std) weights, zero biases, unit norms, RoPE tables.
+
+        Each parameter comes from its own generator seeded by (seed, name), so the values do not
+        depend on how the model is sharded (see init.py). seed None draws one from torch's RNG.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        for name, p in self.named_parameters():
+            name = name.replace("_checkpoint_wrapped_module.", "")  # stable under activation checkpointing
+            kind, std = init_spec(name, p, self.args.init_std)
+            init_param(p, name, kind, std, seed)
         for layer in self.layers:
-            layer.init_weights(std)
-        self.norm.init_weights()
-        nn.init.normal_(self.output.weight, std=std)
+            if layer.moe.router.expert_bias is not None:
+                layer.moe.router.expert_bias.zero_()
         self.init_buffers(buffer_device)
+        # Probe the grouped-matmul kernel now, not during a forward (where activation checkpointing
+        # would record the probe's ops in the first pass but not in the recomputation).
+        for dtype in (torch.float32, torch.bfloat16):
+            grouped_mm_works(self.rope_cos.device.type, dtype)
 
     @torch.no_grad()
     def init_buffers(self, device: torch.device | str | None = None) -> None:

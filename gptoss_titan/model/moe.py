@@ -15,6 +15,7 @@ import functools
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .args import ModelArgs
 
@@ -39,8 +40,11 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Probe once per (device, dtype) whether torch._grouped_mm runs forward and backward here."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    # Isolated from the caller: grad on, no autocast, and identity saved-tensor hooks so that an
+    # enclosing activation-checkpoint region does not record the probe's tensors.
+    isolate = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
     try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False), isolate:
             return _probe_grouped_mm(device_type, dtype)
     except (RuntimeError, NotImplementedError):
         return False
@@ -66,6 +70,10 @@ def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_
     return torch.cat([c @ w[e] for e, c in enumerate(chunks)], dim=0)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def clamped_swiglu(u: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
     """u [R, 2I] interleaved (gate_j, up_j) -> [R, I]: (clamp(up) + 1) * g * sigmoid(alpha g), g = min(gate, limit)."""
     gate = u[..., 0::2].clamp(max=limit)
@@ -87,7 +95,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [R, H] rows sorted by expert; counts [E] rows per expert (sum R) -> [R, H]."""
-        w1, b1, w2, b2 = self.w_gate_up, self.b_gate_up, self.w_down, self.b_down
+        # Under expert parallelism the parameters are DTensors sharded by expert: use the local experts.
+        w1, b1, w2, b2 = (_local(t) for t in (self.w_gate_up, self.b_gate_up, self.w_down, self.b_down))
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware
             dt = torch.get_autocast_dtype(x.device.type)
             x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
@@ -98,12 +107,6 @@ class GroupedExperts(nn.Module):
         u = _grouped_linear(x, w1, counts, use_gmm) + b1[expert_of_row]  # [R, 2I]
         z = clamped_swiglu(u, self.limit, self.alpha)  # [R, I]
         return _grouped_linear(z, w2, counts, use_gmm) + b2[expert_of_row]  # [R, H]
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.w_gate_up, std=std)
-        nn.init.zeros_(self.b_gate_up)
-        nn.init.normal_(self.w_down, std=std)
-        nn.init.zeros_(self.b_down)
 
 
 class Router(nn.Module):
@@ -127,12 +130,6 @@ class Router(nn.Module):
         _, idx = torch.topk(scores, self.top_k, dim=-1)  # [M, K]
         weights = torch.softmax(logits.gather(-1, idx), dim=-1)  # [M, K]
         return weights, idx, logits
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.gate.weight, std=std)
-        nn.init.normal_(self.gate.bias, std=std)
-        if self.expert_bias is not None:
-            nn.init.zeros_(self.expert_bias)
 
 
 class MoE(nn.Module):
@@ -162,10 +159,6 @@ class MoE(nn.Module):
         out = torch.zeros_like(x, dtype=y.dtype).index_add_(0, token_of_row, y)  # [M, H]
         prob_sum = torch.softmax(logits.float(), dim=-1).sum(0) if need_probs else None  # [E]
         return out.reshape(B, T, H).to(x.dtype), counts, prob_sum
-
-    def init_weights(self, std: float) -> None:
-        self.router.init_weights(std)
-        self.experts.init_weights(std)
 
 
 def load_balancing_loss(counts: torch.Tensor, prob_sums: torch.Tensor, n_rows: int, top_k: int) -> torch.Tensor:

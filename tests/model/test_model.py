@@ -25,6 +25,11 @@ def test_init_weights_sets_every_tensor():
         assert torch.isfinite(t).all(), f"{name} left uninitialized"
     ref = build(args)
     torch.testing.assert_close(m.rope_cos, ref.rope_cos)
+    m.init_weights(seed=5)
+    again = Transformer(args)
+    again.init_weights(seed=5)
+    for (n, a), b in zip(m.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), n  # per-parameter generators: same seed, same values
     assert m.rope_cos.shape == (args.max_seq_len, args.head_dim // 2)
 
 
@@ -68,7 +73,7 @@ def test_yarn_matches_transformers():
 
 def test_rmsnorm_dtype_and_value():
     n = RMSNorm(8, 1e-5)
-    n.init_weights()
+    torch.nn.init.ones_(n.weight)
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     y = n(x)
     assert y.dtype == torch.bfloat16
@@ -130,6 +135,12 @@ def test_sliding_layer_ignores_tokens_outside_window():
     assert not torch.allclose(attn(x3, cos, sin)[0, 19], base[0, 19])
 
 
+def normal_init(module, std):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, std)
+
+
 def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """Per-token loop straight from the definition."""
     e = moe.experts
@@ -151,7 +162,7 @@ def test_moe_matches_per_token_loop(top_k):
     args = tiny_args(num_experts=6, top_k=top_k)
     torch.manual_seed(1)
     moe = MoE(args)
-    moe.init_weights(0.3)  # large weights so the clamps at +-7 are exercised
+    normal_init(moe, 0.3)  # large weights so the clamps at +-7 are exercised
     x = torch.randn(2, 9, args.dim)
     out, counts, _ = moe(x)
     ref = naive_moe(moe, x.reshape(-1, args.dim)).reshape_as(out)
@@ -219,7 +230,8 @@ def test_too_long_sequence_is_rejected():
 def test_expert_bias_changes_choice_not_weights():
     args = tiny_args(load_balance_bias=True)
     moe = MoE(args)
-    moe.init_weights(0.02)
+    normal_init(moe, 0.02)
+    moe.router.expert_bias.zero_()
     x = torch.randn(6, args.dim)
     w0, i0, logits = moe.router(x)
     moe.router.expert_bias[:] = torch.tensor([100.0, 100.0, 0.0, 0.0])

@@ -1,0 +1,61 @@
+"""Activation checkpointing: recompute a block's activations in backward instead of storing them.
+
+Where it sits: after expert parallelism, before compile and FSDP (parallel/__init__.py).
+Modes: "none"; "full" (every block); "selective" with option N (every N-th block, full) or "op".
+
+"op" is per-op selective checkpointing of every block's attention (norm, projections, RoPE,
+attention kernel): matmul and attention outputs are kept, the cheap element-wise ops are
+recomputed. The MoE half keeps its activations: its big tensors are matmul outputs that a per-op
+policy would keep anyway, and recomputing it would re-run the expert all-to-alls and the experts'
+own FSDP hooks inside the recomputation (which per-op replay cannot match).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from ..config import ActivationCheckpoint
+from ..metrics import logger
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside an activation-checkpoint wrapper (or the module itself)."""
+    return getattr(module, "_checkpoint_wrapped_module", module)
+
+
+def _save_list() -> set:
+    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "_grouped_mm"):
+        if hasattr(torch.ops.aten, name):
+            ops.add(getattr(torch.ops.aten, name).default)
+    return ops
+
+
+def _op_policy(save: set, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: nn.Module, cfg: ActivationCheckpoint) -> None:
+    if cfg.mode == "none":
+        return
+    every = int(cfg.selective_ac_option) if cfg.mode == "selective" and cfg.selective_ac_option != "op" else 1
+    per_op = cfg.mode == "selective" and cfg.selective_ac_option == "op"
+    save = _save_list()
+    wrapped = 0
+    for i, block in enumerate(model.layers):
+        if i % every:
+            continue
+        if per_op:
+            ctx = partial(create_selective_checkpoint_contexts, partial(_op_policy, save))
+            block.attention = checkpoint_wrapper(block.attention, context_fn=ctx, preserve_rng_state=False)
+        else:
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        wrapped += 1
+    kind = "per-op selective" if per_op else ("full" if every == 1 else f"every {every} blocks")
+    logger.info(f"activation checkpointing ({kind}) on {wrapped}/{len(model.layers)} blocks")

@@ -1,0 +1,38 @@
+"""Run the trainer under torchrun and save (rank 0) the per-step losses and the full final weights.
+
+  torchrun --standalone --nproc_per_node=N tests/parallel/run_job.py OUT.pt --section.field=value ...
+"""
+
+import gc
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from gptoss_titan.config import parse_args
+from gptoss_titan.train import Trainer
+
+
+def main() -> None:
+    out, argv = sys.argv[1], sys.argv[2:]
+    tr = Trainer(parse_args(argv))
+    tr.train()
+    if tr.meshes is not None:
+        state = get_model_state_dict(tr.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = {k: v.detach().cpu() for k, v in tr.model.state_dict().items()}
+    if tr.rank == 0:
+        rows = [json.loads(line) for line in (tr.dump / "metrics.jsonl").read_text().splitlines()]
+        torch.save({"losses": [r["loss"] for r in rows if "loss" in r],
+                    "grad_norms": [r["grad_norm"] for r in rows if "grad_norm" in r],
+                    "state": state}, out)
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

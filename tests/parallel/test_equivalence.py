@@ -1,0 +1,108 @@
+"""Every parallel layout trains exactly like one process (CPU, gloo, spawned with torchrun).
+
+Same data, seed and global batch (4 sequences x 32 tokens of the debug flavor, fp32, 5 steps):
+per-step losses equal to 1e-5 relative, final weights to 1e-5 relative (per-tensor L2 norm).
+
+Adam's eps is 1e-6 here (default 1e-8): a gradient that is zero up to rounding (a bias of an
+expert that saw almost no tokens) has a sign that depends on summation order, and with a tiny eps
+Adam turns it into a full +-lr step. That is the optimizer amplifying 1e-12 noise, not a
+parallelism error; with eps 1e-6 such elements move by ~1e-9 and the comparison stays strict.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ..test_train import synthetic_data
+
+HERE = Path(__file__).parent
+STEPS = 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(tmp: Path, name: str, nproc: int, *overrides: str, batch: int = 4) -> dict:
+    data = tmp.parent / "data"
+    if not data.exists():
+        synthetic_data(data, vocab=201088)
+    out = tmp / f"{name}.pt"
+    args = [str(HERE / "run_job.py"), str(out), "--model.flavor=debug", f"--data.dataset_path={data}",
+            f"--training.steps={STEPS}", "--training.seq_len=32", f"--training.local_batch_size={batch // nproc}",
+            "--metrics.log_freq=1", "--validation.enable=false", "--lr_scheduler.warmup_steps=2",
+            "--optimizer.lr=1e-3", "--optimizer.eps=1e-6", f"--job.dump_folder={tmp / name}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp.parent / "inductor")}
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("equiv") / "runs"
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    workdir.mkdir(parents=True, exist_ok=True)
+    return run(workdir, "reference", 1)
+
+
+def assert_same(ref: dict, got: dict, rtol: float = 1e-5) -> None:
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=rtol)
+    np.testing.assert_allclose(got["grad_norms"], ref["grad_norms"], rtol=max(rtol, 1e-5))
+    assert set(got["state"]) == set(ref["state"])
+    for k, v in ref["state"].items():
+        rel = ((got["state"][k].float() - v).norm() / v.norm().clamp(min=1e-12)).item()
+        assert rel <= rtol, f"{k}: relative difference {rel:.2e}"
+
+
+CASES = {
+    "fsdp2": (2, []),
+    "fsdp2_no_reshard": (2, ["--parallelism.fsdp_reshard_after_forward=never"]),
+    "fsdp2_reshard_always": (2, ["--parallelism.fsdp_reshard_after_forward=always"]),
+    "hsdp2x2": (4, ["--parallelism.data_parallel_replicate_degree=2"]),
+    "fsdp2_ep2": (2, ["--parallelism.expert_parallel_degree=2"]),
+    "fsdp4_ep2": (4, ["--parallelism.expert_parallel_degree=2"]),
+    "ep4": (4, ["--parallelism.expert_parallel_degree=4"]),
+    "full_ac": (2, ["--activation_checkpoint.mode=full"]),
+    "selective_op_ac_ep2": (2, ["--activation_checkpoint.mode=selective", "--parallelism.expert_parallel_degree=2"]),
+    "selective_every2_ac": (1, ["--activation_checkpoint.mode=selective", "--activation_checkpoint.selective_ac_option=2"]),
+    "compile": (1, ["--compile.enable=true"]),
+    "all_together": (4, ["--parallelism.data_parallel_replicate_degree=2", "--parallelism.expert_parallel_degree=2",
+                         "--activation_checkpoint.mode=selective", "--compile.enable=true",
+                         "--parallelism.fsdp_reshard_after_forward=never"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_equals_one_process(case, reference, workdir):
+    nproc, overrides = CASES[case]
+    assert_same(reference, run(workdir, case, nproc, *overrides))
+
+
+def test_fsdp3_uneven_expert_shards(workdir):
+    """8 experts over 3 shards: uneven FSDP shards of the expert dimension."""
+    ref = run(workdir, "reference_b3", 1, batch=3)
+    assert_same(ref, run(workdir, "fsdp3", 3, batch=3))
+
+
+def test_bf16_mixed_precision_close_to_fp32(reference, workdir):
+    got = run(workdir, "bf16", 2, "--training.mixed_precision_param=bfloat16")
+    # bf16 params in compute, fp32 master weights and reductions: losses within 1% over 5 steps
+    np.testing.assert_allclose(got["losses"], reference["losses"], rtol=1e-2)
+    assert all(v.dtype == torch.float32 for v in got["state"].values())  # master weights stay fp32
