@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .checkpoint import CheckpointError, CheckpointManager
 from .config import ConfigError, JobConfig, help_text, parse_args
 from .data import DataError, TokenLoader, get_tokenizer, open_split, resolve_dataset
 from .data.tokenizer import STOP_TOKENS
@@ -105,8 +106,17 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if t.mixed_precision_param == "bfloat16" and self.meshes is None \
             else None
 
-        # The run folder.
+        # Checkpoints: find what to resume from (errors here still leave nothing written).
         self.dump = Path(cfg.job.dump_folder)
+        self.checkpoint = CheckpointManager(
+            cfg.checkpoint, self.dump, model, self.optimizer, self.lr_scheduler, self.train_loader,
+            train_state=lambda: {"step": self.step, "tokens_seen": self.tokens_seen},
+            load_train_state=self._load_train_state, model_args=self.model_args, run_config=cfg.to_dict(),
+            rank=self.rank, world_size=self.world_size,
+        )
+        resume = self.checkpoint.resume_source()
+
+        # The run folder.
         if self.rank == 0:
             self.dump.mkdir(parents=True, exist_ok=True)
             cfg.write(self.dump / "config.json")
@@ -114,9 +124,14 @@ class Trainer:
         self.barrier()
         self.metrics = MetricsLogger(self.dump, cfg.metrics.save_tb_folder, cfg.metrics.enable_tensorboard,
                                      self.rank, write_files=self.rank == 0 or not cfg.metrics.rank_0_only)
+        if resume is not None:
+            self.checkpoint.load(resume)
         n, a = self.model_args.num_params(), self.model_args.num_active_params()
         logger.info(f"model {cfg.model.flavor}: {n:,} parameters, {a:,} active; {self.world_size} x {self.device}; "
                     f"global batch {global_bs} x {t.seq_len} ({self.accum_steps} accumulation steps)")
+
+    def _load_train_state(self, state: dict) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -240,7 +255,23 @@ class Trainer:
             if cfg.metrics.sample_freq and (self.step % cfg.metrics.sample_freq == 0 or last):
                 logger.info(f"sample at step {self.step}: {self.sample_text()!r}")
                 timer.lap()
+            self.checkpoint.maybe_save(self.step, last)
+        self.checkpoint.close()  # waits for the save in flight
         self.metrics.close()
+
+    def save_seed_checkpoint(self) -> None:
+        """Step 0 model only, so later runs at any world size start from the same weights."""
+        self.checkpoint.save(0, model_only=True, blocking=True)
+        self.checkpoint.close()
+        logger.info(f"seed checkpoint written to {self.checkpoint.folder / 'step-0'}")
+
+
+def seed_checkpoint_config(cfg: JobConfig) -> JobConfig:
+    """One process, no parallel passes, checkpointing on; the values do not depend on sharding."""
+    p = dataclasses.replace(cfg.parallelism, data_parallel_replicate_degree=1, data_parallel_shard_degree=-1,
+                            expert_parallel_degree=1)
+    c = dataclasses.replace(cfg.checkpoint, enable=True, async_mode="disabled", initial_load_path="")
+    return dataclasses.replace(cfg, parallelism=p, checkpoint=c)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,11 +284,19 @@ def main(argv: list[str] | None = None) -> int:
         if is_dry_run():
             dry_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
             return 0
+        seed_only = cfg.checkpoint.create_seed_checkpoint
+        if seed_only:
+            if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+                raise ConfigError("checkpoint.create_seed_checkpoint runs on one process; use NGPU=1")
+            cfg = seed_checkpoint_config(cfg)
         trainer = Trainer(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer.train()
+    if seed_only:
+        trainer.save_seed_checkpoint()
+    else:
+        trainer.train()
     gc.collect()  # before destroy: avoids intermittent aborts at torchrun exit (CPU_NOTES.md)
     if dist.is_initialized():
         dist.barrier()

@@ -1,0 +1,178 @@
+"""Checkpointing: exact resume (1 and 2 processes, async), resharding, crash safety, retention,
+seed checkpoints, and one-line errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from gptoss_titan.train import main
+
+from .parallel.test_equivalence import free_port
+from .test_train import synthetic_data
+
+HERE = Path(__file__).parent
+
+
+def base_args(tmp: Path, run: str, *extra: str) -> list[str]:
+    data = tmp / "data"
+    if not data.exists():
+        synthetic_data(data)
+    return ["--model.flavor=bench", f"--data.dataset_path={data}", f"--job.dump_folder={tmp / run}",
+            "--training.seq_len=32", "--training.local_batch_size=4", "--training.steps=6",
+            "--metrics.log_freq=1", "--validation.enable=false", "--lr_scheduler.warmup_steps=2",
+            "--lr_scheduler.decay_steps=4",  # the schedule must not depend on where a run stops
+            "--optimizer.lr=1e-3", "--training.deterministic=true", "--checkpoint.enable=true",
+            "--checkpoint.interval=3", *extra]
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def weights(step_dir: Path) -> dict:
+    out = step_dir.parent / f"{step_dir.name}.pt"
+    dcp_to_torch_save(step_dir, out)
+    return torch.load(out)["model"]
+
+
+def launch(nproc: int, tmp: Path, argv: list[str], env: dict | None = None, wait: bool = True):
+    cmd = [sys.executable, "-m", "gptoss_titan.train", *argv] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", "gptoss_titan.train", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def test_exact_resume_one_process_async(tmp_path):
+    assert main(base_args(tmp_path, "straight")) == 0
+    assert main(base_args(tmp_path, "resumed", "--training.steps=3", "--checkpoint.async_mode=async")) == 0
+    assert main(base_args(tmp_path, "resumed", "--checkpoint.async_mode=async")) == 0
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert len(b) == 6 and a == b  # bitwise
+    wa, wb = weights(tmp_path / "straight/checkpoint/step-6"), weights(tmp_path / "resumed/checkpoint/step-6")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_exact_resume_two_processes_fsdp_ep2_and_reshard(tmp_path):
+    ep = ["--parallelism.expert_parallel_degree=2", "--checkpoint.async_mode=async", "--training.local_batch_size=2"]
+    launch(2, tmp_path, base_args(tmp_path, "straight", *ep))
+    launch(2, tmp_path, base_args(tmp_path, "resumed", *ep, "--training.steps=3"))
+    launch(2, tmp_path, base_args(tmp_path, "resumed", *ep))
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert len(b) == 6 and a == b
+    wa, wb = weights(tmp_path / "straight/checkpoint/step-6"), weights(tmp_path / "resumed/checkpoint/step-6")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # reshard: the 2-process step-3 checkpoint continues on 1 process like the run that never stopped
+    one = base_args(tmp_path, "one", "--training.local_batch_size=4",
+                    f"--checkpoint.initial_load_path={tmp_path / 'straight/checkpoint/step-3'}",
+                    "--checkpoint.initial_load_model_only=false")
+    assert main(one) == 0
+    np.testing.assert_allclose(losses(tmp_path / "one"), a[3:], rtol=1e-5)
+
+
+def test_reshard_four_to_two_and_one(tmp_path):
+    four = ["--parallelism.data_parallel_shard_degree=4", "--parallelism.expert_parallel_degree=2",
+            "--training.local_batch_size=1"]
+    launch(4, tmp_path, base_args(tmp_path, "four", *four))
+    ref = losses(tmp_path / "four")
+    src = f"--checkpoint.initial_load_path={tmp_path / 'four/checkpoint/step-3'}"
+    full = "--checkpoint.initial_load_model_only=false"
+    launch(2, tmp_path, base_args(tmp_path, "two", "--training.local_batch_size=2", src, full))
+    assert main(base_args(tmp_path, "one", src, full)) == 0
+    np.testing.assert_allclose(losses(tmp_path / "two"), ref[3:], rtol=1e-5)
+    np.testing.assert_allclose(losses(tmp_path / "one"), ref[3:], rtol=1e-5)
+
+
+def test_sigkill_during_async_save_resumes_from_previous(tmp_path):
+    args = base_args(tmp_path, "run", "--checkpoint.async_mode=async", "--checkpoint.interval=2")
+    p = launch(1, tmp_path, args, env={"GPTOSS_TITAN_SAVE_DELAY_S": "10"}, wait=False)
+    ck = tmp_path / "run/checkpoint"
+    deadline = time.time() + 300
+    # every save takes 10 s: wait until step 2's is complete and step 4's is in flight
+    while not ((ck / "step-2").exists() and (ck / "step-4.tmp").exists()):
+        assert p.poll() is None, p.stdout.read()[-3000:]
+        assert time.time() < deadline, "the save never started"
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert (ck / "step-2").is_dir() and not (ck / "step-4").exists() and (ck / "step-4.tmp").exists()
+    assert main(args) == 0  # restart: resumes from step 2, finishes, cleans the abandoned .tmp
+    assert sorted(x.name for x in ck.iterdir()) == ["step-2", "step-4", "step-6"]
+    assert main(base_args(tmp_path, "straight", "--checkpoint.enable=false")) == 0
+    assert losses(tmp_path / "run")[-4:] == losses(tmp_path / "straight")[2:]  # steps 3..6, bitwise
+
+
+def test_retention_keeps_k(tmp_path):
+    assert main(base_args(tmp_path, "run", "--checkpoint.interval=1", "--checkpoint.keep_latest_k=2",
+                          "--checkpoint.async_mode=async")) == 0
+    assert sorted(x.name for x in (tmp_path / "run/checkpoint").iterdir()) == ["step-5", "step-6"]
+
+
+def test_seed_checkpoint_same_start_any_world_size(tmp_path):
+    assert main(base_args(tmp_path, "seed", "--checkpoint.create_seed_checkpoint=true")) == 0
+    seed = tmp_path / "seed/checkpoint/step-0"
+    assert (seed / ".metadata").is_file() and sorted(p.name for p in seed.parent.iterdir()) == ["step-0"]
+    src = f"--checkpoint.initial_load_path={seed}"
+    # a different init seed proves the weights come from the seed checkpoint
+    assert main(base_args(tmp_path, "one", src, "--training.steps=1", "--training.seed=7")) == 0
+    launch(2, tmp_path, base_args(tmp_path, "two", src, "--training.steps=1", "--training.local_batch_size=2",
+                                  "--training.seed=7", "--parallelism.expert_parallel_degree=2"))
+    w0 = weights(seed)
+    assert losses(tmp_path / "one")[0] == pytest.approx(losses(tmp_path / "two")[0], rel=1e-6)
+    fresh = base_args(tmp_path, "fresh", "--training.steps=1", "--training.seed=7", "--checkpoint.enable=false")
+    assert main(fresh) == 0
+    assert losses(tmp_path / "fresh")[0] != losses(tmp_path / "one")[0]
+    assert "tok_embeddings.weight" in w0
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_checkpoint_errors(tmp_path, capsys):
+    assert main(base_args(tmp_path, "a", f"--checkpoint.initial_load_path={tmp_path / 'nope'}")) == 2
+    assert "does not exist" in _err(capsys) and not (tmp_path / "a").exists()
+    assert main(base_args(tmp_path, "run", "--training.steps=3")) == 0
+    capsys.readouterr()
+    assert main(base_args(tmp_path, "run", "--checkpoint.load_step=2")) == 2
+    assert "load_step = 2 not found" in _err(capsys)
+    assert main(base_args(tmp_path, "b", "--model.flavor=debug",
+                          f"--checkpoint.initial_load_path={tmp_path / 'run/checkpoint/step-3'}")) == 2
+    err = _err(capsys)
+    assert "has model dim = 256 but the config gives 64" in err and not (tmp_path / "b").exists()
+    meta = tmp_path / "run/checkpoint/step-3/.metadata"
+    meta.write_bytes(meta.read_bytes()[:100])  # truncated
+    before = (tmp_path / "run/metrics.jsonl").read_text()
+    assert main(base_args(tmp_path, "run", "--training.steps=5")) == 2
+    assert "unreadable" in _err(capsys)
+    assert (tmp_path / "run/metrics.jsonl").read_text() == before
+
+
+def test_resume_follows_the_current_schedule(tmp_path):
+    """Extending a run (more training.steps) continues on the new schedule, not the saved lr."""
+    from gptoss_titan.config import LRScheduler
+    from gptoss_titan.optim import lr_factor
+
+    args = [a for a in base_args(tmp_path, "run") if not a.startswith("--lr_scheduler.decay_steps")]
+    assert main(args + ["--training.steps=3"]) == 0
+    assert main(args + ["--training.steps=8"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    lr4 = next(r["lr"] for r in rows if r.get("step") == 4)
+    assert lr4 == pytest.approx(1e-3 * lr_factor(4, 8, LRScheduler(warmup_steps=2)))
