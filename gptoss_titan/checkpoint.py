@@ -21,6 +21,8 @@ import re
 import shutil
 import threading
 import time
+import warnings
+from concurrent.futures import Future
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,6 +103,8 @@ class CheckpointManager:
         self.model_args, self.run_config, self.rank, self.world = model_args, run_config, rank, world_size
         self.folder = dump_folder / cfg.folder
         self.distributed = dist.is_initialized()
+        if not self.distributed:  # one process: DCP's "assuming a single process" warning is expected
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         self.pg = dist.new_group(backend="gloo") if self.distributed else None
         self.delay = float(os.environ.get(SAVE_DELAY_ENV, "0"))
         self._future = None
@@ -163,8 +167,16 @@ class CheckpointManager:
             dcp.save(state, storage_writer=writer, process_group=self.pg, no_dist=not self.distributed)
             self._finalize(step, t0)
         else:
+            stager = None
+            if self.cfg.async_mode == "async_with_pinned_mem" and torch.cuda.is_available():
+                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+                stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                                      use_async_staging=False, use_non_blocking_copy=True))
             self._future = dcp.async_save(state, storage_writer=writer, process_group=self.pg,
-                                          no_dist=not self.distributed)
+                                          no_dist=not self.distributed, async_stager=stager)
+            if not isinstance(self._future, Future):  # newer torch returns a response with the upload future
+                self._future = self._future.upload_completion
             self._future.add_done_callback(lambda f: self._finalize(step, t0, f))
             logger.info(f"checkpoint step {step}: staged in {time.perf_counter() - t0:.2f}s, writing in background")
         self.last_saved = step
