@@ -22,8 +22,8 @@ import shutil
 import threading
 import time
 import warnings
-from concurrent.futures import Future
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
