@@ -223,6 +223,8 @@ class CheckpointManager:
             path = self.folder / f"step-{c.load_step}"
         elif steps:
             path = self.folder / f"step-{steps[-1]}"
+        elif c.initial_load_path and c.initial_load_format == "hf":
+            return self._import_hf(Path(c.initial_load_path)), True
         elif c.initial_load_path:
             path = Path(c.initial_load_path)
             if not path.is_dir():
@@ -242,6 +244,31 @@ class CheckpointManager:
         check_model_args(path, self.model_args)
         keys = checkpoint_keys(path)
         return path, "optimizer" not in keys  # a seed or model-only checkpoint restores the model alone
+
+    def _import_hf(self, hf_dir: Path) -> Path:
+        """Convert a Hugging Face folder once (rank 0) into <folder>/hf-import, then load it like DCP."""
+        from .convert import ConvertError, HFFolder, args_from_hf_config, hf_to_dcp
+
+        try:
+            hf_args = args_from_hf_config(HFFolder(str(hf_dir)).config)  # checks before writing anything
+        except ConvertError as e:
+            raise CheckpointError(f"checkpoint.initial_load_path: {e}") from None
+        mismatch = [(k, v, getattr(self.model_args, k)) for k, v in hf_args.to_dict().items()
+                    if k not in ("max_seq_len", "init_std", "load_balance_bias") and getattr(self.model_args, k) != v]
+        if mismatch:
+            k, theirs, ours = mismatch[0]
+            raise CheckpointError(f"Hugging Face folder {str(hf_dir)!r} has model {k} = {theirs!r} but the "
+                                  f"config gives {ours!r}; use the matching model.flavor")
+        out = self.folder / "hf-import"
+        if self.rank == 0 and not (out / ".metadata").is_file():
+            try:
+                hf_to_dcp(str(hf_dir), str(out), overwrite=True)
+            except ConvertError as e:
+                raise CheckpointError(f"checkpoint.initial_load_path: {e}") from None
+            (out / "model_args.json").write_text(json.dumps(self.model_args.to_dict(), indent=2) + "\n")
+        if self.distributed:
+            dist.barrier(group=self.pg)
+        return out
 
     def load(self, source: tuple[Path, bool]) -> None:
         path, model_only = source

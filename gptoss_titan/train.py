@@ -26,6 +26,7 @@ from .data.tokenizer import STOP_TOKENS
 from .generate import generate
 from .metrics import MetricsLogger, Timer, init_logging, logger, memory_stats
 from .model import FLAVORS, ModelArgs, Transformer
+from .model.moe import load_balancing_loss
 from .optim import build_lr_scheduler, build_optimizer
 from .parallel import ParallelDims, parallelize
 from .parallel.dry_run import dry_run, is_dry_run
@@ -162,9 +163,13 @@ class Trainer:
         for x, y in batches:
             x, y = x.to(self.device), y.to(self.device)
             with self.autocast():
-                ce_sum, aux, counts = self.model(x, y, aux_loss=coef > 0)
+                ce_sum, prob_sums, counts = self.model(x, y, router_probs=coef > 0)
             loss = ce_sum / n_targets
-            if aux is not None:
+            if prob_sums is not None:
+                # The aux loss of this micro-batch over all ranks: pooled counts, local probabilities.
+                global_counts = self.all_reduce(counts.detach().clone())
+                rows = int(self.all_reduce(torch.tensor(x.numel(), device=self.device)))
+                aux = load_balancing_loss(global_counts, prob_sums, rows)
                 loss = loss + coef * aux / self.accum_steps
                 aux_total += float(aux.detach()) / self.accum_steps
             loss.backward()
@@ -179,8 +184,8 @@ class Trainer:
         self.all_reduce(counts_total)  # expert loads over the whole batch
         if self.model_args.load_balance_bias:
             self._update_expert_bias(counts_total)
-        if aux_total:
-            aux_total = float(self.all_reduce(torch.tensor(aux_total, device=self.device))) / self.dp_degree
+        if coef > 0:
+            aux_total = float(self.all_reduce(torch.tensor(aux_total, device=self.device)))
         out = {"loss": float(ce_total) / n_targets, "lr": lr, "grad_norm": float(grad_norm), "data_time_s": data_time}
         if coef > 0:
             out["aux_loss"] = aux_total

@@ -176,3 +176,19 @@ def test_resume_follows_the_current_schedule(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     lr4 = next(r["lr"] for r in rows if r.get("step") == 4)
     assert lr4 == pytest.approx(1e-3 * lr_factor(4, 8, LRScheduler(warmup_steps=2)))
+
+
+def test_exclude_from_loading_and_model_only_last_save(tmp_path):
+    assert main(base_args(tmp_path, "run", "--training.steps=3", "--checkpoint.last_save_model_only=true",
+                          "--checkpoint.export_dtype=bfloat16")) == 0
+    last = weights(tmp_path / "run/checkpoint/step-3")
+    assert all(v.dtype == torch.bfloat16 for v in last.values())
+    # step 3 holds the model only: a resume restores the weights and starts the count again
+    assert main(base_args(tmp_path, "run", "--training.steps=4")) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 1, 2, 3, 4]
+    # excluding the data position restarts the data stream but keeps the rest
+    assert main(base_args(tmp_path, "ex", "--training.steps=3")) == 0
+    assert main(base_args(tmp_path, "ex", "--checkpoint.exclude_from_loading=dataloader,optimizer")) == 0
+    rows = [json.loads(x) for x in (tmp_path / "ex/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -19,7 +19,7 @@ from .args import ModelArgs
 from .attention import sink_attention
 from .init import init_param, init_spec
 from .loss import fused_linear_cross_entropy
-from .moe import MoE, grouped_mm_works, load_balancing_loss
+from .moe import MoE, grouped_mm_works
 
 
 class RMSNorm(nn.Module):
@@ -168,11 +168,13 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.args, device)
         self.rope_cos, self.rope_sin = cos, sin
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, aux_loss: bool = False):
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, router_probs: bool = False):
         """tokens [B, T] -> logits [B, T, V].
 
         With targets [B, T] (next tokens, -100 = ignore) it returns instead a tuple
-        (summed cross-entropy, aux loss or None, expert counts [L, E]) without materializing logits.
+        (summed cross-entropy, router prob sums [L, E] or None, expert counts [L, E]) without
+        materializing logits. The prob sums (asked for with router_probs=True) and counts feed
+        `load_balancing_loss`; the caller pools the counts over ranks first when data-parallel.
         """
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
@@ -181,7 +183,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # [B, T, H]
         counts, prob_sums = [], []
         for layer in self.layers:
-            h, c, p = layer(h, cos, sin, aux_loss)
+            h, c, p = layer(h, cos, sin, router_probs)
             counts.append(c)
             prob_sums.append(p)
         h = self.norm(h)
@@ -189,7 +191,5 @@ class Transformer(nn.Module):
             return self.output(h)
         ce_sum = self.output(h, targets)
         counts_t = torch.stack(counts)  # [L, E]
-        aux = None
-        if aux_loss:
-            aux = load_balancing_loss(counts_t, torch.stack(prob_sums), tokens.numel(), self.args.top_k)
-        return ce_sum, aux, counts_t
+        probs_t = torch.stack(prob_sums) if router_probs else None  # [L, E]
+        return ce_sum, probs_t, counts_t

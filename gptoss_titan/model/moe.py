@@ -161,15 +161,16 @@ class MoE(nn.Module):
         return out.reshape(B, T, H).to(x.dtype), counts, prob_sum
 
 
-def load_balancing_loss(counts: torch.Tensor, prob_sums: torch.Tensor, n_rows: int, top_k: int) -> torch.Tensor:
+def load_balancing_loss(counts: torch.Tensor, prob_sums: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Hugging Face's aux loss, pooled over layers: E x sum_e(f_e x P_e).
 
     counts [L, E] top-k assignments, prob_sums [L, E] softmax column sums, n_rows tokens per layer.
     f_e = assignments to e / (L x n_rows) (sums to K), P_e = mean router probability of e.
-    Equals K under perfectly balanced routing.
+    Equals K under perfectly balanced routing. Data-parallel: pass the counts and n_rows summed
+    over ranks with each rank's own prob_sums; the per-rank results then add up to the loss of
+    the whole batch (f carries no gradient).
     """
     L, E = counts.shape
     f = counts.float().sum(0) / (L * n_rows)  # [E]
     p = prob_sums.sum(0) / (L * n_rows)  # [E]
     return E * (f * p).sum()
-

@@ -215,10 +215,10 @@ def test_forward_with_targets_equals_logits_path():
     m = build(tiny_args())
     tok = torch.randint(0, 256, (2, 20))
     logits = m(tok)
-    ce, aux, counts = m(tok[:, :-1], tok[:, 1:])
+    ce, probs, counts = m(tok[:, :-1], tok[:, 1:])
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256), tok[:, 1:].reshape(-1), reduction="sum")
     torch.testing.assert_close(ce, ref)
-    assert aux is None and counts.shape == (2, 4) and counts.sum() == 2 * 2 * 19 * 2
+    assert probs is None and counts.shape == (2, 4) and counts.sum() == 2 * 2 * 19 * 2
 
 
 def test_too_long_sequence_is_rejected():

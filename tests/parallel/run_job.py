@@ -1,6 +1,8 @@
 """Run the trainer under torchrun and save (rank 0) the per-step losses and the full final weights.
 
-  torchrun --standalone --nproc_per_node=N tests/parallel/run_job.py OUT.pt --section.field=value ...
+  torchrun --standalone --nproc_per_node=N tests/parallel/run_job.py OUT.pt [--init-only] --section.field=value ...
+
+--init-only saves the freshly initialized weights without training.
 """
 
 import gc
@@ -17,14 +19,18 @@ from gptoss_titan.train import Trainer
 
 def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
+    init_only = "--init-only" in argv
+    argv = [a for a in argv if a != "--init-only"]
     tr = Trainer(parse_args(argv))
-    tr.train()
+    if not init_only:
+        tr.train()
     if tr.meshes is not None:
         state = get_model_state_dict(tr.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         state = {k: v.detach().cpu() for k, v in tr.model.state_dict().items()}
     if tr.rank == 0:
-        rows = [json.loads(line) for line in (tr.dump / "metrics.jsonl").read_text().splitlines()]
+        metrics = tr.dump / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         torch.save({"losses": [r["loss"] for r in rows if "loss" in r],
                     "grad_norms": [r["grad_norm"] for r in rows if "grad_norm" in r],
                     "state": state}, out)

@@ -101,6 +101,24 @@ def test_fsdp3_uneven_expert_shards(workdir):
     assert_same(ref, run(workdir, "fsdp3", 3, batch=3))
 
 
+def test_sharded_init_is_bitwise_one_process_init(workdir):
+    one = run(workdir, "init1", 1, "--init-only")
+    four = run(workdir, "init4", 4, "--init-only", "--parallelism.data_parallel_replicate_degree=2",
+               "--parallelism.expert_parallel_degree=2")
+    assert set(one["state"]) == set(four["state"])
+    for k, v in one["state"].items():
+        assert torch.equal(v, four["state"][k]), k
+
+
+def test_balancing_aux_loss_and_expert_bias_with_ep(workdir):
+    """Expert loads are all-reduced over the loss mesh: the bias update matches one process."""
+    extra = ("--model.aux_loss_coef=0.01", "--model.load_balance_bias=true", "--model.load_balance_bias_rate=0.01")
+    ref = run(workdir, "reference_balance", 1, *extra)
+    got = run(workdir, "balance_ep2", 2, *extra, "--parallelism.expert_parallel_degree=2")
+    assert_same(ref, got)
+    assert any("expert_bias" in k and v.abs().sum() > 0 for k, v in got["state"].items())
+
+
 def test_bf16_mixed_precision_close_to_fp32(reference, workdir):
     got = run(workdir, "bf16", 2, "--training.mixed_precision_param=bfloat16")
     # bf16 params in compute, fp32 master weights and reductions: losses within 1% over 5 steps

@@ -1,0 +1,262 @@
+"""Streaming converters between our DCP checkpoints and Hugging Face safetensors folders.
+
+DCP -> HF reads the checkpoint's metadata, plans the shards from the tensor sizes, then loads one
+tensor at a time (a partial DCP load reads only that tensor's bytes) and writes each shard as soon
+as it is full: peak memory is about one shard plus one tensor, whatever the model size.
+Everything is written to a temporary folder and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from .checkpoint import CheckpointError, complete_steps
+from .model import ModelArgs
+from .model.hf import hf_config, name_pairs
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class ConvertError(ValueError):
+    """A user-caused conversion problem; the scripts print it as one line and exit 2."""
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for u, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(u) and t[: -len(u)].replace(".", "", 1).isdigit():
+            return int(float(t[: -len(u)]) * mult)
+    if t.isdigit():
+        return int(t)
+    raise ConvertError(f"--max-shard-size {text!r} is not a size; use e.g. 5GB or 500MB")
+
+
+def resolve_step_dir(path: str) -> Path:
+    """A step-<N> folder, a checkpoint folder of them, or a run folder (takes the latest complete step)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConvertError(f"checkpoint {path!r} does not exist; pass a step-<N> folder or a run folder")
+    if (p / ".metadata").is_file():
+        return p
+    for folder in (p, p / "checkpoint"):
+        steps = complete_steps(folder)
+        if steps:
+            return folder / f"step-{steps[-1]}"
+    raise ConvertError(f"no complete checkpoint under {path!r} (no step-<N>/.metadata); pass a step folder")
+
+
+def read_model_args(step_dir: Path) -> ModelArgs:
+    f = step_dir / "model_args.json"
+    if not f.is_file():
+        raise ConvertError(f"{str(step_dir)!r} has no model_args.json; it is not a gptoss-titan checkpoint")
+    return ModelArgs.from_dict(json.loads(f.read_text()))
+
+
+def _temp_output(output: Path, overwrite: bool) -> Path:
+    if output.exists() and not overwrite:
+        raise ConvertError(f"output folder {str(output)!r} already exists; remove it or pass --overwrite")
+    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, output: Path) -> None:
+    if output.exists():
+        shutil.rmtree(output)
+    os.rename(tmp, output)
+
+
+def generation_config(args: ModelArgs) -> dict:
+    cfg = hf_config(args)
+    eos = [200002, 199999, 200012] if args.vocab_size > 200012 else [cfg["eos_token_id"]]
+    return {"bos_token_id": 199998 if args.vocab_size > 199998 else cfg["pad_token_id"],
+            "eos_token_id": eos, "pad_token_id": cfg["pad_token_id"], "do_sample": False}
+
+
+def dcp_to_hf(checkpoint: str, output: str, dtype: str = "bfloat16", max_shard_size: str = "5GB",
+              overwrite: bool = False) -> Path:
+    """Export a checkpoint's model as a Hugging Face gpt-oss folder; returns the output folder."""
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r} is not supported; use bfloat16 or float32")
+    limit = parse_size(max_shard_size)
+    step_dir = resolve_step_dir(checkpoint)
+    args = read_model_args(step_dir)
+    try:
+        meta = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {str(step_dir)!r} is unreadable ({type(e).__name__})") from None
+    out_dtype = DTYPES[dtype]
+    plan: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for native, hf, shape in name_pairs(args):
+        m = meta.get(f"model.{native}")
+        if not isinstance(m, TensorStorageMetadata):
+            raise ConvertError(f"checkpoint {str(step_dir)!r} has no tensor model.{native}")
+        if tuple(m.size) != shape:
+            raise ConvertError(f"checkpoint tensor model.{native} has shape {list(m.size)}, expected {list(shape)}")
+        nbytes = m.size.numel() * out_dtype.itemsize
+        if plan[-1] and size + nbytes > limit:
+            plan.append([])
+            size = 0
+        plan[-1].append((native, hf, shape))
+        size += nbytes
+
+    out = Path(output)
+    tmp = _temp_output(out, overwrite)
+    try:
+        weight_map, total = {}, 0
+        reader_path = str(step_dir)
+        for i, shard in enumerate(plan, 1):
+            fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+            tensors = {}
+            for native, hf, shape in shard:
+                m = meta[f"model.{native}"]
+                holder = {f"model.{native}": torch.empty(shape, dtype=m.properties.dtype)}
+                dcp.load(holder, storage_reader=FileSystemReader(reader_path), no_dist=True)
+                tensors[hf] = holder[f"model.{native}"].to(out_dtype).contiguous()
+                weight_map[hf] = fname
+                total += tensors[hf].numel() * out_dtype.itemsize
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            del tensors
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(args), indent=2) + "\n")
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ----- Hugging Face -> DCP -------------------------------------------------------------------
+MXFP4_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def args_from_hf_config(cfg: dict) -> ModelArgs:
+    """ModelArgs from a gpt-oss config.json (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
+    if cfg.get("model_type") != "gpt_oss":
+        raise ConvertError(f"config.json has model_type {cfg.get('model_type')!r}, expected 'gpt_oss'")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    try:
+        return ModelArgs(
+            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg["num_key_value_heads"], head_dim=cfg.get("head_dim", 64), vocab_size=cfg["vocab_size"],
+            num_experts=cfg.get("num_local_experts", cfg.get("num_experts")),
+            top_k=cfg.get("num_experts_per_tok", cfg.get("experts_per_token")),
+            moe_inter_dim=cfg["intermediate_size"], sliding_window=cfg.get("sliding_window", 128),
+            max_seq_len=cfg.get("max_position_embeddings", 131072),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 150000.0))),
+            rope_factor=float(rope.get("factor", 32.0)), rope_beta_fast=float(rope.get("beta_fast", 32.0)),
+            rope_beta_slow=float(rope.get("beta_slow", 1.0)),
+            rope_original_seq_len=int(rope.get("original_max_position_embeddings", 4096)),
+            norm_eps=cfg.get("rms_norm_eps", 1e-5), swiglu_limit=cfg.get("swiglu_limit", 7.0),
+            swiglu_alpha=cfg.get("swiglu_alpha", 1.702), init_std=cfg.get("initializer_range", 0.02),
+        )
+    except KeyError as e:
+        raise ConvertError(f"config.json lacks {e.args[0]!r}; it is not a gpt-oss config") from None
+
+
+class HFFolder:
+    """Lazy access to the tensors of a Hugging Face folder (sharded or not; bf16/fp32 or MXFP4)."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ConvertError(f"Hugging Face folder {folder!r} does not exist")
+        cfg_file = self.folder / "config.json"
+        if not cfg_file.is_file():
+            raise ConvertError(f"{folder!r} has no config.json; pass a Hugging Face gpt-oss folder")
+        self.config = json.loads(cfg_file.read_text())
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.folder / "model.safetensors"), "pt") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise ConvertError(f"{folder!r} has no model.safetensors.index.json and no model.safetensors")
+
+    def _open(self, name: str):
+        from safetensors import safe_open
+
+        return safe_open(str(self.folder / self.weight_map[name]), "pt")
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """Shape of the (dequantized) tensor `name`, or None if absent."""
+        if name in self.weight_map:
+            with self._open(name) as f:
+                return tuple(f.get_slice(name).get_shape())
+        if f"{name}_blocks" in self.weight_map and name.endswith(MXFP4_TENSORS):
+            with self._open(f"{name}_blocks") as f:
+                e, out, nb, _ = f.get_slice(f"{name}_blocks").get_shape()
+            return (e, nb * 32, out)
+        return None
+
+    def load(self, name: str) -> torch.Tensor:
+        from .model.hf import dequantize_mxfp4
+
+        if name in self.weight_map:
+            with self._open(name) as f:
+                return f.get_tensor(name)
+        with self._open(f"{name}_blocks") as f:
+            blocks = f.get_tensor(f"{name}_blocks")
+        with self._open(f"{name}_scales") as f:
+            scales = f.get_tensor(f"{name}_scales")
+        return dequantize_mxfp4(blocks, scales, torch.float32)
+
+
+class _LazySavePlanner(dcp.DefaultSavePlanner):
+    """Plans from meta tensors; each tensor is read (and dequantized) only when DCP writes it."""
+
+    def __init__(self, loaders: dict):
+        super().__init__()
+        self.loaders = loaders
+
+    def resolve_data(self, write_item):
+        fqn = write_item.index.fqn
+        if fqn in self.loaders:
+            return self.loaders[fqn]()
+        return super().resolve_data(write_item)
+
+
+def hf_to_dcp(hf_dir: str, output: str, overwrite: bool = False) -> Path:
+    """Import a Hugging Face gpt-oss folder as a model-only DCP checkpoint (fp32) at `output`."""
+    src = HFFolder(hf_dir)
+    args = args_from_hf_config(src.config)
+    state, loaders = {}, {}
+    for native, hf, shape in name_pairs(args):
+        got = src.shape(hf)
+        if got is None:
+            raise ConvertError(f"tensor {hf!r} is missing from {hf_dir!r} (expected shape {list(shape)})")
+        if got != shape:
+            raise ConvertError(f"tensor {hf!r} has shape {list(got)}, expected {list(shape)}")
+        key = f"model.{native}"
+        state[key] = torch.empty(shape, dtype=torch.float32, device="meta")
+        loaders[key] = lambda hf=hf: src.load(hf).to(torch.float32).contiguous()
+    out = Path(output)
+    tmp = _temp_output(out, overwrite)
+    try:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), planner=_LazySavePlanner(loaders),
+                 no_dist=True)
+        (tmp / "model_args.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+        (tmp / "hf_config.json").write_text(json.dumps(src.config, indent=2) + "\n")
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

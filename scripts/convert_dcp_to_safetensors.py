@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Export a gptoss-titan DCP checkpoint as a Hugging Face gpt-oss folder (transformers loads it).
+
+  python scripts/convert_dcp_to_safetensors.py --checkpoint outputs/debug --output hf/debug --dtype float32
+
+--checkpoint takes a step-<N> folder, or a run / checkpoint folder (its latest complete step).
+Writes config.json, generation_config.json, model-0000i-of-0000n.safetensors and
+model.safetensors.index.json, streaming one tensor at a time, into a temporary folder renamed at
+the end. Needs no GPU, no config and no process group, whatever world size saved the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from gptoss_titan.checkpoint import CheckpointError
+from gptoss_titan.convert import ConvertError, dcp_to_hf
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="step-<N> folder, or a run/checkpoint folder")
+    p.add_argument("--output", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default, as released) or float32")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    a = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    try:
+        out = dcp_to_hf(a.checkpoint, a.output, a.dtype, a.max_shard_size, a.overwrite)
+    except (ConvertError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+#!/usr/bin/env python3
+"""Import a Hugging Face gpt-oss folder (bf16/fp32, or the released MXFP4 experts) as a DCP checkpoint.
+
+  python scripts/convert_hf_to_dcp.py --hf path/to/gpt-oss-20b --output ckpt/gpt-oss-20b
+  ./scripts/run_train.sh --checkpoint.enable=true --checkpoint.initial_load_path=ckpt/gpt-oss-20b
+
+The output is a model-only step folder (fp32 master weights) for checkpoint.initial_load_path.
+Tensors are read, dequantized and written one at a time; the output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from gptoss_titan.convert import ConvertError, hf_to_dcp
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf", required=True, help="Hugging Face folder: config.json + safetensors")
+    p.add_argument("--output", required=True, help="output DCP folder (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    try:
+        out = hf_to_dcp(a.hf, a.output, a.overwrite)
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""DCP -> Hugging Face export: transformers loads it and computes our logits; errors are one line."""
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptoss_titan.generate import generate
+from gptoss_titan.model import Transformer
+from gptoss_titan.train import main
+
+from .test_checkpoint import weights
+from .test_train import synthetic_data
+
+transformers = pytest.importorskip("transformers")
+logging.getLogger("transformers").setLevel(logging.ERROR)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def convert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts/convert_dcp_to_safetensors.py"), *args],
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    data = synthetic_data(tmp / "data", vocab=201088)
+    assert main(["--model.flavor=debug", f"--data.dataset_path={data}", f"--job.dump_folder={tmp / 'run'}",
+                 "--training.steps=3", "--training.seq_len=32", "--training.local_batch_size=2",
+                 "--validation.enable=false", "--checkpoint.enable=true", "--optimizer.lr=1e-2"]) == 0
+    return tmp
+
+
+def ours_from(step_dir: Path) -> Transformer:
+    from gptoss_titan.convert import read_model_args
+
+    args = read_model_args(step_dir)
+    m = Transformer(args)
+    m.init_weights()
+    m.load_state_dict(weights(step_dir))
+    return m.eval()
+
+
+def test_transformers_loads_export_and_matches(trained):
+    out = trained / "hf32"
+    r = convert("--checkpoint", str(trained / "run"), "--output", str(out), "--dtype", "float32",
+                "--max-shard-size", "40MB")
+    assert r.returncode == 0, r.stderr
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert set(index["weight_map"].values()) == set(shards)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+    hf.eval()
+    ours = ours_from(trained / "run/checkpoint/step-3")
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 199990, (1, n)) for n in (5, 40, 150)]  # 150 > the 128-token window
+    with torch.no_grad():
+        for p in prompts:
+            diff = (ours(p) - hf(p).logits).abs().max().item()
+            assert diff <= 1e-5, diff
+        p = prompts[1]
+        ref = hf.generate(p, max_new_tokens=32, do_sample=False, min_new_tokens=32, eos_token_id=None)
+        got = generate(ours, p, 32)
+        assert torch.equal(ref, got)
+
+
+def test_bf16_export_is_the_default(trained):
+    out = trained / "hf16"
+    assert convert("--checkpoint", str(trained / "run/checkpoint/step-3"), "--output", str(out)).returncode == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16" and cfg["model_type"] == "gpt_oss"
+    from safetensors import safe_open
+
+    with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+
+
+def test_export_errors(trained, tmp_path):
+    cases = [
+        (["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], "does not exist"),
+        (["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o")], "no complete checkpoint"),
+        (["--checkpoint", str(trained / "run"), "--output", str(tmp_path / "o"), "--dtype", "fp8"], "fp8"),
+        (["--checkpoint", str(trained / "run"), "--output", str(tmp_path / "o"), "--max-shard-size", "big"], "big"),
+        (["--checkpoint", str(trained / "run"), "--output", str(trained / "run")], "already exists"),
+    ]
+    for argv, match in cases:
+        r = convert(*argv)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and match in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def import_(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts/convert_hf_to_dcp.py"), *args],
+                          capture_output=True, text=True)
+
+
+def test_round_trip_is_bit_exact(trained):
+    hf_dir, back = trained / "rt_hf", trained / "rt_dcp"
+    assert convert("--checkpoint", str(trained / "run"), "--output", str(hf_dir), "--dtype", "float32").returncode == 0
+    r = import_("--hf", str(hf_dir), "--output", str(back))
+    assert r.returncode == 0, r.stderr
+    a, b = weights(trained / "run/checkpoint/step-3"), weights(back)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainer_starts_from_hf_folder(trained, tmp_path, capsys):
+    hf_dir = trained / "hf32"  # written by the first test of this module
+    if not hf_dir.exists():
+        assert convert("--checkpoint", str(trained / "run"), "--output", str(hf_dir), "--dtype", "float32").returncode == 0
+    argv = ["--model.flavor=debug", f"--data.dataset_path={trained / 'data'}", f"--job.dump_folder={tmp_path / 'ft'}",
+            "--training.steps=1", "--training.seq_len=32", "--training.local_batch_size=2",
+            "--validation.enable=false", "--checkpoint.enable=true", "--checkpoint.initial_load_format=hf",
+            f"--checkpoint.initial_load_path={hf_dir}", "--optimizer.lr=1e-9"]
+    assert main(argv) == 0
+    a, b = weights(trained / "run/checkpoint/step-3"), weights(tmp_path / "ft/checkpoint/step-1")
+    # one step at lr 1e-9 from the imported weights: equal to ~1e-8
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-7
+    capsys.readouterr()
+    small = synthetic_data(tmp_path / "d8192")  # ids < 8192 so that the data fits the bench flavor
+    bad = [a for a in argv if not a.startswith(("--model.flavor", "--job.dump_folder", "--data.dataset_path"))]
+    assert main(bad + ["--model.flavor=bench", f"--job.dump_folder={tmp_path / 'x'}", f"--data.dataset_path={small}"]) == 2
+    assert "has model dim = 64 but the config gives 256" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def quantize_folder(src: Path, dst: Path) -> dict:
+    """A copy of an HF folder whose expert matrices are replaced by random MXFP4 blocks and scales."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(0)
+    tensors, packed = {}, {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    for name in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        e, n_in, n_out = tensors.pop(name).shape
+        blocks = torch.randint(0, 256, (e, n_out, n_in // 32, 16), generator=g, dtype=torch.uint8)
+        scales = torch.randint(118, 130, (e, n_out, n_in // 32), generator=g, dtype=torch.uint8)
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+        packed[name] = (blocks, scales)
+    save_file(tensors, str(dst / "model.safetensors"))
+    return packed
+
+
+def test_mxfp4_import_matches_transformers_dequantization(trained):
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from gptoss_titan.model.hf import FP4_VALUES
+
+    src = trained / "hf32"
+    if not src.exists():
+        assert convert("--checkpoint", str(trained / "run"), "--output", str(src), "--dtype", "float32").returncode == 0
+    q = trained / "mxfp4"
+    packed = quantize_folder(src, q)
+    r = import_("--hf", str(q), "--output", str(trained / "mxfp4_dcp"))
+    assert r.returncode == 0, r.stderr
+    got = weights(trained / "mxfp4_dcp")
+    lut = torch.tensor(FP4_VALUES)
+    for hf_name, (blocks, scales) in packed.items():
+        layer = hf_name.split(".")[2]
+        native = f"layers.{layer}.moe.experts." + ("w_gate_up" if "gate_up" in hf_name else "w_down")
+        theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, out, in]
+        torch.testing.assert_close(got[native], theirs.transpose(1, 2), rtol=0, atol=0)
+        # reference decode of one block: byte j -> elements 2j (low nibble), 2j+1 (high nibble)
+        b, s = blocks[0, 0, 0], int(scales[0, 0, 0]) - 127
+        ref = torch.stack([lut[(b & 15).long()], lut[(b >> 4).long()]], -1).reshape(32) * 2.0**s
+        torch.testing.assert_close(got[native][0, :32, 0], ref, rtol=0, atol=0)
+
+
+def test_import_errors(trained, tmp_path):
+    src = trained / "hf32"
+    if not src.exists():
+        assert convert("--checkpoint", str(trained / "run"), "--output", str(src), "--dtype", "float32").returncode == 0
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((src / "config.json").read_text())
+    cases = [
+        (["--hf", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], "does not exist"),
+        (["--hf", str(broken), "--output", str(tmp_path / "o")], "no model.safetensors.index.json"),
+        (["--hf", str(src), "--output", str(src)], "already exists"),
+    ]
+    from safetensors.torch import load_file, save_file
+
+    tensors = {}
+    for f in src.glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    tensors["model.layers.0.self_attn.sinks"] = torch.zeros(3)
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    cases.append((["--hf", str(broken), "--output", str(tmp_path / "o")], "lm_head.weight' is missing"))
+    del tensors["model.layers.0.self_attn.sinks"]
+    for argv, match in cases:
+        r = import_(*argv)
+        assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_streams_under_memory_budget(tmp_path):
+    """A ~400 MB checkpoint exports with peak RSS well below its size (measured in subprocesses)."""
+    from gptoss_titan.model import ModelArgs
+    from gptoss_titan.model.hf import hf_config, name_pairs
+
+    args = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, vocab_size=1024, num_experts=16,
+                     top_k=2, moe_inter_dim=512, sliding_window=128, max_seq_len=1024)
+    size = args.num_params() * 4
+    assert size > 350e6
+    hf = tmp_path / "big_hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(hf_config(args, "float32")))
+    from safetensors.torch import save_file
+
+    shard, weight_map, n = {}, {}, 0
+    for _, name, shape in name_pairs(args):
+        shard[name] = torch.randn(shape)
+        if sum(t.numel() for t in shard.values()) * 4 > 60e6:
+            save_file(shard, str(hf / f"part{n}.safetensors"))
+            weight_map.update({k: f"part{n}.safetensors" for k in shard})
+            shard, n = {}, n + 1
+    save_file(shard, str(hf / f"part{n}.safetensors"))
+    weight_map.update({k: f"part{n}.safetensors" for k in shard})
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    del shard
+
+    def peak_rss(cmd: list[str]) -> int:
+        code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
+        out = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    baseline = peak_rss([sys.executable, "-c", "import gptoss_titan.convert, safetensors.torch"])
+    imported = peak_rss([sys.executable, str(ROOT / "scripts/convert_hf_to_dcp.py"), "--hf", str(hf),
+                         "--output", str(tmp_path / "dcp")])
+    exported = peak_rss([sys.executable, str(ROOT / "scripts/convert_dcp_to_safetensors.py"), "--checkpoint",
+                         str(tmp_path / "dcp"), "--output", str(tmp_path / "out"), "--dtype", "float32",
+                         "--max-shard-size", "50MB"])
+    # budget: one 50 MB shard plus the largest tensor (~33 MB) plus slack, far below the 400 MB checkpoint
+    budget = baseline + 160e6
+    assert exported < budget, (exported - baseline) / 1e6
+    assert imported < budget, (imported - baseline) / 1e6
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) >= 8
