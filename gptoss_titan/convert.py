@@ -212,7 +212,7 @@ class HFFolder:
 
         if name in self.weight_map:
             with self._open(name) as f:
-                return f.get_tensor(name)
+                return f.get_tensor(name).clone()  # own memory: do not keep the file mapping alive
         with self._open(f"{name}_blocks") as f:
             blocks = f.get_tensor(f"{name}_blocks")
         with self._open(f"{name}_scales") as f:
@@ -245,14 +245,14 @@ def hf_to_dcp(hf_dir: str, output: str, overwrite: bool = False) -> Path:
             raise ConvertError(f"tensor {hf!r} is missing from {hf_dir!r} (expected shape {list(shape)})")
         if got != shape:
             raise ConvertError(f"tensor {hf!r} has shape {list(got)}, expected {list(shape)}")
-        key = f"model.{native}"
-        state[key] = torch.empty(shape, dtype=torch.float32, device="meta")
-        loaders[key] = lambda hf=hf: src.load(hf).to(torch.float32).contiguous()
+        state[native] = torch.empty(shape, dtype=torch.float32, device="meta")
+        loaders[f"model.{native}"] = lambda hf=hf: src.load(hf).to(torch.float32).contiguous()
     out = Path(output)
     tmp = _temp_output(out, overwrite)
     try:
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), planner=_LazySavePlanner(loaders),
-                 no_dist=True)
+        # One file per tensor: DCP's writer keeps every tensor of a file alive until the file is done.
+        writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False)
+        dcp.save({"model": state}, storage_writer=writer, planner=_LazySavePlanner(loaders), no_dist=True)
         (tmp / "model_args.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
         (tmp / "hf_config.json").write_text(json.dumps(src.config, indent=2) + "\n")
         _publish(tmp, out)

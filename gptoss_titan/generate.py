@@ -1,11 +1,15 @@
-"""Sampling from a model (used for the trainer's periodic text samples).
+"""Sampling from a model with a KV cache: one prefill of the prompt, then one token per step.
 
-This version recomputes the whole sequence for every new token; it is exact but O(T^2).
+Sliding-window layers keep only their last 128 keys (a ring buffer); sinks and RoPE positions are
+exactly as in training. The trainer's periodic samples use this code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.distributed as dist
 
 from .model import Transformer
 
@@ -32,17 +36,38 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             stop_ids: tuple[int, ...] = ()) -> torch.Tensor:
-    """prompt [B, T0] -> [B, T0 + n] (n <= max_new_tokens; stops early when every row hit a stop id)."""
+             stop_ids: tuple[int, ...] = (), use_cache: bool = True,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """prompt [B, T0] -> [B, T0 + n] (n <= max_new_tokens; stops early when every row hit a stop id).
+
+    use_cache=False recomputes the whole sequence for every token (the reference for tests).
+    Under torch.distributed (a sharded model), every rank runs the forward passes, rank 0 samples
+    and broadcasts each token, so all ranks see the same tokens and stop together.
+    on_token(next_ids [B]) is called after each step (for streaming output).
+    """
     gen = torch.Generator(device=prompt.device).manual_seed(seed) if seed is not None else None
+    total = prompt.shape[1] + max_new_tokens
+    if total > model.args.max_seq_len:
+        raise ValueError(f"prompt + new tokens = {total} exceeds the model's context {model.args.max_seq_len}")
+    cache = model.new_cache(prompt.shape[0], total) if use_cache else None
     seq = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    logits = model(prompt, cache=cache, start_pos=0)[:, -1] if use_cache else model(prompt)[:, -1]
     for _ in range(max_new_tokens):
-        window = seq[:, -model.args.max_seq_len :]
-        nxt = sample_next(model(window)[:, -1], temperature, top_k, top_p, gen)  # [B]
+        nxt = sample_next(logits, temperature, top_k, top_p, gen)  # [B]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(nxt, src=0)
+        if on_token is not None:
+            on_token(nxt)
         seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
         if stop_ids:
             done |= torch.isin(nxt, torch.tensor(stop_ids, device=nxt.device))
             if bool(done.all()):
                 break
+        if seq.shape[1] == total:
+            break
+        if use_cache:
+            logits = model(nxt.unsqueeze(1), cache=cache, start_pos=seq.shape[1] - 1)[:, -1]
+        else:
+            logits = model(seq)[:, -1]
     return seq

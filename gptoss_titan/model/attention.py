@@ -32,16 +32,29 @@ def causal_mask(T: int, S: int, window: int | None, device: torch.device) -> tor
     return allowed
 
 
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Bool [T, S] from absolute positions: key j visible to query i iff pos_i - window < pos_j <= pos_i."""
+    allowed = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+    if window is not None:
+        allowed &= k_pos.unsqueeze(0) > q_pos.unsqueeze(1) - window
+    return allowed
+
+
 def sink_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int | None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, N, T, D], k/v [B, G, S, D], sinks [N] -> [B, N, T, D] (queries are the last T of S)."""
+    """q [B, N, T, D], k/v [B, G, S, D], sinks [N] -> [B, N, T, D].
+
+    Without `allowed` (bool [T, S]) the queries are the last T of the S keys' positions.
+    """
     B, N, T, D = q.shape
     G, S = k.shape[1], k.shape[2]
     zero = k.new_zeros(B, G, 1, D)
     k = torch.cat([k, zero], dim=2)  # [B, G, S + 1, D] last key is the sink slot
     v = torch.cat([v, zero], dim=2)  # [B, G, S + 1, D]
-    allowed = causal_mask(T, S, window, q.device)  # [T, S]
+    if allowed is None:
+        allowed = causal_mask(T, S, window, q.device)  # [T, S]
     bias = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
     mask = torch.cat(
         [bias.expand(N, T, S), sinks.to(q.dtype).view(N, 1, 1).expand(N, T, 1)], dim=-1

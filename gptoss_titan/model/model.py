@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from .args import ModelArgs
-from .attention import sink_attention
+from .attention import position_mask, sink_attention
 from .init import init_param, init_spec
+from .kv_cache import KVCache, LayerCache
 from .loss import fused_linear_cross_entropy
 from .moe import MoE, grouped_mm_works
 
@@ -87,13 +88,19 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=True)
         self.sinks = nn.Parameter(torch.empty(args.n_heads))  # [N] one logit per query head
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, N, T, D]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = sink_attention(q, k, v, self.sinks, self.window)  # [B, N, T, D]
+        if cache is None:
+            out = sink_attention(q, k, v, self.sinks, self.window)  # [B, N, T, D]
+        else:  # decoding: attend to cached + new keys, masked by absolute positions
+            k, v, k_pos = cache.extend(k, v, positions)  # [B, G, S, D], [S]
+            allowed = position_mask(positions, k_pos, self.window)  # [T, S]
+            out = sink_attention(q, k, v, self.sinks, self.window, allowed)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H]
 
 
@@ -106,9 +113,13 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.moe = MoE(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, need_probs: bool = False):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, need_probs: bool = False,
+                cache: LayerCache | None = None, positions: torch.Tensor | None = None):
         """x [B, T, H] -> (x [B, T, H], expert counts [E], router prob sums [E] or None)."""
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+        if cache is None:
+            x = x + self.attention(self.attention_norm(x), cos, sin)
+        else:
+            x = x + self.attention(self.attention_norm(x), cos, sin, cache, positions)
         m, counts, prob_sum = self.moe(self.ffn_norm(x), need_probs)
         return x + m, counts, prob_sum
 
@@ -168,8 +179,25 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.args, device)
         self.rope_cos, self.rope_sin = cos, sin
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, router_probs: bool = False):
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for sequences of up to max_len tokens (sliding layers keep the window only)."""
+        a = self.args
+        if max_len > a.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {a.max_seq_len}")
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        dev = self.rope_cos.device
+        return KVCache([
+            LayerCache(batch, a.n_kv_heads, a.head_dim, min(a.sliding_window, max_len) if a.is_sliding(i) else max_len,
+                       ring=a.is_sliding(i), dtype=dtype, device=dev)
+            for i in range(a.n_layers)
+        ])
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, router_probs: bool = False,
+                cache: KVCache | None = None, start_pos: int = 0):
         """tokens [B, T] -> logits [B, T, V].
+
+        With a cache (from `new_cache`), tokens are positions start_pos .. start_pos + T - 1: the
+        prompt first (start_pos 0), then one token at a time; keys and values are kept in the cache.
 
         With targets [B, T] (next tokens, -100 = ignore) it returns instead a tuple
         (summed cross-entropy, router prob sums [L, E] or None, expert counts [L, E]) without
@@ -177,13 +205,17 @@ class Transformer(nn.Module):
         `load_balancing_loss`; the caller pools the counts over ranks first when data-parallel.
         """
         T = tokens.shape[1]
-        if T > self.args.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.args.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if start_pos + T > self.args.max_seq_len:
+            raise ValueError(f"sequence length {start_pos + T} exceeds the model's max_seq_len {self.args.max_seq_len}")
+        cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
         h = self.tok_embeddings(tokens)  # [B, T, H]
         counts, prob_sums = [], []
-        for layer in self.layers:
-            h, c, p = layer(h, cos, sin, router_probs)
+        positions = torch.arange(start_pos, start_pos + T, device=tokens.device) if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                h, c, p = layer(h, cos, sin, router_probs)
+            else:
+                h, c, p = layer(h, cos, sin, router_probs, cache.layers[i], positions)
             counts.append(c)
             prob_sums.append(p)
         h = self.norm(h)
