@@ -77,3 +77,21 @@ def reference_attention(
     sink_col = sinks.to(q.dtype).view(1, N, 1, 1).expand(B, N, T, 1)
     probs = torch.softmax(torch.cat([scores, sink_col], dim=-1), dim=-1)[..., :-1]  # [B, N, T, S]
     return probs @ v
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
+    """Few queries against a KV cache: q [B, N, T, D], k/v [B, G, S, D] (views of the cache, not
+    copied), allowed bool [T, S] -> [B, N, T, D]. The same math as `reference_attention` without
+    repeating K/V per head or appending a key column."""
+    B, N, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    R = N // G
+    qg = q.reshape(B, G, R * T, D)  # heads g*R .. g*R+R-1 share kv head g
+    scores = (qg @ k.transpose(-1, -2)).view(B, G, R, T, S) * D**-0.5  # [B, G, R, T, S]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = sinks.to(q.dtype).view(1, G, R, 1, 1).expand(B, G, R, T, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]  # [B, G, R, T, S]
+    out = probs.reshape(B, G, R * T, S) @ v  # [B, G, R*T, D]
+    return out.view(B, N, T, D)

@@ -21,6 +21,17 @@ class LayerCache:
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((capacity,), -1, dtype=torch.long, device=device)  # [S] absolute position, -1 = empty
 
+    def append_one(self, k_new: torch.Tensor, v_new: torch.Tensor, position: int):
+        """Decode step (one token): store it, return views of the filled slots and their positions."""
+        slot = position % self.capacity if self.ring else position
+        if not self.ring and slot >= self.capacity:
+            raise ValueError(f"position {position} is beyond the cache capacity {self.capacity}")
+        self.k[:, :, slot] = k_new[:, :, 0]
+        self.v[:, :, slot] = v_new[:, :, 0]
+        self.pos[slot] = position
+        n = min(position + 1, self.capacity)  # slots fill in order from 0 (prefill starts at 0)
+        return self.k[:, :, :n], self.v[:, :, :n], self.pos[:n]
+
     def extend(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor):
         """Keys/values to attend to (cached + new, [B, G, S', D]) and their positions [S']; then store the new ones."""
         valid = self.pos >= 0

@@ -61,13 +61,17 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool) -> torch.Tensor:
-    """x [R, in] sorted by expert, w [E, in, out], counts [E] -> [R, out]; row r uses its expert's w."""
-    if use_grouped_mm and x.shape[0] > 0:
+    """x [R, in] sorted by expert, w [E, in, out], counts [E] -> [R, out]; row r uses its expert's w.
+
+    Grouped matmul when it works and there are at least as many rows as experts; otherwise (no
+    kernel, or decoding a few tokens) one matmul per expert that has rows.
+    """
+    if use_grouped_mm and x.shape[0] >= counts.numel():
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E] end row of each expert
         return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs))
-    # Fallback: one matmul per expert on its slice (host sync for the split sizes).
-    chunks = torch.split(x, counts.tolist(), dim=0)
-    return torch.cat([c @ w[e] for e, c in enumerate(chunks)], dim=0)
+    chunks = torch.split(x, counts.tolist(), dim=0)  # host sync for the split sizes
+    out = [c @ w[e] if c.shape[0] else c.new_empty(0, w.shape[-1]) for e, c in enumerate(chunks)]
+    return torch.cat(out, dim=0)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
