@@ -48,9 +48,10 @@ def test_run_train_two_processes_fsdp_ep(tmp_path):
     r = launch({"NGPU": "2"}, f"--data.dataset_path={data}", f"--job.dump_folder={tmp_path / 'run'}",
                "--training.steps=3", "--training.seq_len=32", "--training.local_batch_size=1",
                "--parallelism.expert_parallel_degree=2", "--validation.freq=3", "--validation.steps=1",
-               "--metrics.log_freq=1", "--metrics.sample_freq=0")
+               "--metrics.log_freq=1", "--metrics.sample_freq=3", "--metrics.sample_tokens=4")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "expert parallelism: 2 groups of 4 experts" in r.stdout
+    assert "sample at step 3:" in r.stdout  # KV-cached sampling on the sharded model, rank 0 broadcasting
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4  # 3 steps + 1 validation, written once (rank 0)
     assert "terminate called" not in r.stderr
