@@ -372,6 +372,11 @@ def validate(cfg: JobConfig) -> None:
             f"parallelism.expert_parallel_degree = {p.expert_parallel_degree} does not divide the "
             f"{args.num_experts} experts of flavor {cfg.model.flavor}"
         )
+    if cfg.metrics.sample_freq > 0 and args.vocab_size < 201088:
+        raise ConfigError(
+            f"metrics.sample_freq = {cfg.metrics.sample_freq} needs the o200k_harmony vocabulary, but flavor "
+            f"{cfg.model.flavor} has {args.vocab_size} tokens; set --metrics.sample_freq=0"
+        )
     if not cfg.data.dataset and not cfg.data.dataset_path:
         raise ConfigError("set data.dataset (e.g. 'kjv') or data.dataset_path (a folder from scripts/prepare_data.py)")
 

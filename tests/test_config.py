@@ -47,6 +47,7 @@ def test_repo_configs_load():
         ("", ["--parallelism.expert_parallel_degree=3"], "does not divide the 8 experts"),
         ("", ["--lr_scheduler.decay_type=cosin"], "did you mean 'cosine'"),
         ("", ["stray"], "unexpected argument"),
+        ("", ["--model.flavor=bench", "--metrics.sample_freq=5"], "set --metrics.sample_freq=0"),
         ("", ["--training.steps"], "needs a value"),
         ("", ["--checkpoint.enable=maybe"], "checkpoint.enable must be bool"),
     ],
