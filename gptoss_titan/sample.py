@@ -10,9 +10,7 @@ With several processes (torchrun) the model is sharded with FSDP2 exactly as in 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch.distributed as dist
 from .checkpoint import CheckpointError
 from .convert import ConvertError, HFFolder, args_from_hf_config, read_model_args, resolve_step_dir
 from .data.tokenizer import STOP_TOKENS, get_tokenizer
+from .distributed import device_type, init_distributed, shutdown
 from .generate import generate
 from .model import ModelArgs, Transformer
 from .model.hf import from_hf, name_pairs
@@ -69,11 +68,11 @@ def load_model(a: argparse.Namespace) -> Transformer:
 
         from .parallel import ParallelDims
 
-        meshes = ParallelDims(1, world, 1, world).build_meshes("cpu" if not torch.cuda.is_available() else "cuda")
+        meshes = ParallelDims(1, world, 1, world).build_meshes(device_type())
         for block in model.layers:
             fully_shard(block, mesh=meshes.dense)
         fully_shard(model, mesh=meshes.dense)
-    model.to_empty(device="cuda" if torch.cuda.is_available() else "cpu")
+    model.to_empty(device=device_type())
     model.init_buffers()
     if a.hf:
         sd = from_hf({hf: folder.load(hf).float() for _, hf, _ in name_pairs(args)}, args)
@@ -117,9 +116,7 @@ def prompt_ids(a: argparse.Namespace) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(sys.argv[1:] if argv is None else argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, _ = init_distributed()
     try:
         check(a)
         ids = prompt_ids(a)
@@ -158,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--- sample {i}\n{enc.decode([t for t in toks if t not in stops])}")
         if a.output_json:
             Path(a.output_json).write_text(json.dumps({"prompt": ids, "tokens": new}) + "\n")
-    gc.collect()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown()
     return 0
 
 

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import math
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from .checkpoint import CheckpointError, CheckpointManager
 from .config import ConfigError, JobConfig, help_text, parse_args
 from .data import DataError, TokenLoader, get_tokenizer, open_split, resolve_dataset
 from .data.tokenizer import STOP_TOKENS
+from .distributed import device_type, init_distributed, shutdown
 from .generate import generate
 from .metrics import MetricsLogger, Timer, init_logging, logger, memory_stats
 from .model import FLAVORS, ModelArgs, Transformer
@@ -33,25 +32,8 @@ from .parallel.dry_run import dry_run, is_dry_run
 from .parallel.grad import clip_grad_norm_
 
 
-def device_type() -> str:
-    """The one place the device type is chosen: CUDA when present, else CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def model_args_for(cfg: JobConfig) -> ModelArgs:
     return dataclasses.replace(FLAVORS[cfg.model.flavor], load_balance_bias=cfg.model.load_balance_bias)
-
-
-def init_distributed(cfg: JobConfig) -> tuple[int, int]:
-    """Start the process group when launched with several processes; return (rank, world size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    backend = "nccl" if device_type() == "cuda" else "gloo"
-    if device_type() == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.comm.init_timeout_seconds))
-    return dist.get_rank(), world
 
 
 class Trainer:
@@ -62,7 +44,7 @@ class Trainer:
         # Checks that need the world size, before any process group exists.
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.dims = ParallelDims.from_config(cfg.parallelism, world, self.model_args.num_experts)
-        self.rank, self.world_size = init_distributed(cfg)
+        self.rank, self.world_size = init_distributed(cfg.comm.init_timeout_seconds)
         self.device = torch.device(device_type(), torch.cuda.current_device()) if device_type() == "cuda" \
             else torch.device("cpu")
         self.meshes = self.dims.build_meshes(self.device.type) if self.world_size > 1 else None
@@ -302,10 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.save_seed_checkpoint()
     else:
         trainer.train()
-    gc.collect()  # before destroy: avoids intermittent aborts at torchrun exit (CPU_NOTES.md)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown()
     return 0
 
 

@@ -5,15 +5,14 @@
 --init-only saves the freshly initialized weights without training.
 """
 
-import gc
 import json
 import sys
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from gptoss_titan.config import parse_args
+from gptoss_titan.distributed import shutdown
 from gptoss_titan.train import Trainer
 
 
@@ -34,10 +33,7 @@ def main() -> None:
         torch.save({"losses": [r["loss"] for r in rows if "loss" in r],
                     "grad_norms": [r["grad_norm"] for r in rows if "grad_norm" in r],
                     "state": state}, out)
-    gc.collect()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":
