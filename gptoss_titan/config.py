@@ -127,10 +127,22 @@ class Metrics:
     log_freq: int = 10  # log every N steps (and the first and last)
     enable_tensorboard: bool = True
     save_tb_folder: str = "tb"  # under dump_folder
-    rank_0_only: bool = True  # TensorBoard writer only on rank 0
+    rank_0_only: bool = True  # TensorBoard and jsonl only on rank 0 (else also tb/rank_N, metrics_rank_N.jsonl)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = GPU datasheet table, or a measured matmul on CPU
     sample_freq: int = 0  # print a text sample every N steps (0 = off)
     sample_prompt: str = "In the beginning"
     sample_tokens: int = 32
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = False  # torch.profiler trace of some steps, every profile_freq steps, per rank
+    save_traces_folder: str = "profile_traces"  # under dump_folder: iteration_N/rankR_trace.json
+    profile_freq: int = 10  # a trace ends at every multiple of this step
+    profiler_active: int = 1  # steps recorded per trace
+    profiler_warmup: int = 3  # steps run under the profiler before recording
+    enable_memory_snapshot: bool = False  # CUDA allocator history dumped every profile_freq steps (CUDA only)
+    save_memory_snapshot_folder: str = "memory_snapshot"  # under dump_folder
 
 
 @dataclass
@@ -159,6 +171,7 @@ class JobConfig:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
     metrics: Metrics = field(default_factory=Metrics)
+    profiling: Profiling = field(default_factory=Profiling)
     validation: Validation = field(default_factory=Validation)
     comm: Comm = field(default_factory=Comm)
 
@@ -320,6 +333,7 @@ def validate(cfg: JobConfig) -> None:
         "training.steps": t.steps, "training.seq_len": t.seq_len, "training.local_batch_size": t.local_batch_size,
         "metrics.log_freq": cfg.metrics.log_freq, "validation.freq": cfg.validation.freq,
         "validation.steps": cfg.validation.steps, "checkpoint.interval": c.interval,
+        "profiling.profile_freq": cfg.profiling.profile_freq, "profiling.profiler_active": cfg.profiling.profiler_active,
     }
     for name, v in positives.items():
         if v < 1:
@@ -333,6 +347,14 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(f"{name} = {v} must be >= 0")
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
         raise ConfigError(f"optimizer betas ({o.beta1}, {o.beta2}) must be in [0, 1)")
+    pr = cfg.profiling
+    if pr.profiler_warmup < 0 or pr.profiler_warmup + pr.profiler_active > pr.profile_freq:
+        raise ConfigError(
+            f"profiling.profiler_warmup + profiler_active = {pr.profiler_warmup} + {pr.profiler_active} must be "
+            f"between 1 and profiling.profile_freq = {pr.profile_freq}; raise profile_freq or lower the others"
+        )
+    if cfg.metrics.peak_tflops < 0:
+        raise ConfigError(f"metrics.peak_tflops = {cfg.metrics.peak_tflops} must be >= 0 (0 = automatic)")
     if not 0 <= s.min_lr_factor <= 1:
         raise ConfigError(f"lr_scheduler.min_lr_factor = {s.min_lr_factor} must be in [0, 1]")
     if t.seq_len > args.max_seq_len:

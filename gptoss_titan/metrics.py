@@ -14,6 +14,17 @@ import torch
 
 logger = logging.getLogger("gptoss_titan")
 
+# Dense peak TFLOP/s per GPU (vendor datasheets, no sparsity). "float32" is the TF32 tensor-core
+# rate, used when TF32 matmuls are allowed; otherwise the plain FP32 rate "float32_no_tf32".
+GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "B200": {"bfloat16": 2250.0, "float32": 1100.0, "float32_no_tf32": 75.0},
+    "H200": {"bfloat16": 989.4, "float32": 494.7, "float32_no_tf32": 66.9},
+    "H100 NVL": {"bfloat16": 835.0, "float32": 417.5, "float32_no_tf32": 60.0},
+    "H100 PCIe": {"bfloat16": 756.5, "float32": 378.0, "float32_no_tf32": 51.2},
+    "H100": {"bfloat16": 989.4, "float32": 494.7, "float32_no_tf32": 66.9},  # SXM
+    "A100": {"bfloat16": 312.0, "float32": 156.0, "float32_no_tf32": 19.5},
+}
+
 
 def init_logging(rank: int = 0) -> None:
     handler = logging.StreamHandler(sys.stdout)
@@ -33,6 +44,58 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     return {"mem_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
+def gpu_peak_tflops(name: str, dtype: str, tf32: bool) -> float | None:
+    """Datasheet peak for a CUDA device name (longest matching key first), None if unknown."""
+    for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            row = GPU_PEAK_TFLOPS[key]
+            return row["bfloat16"] if dtype == "bfloat16" else row["float32" if tf32 else "float32_no_tf32"]
+    return None
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
+    """Best achieved TFLOP/s of an n x n x n matmul on this device (the CPU's practical peak)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(reps + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12
+
+
+def peak_tflops(device: torch.device, dtype: str, configured: float = 0.0) -> tuple[float, str]:
+    """(peak TFLOP/s per device, where it came from): config, GPU table, or a measured matmul."""
+    if configured > 0:
+        return configured, "config"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_tflops(name, dtype, torch.backends.cuda.matmul.allow_tf32)
+        if peak is not None:
+            return peak, f"{name} datasheet"
+    tdtype = torch.bfloat16 if dtype == "bfloat16" and device.type == "cuda" else torch.float32
+    return measure_matmul_tflops(device, tdtype), f"measured {tdtype} matmul on {device.type}"
+
+
+def expert_load_stats(counts: torch.Tensor) -> dict[str, list[float] | float]:
+    """Per-layer tokens per expert: min, max and coefficient of variation (std / mean), from [L, E]."""
+    c = counts.detach().double().cpu()
+    mean = c.mean(-1).clamp(min=1e-9)
+    cv = c.std(-1, unbiased=False) / mean
+    return {
+        "expert_load_min": c.min(-1).values.tolist(),
+        "expert_load_max": c.max(-1).values.tolist(),
+        "expert_load_cv": cv.tolist(),
+        "expert_load_cv_mean": float(cv.mean()),
+        "expert_load_max_over_mean": float((c.max(-1).values / mean).max()),
+    }
+
+
 class MetricsLogger:
     """Writes what the trainer measured; rank 0 writes files unless told every rank should."""
 
@@ -41,22 +104,28 @@ class MetricsLogger:
         self.jsonl = None
         self.tb = None
         if write_files:
-            self.jsonl = open(dump_folder / "metrics.jsonl", "a", buffering=1)
+            name = "metrics.jsonl" if rank == 0 else f"metrics_rank_{rank}.jsonl"
+            self.jsonl = open(dump_folder / name, "a", buffering=1)
             if enable_tb:
                 from torch.utils.tensorboard import SummaryWriter
 
                 sub = dump_folder / tb_folder / (f"rank_{rank}" if rank else "")
                 self.tb = SummaryWriter(log_dir=str(sub))
 
-    def log(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+    def log(self, step: int, values: dict, prefix: str = "") -> None:
+        """Scalars go everywhere; a list (one value per layer) goes to the jsonl as a list and to
+        TensorBoard as `name/layer_XX`, not to the console."""
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()}
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         if self.tb:
             for k, v in clean.items():
-                if isinstance(v, float) and math.isfinite(v):
-                    self.tb.add_scalar(f"{prefix}{k}", v, step)
-        parts = [f"step {step:>6}"] + [_fmt(k, v) for k, v in clean.items()]
+                items = [(f"{prefix}{k}/layer_{i:02d}", x) for i, x in enumerate(v)] if isinstance(v, list) \
+                    else [(f"{prefix}{k}", v)]
+                for tag, x in items:
+                    if isinstance(x, float) and math.isfinite(x):
+                        self.tb.add_scalar(tag, x, step)
+        parts = [f"step {step:>6}"] + [_fmt(k, v) for k, v in clean.items() if not isinstance(v, list)]
         logger.info("  ".join(parts))
 
     def close(self) -> None:
@@ -73,6 +142,8 @@ def _fmt(k: str, v) -> str:
         return f"{k} {v:.3e}"
     if abs(v) >= 1000:
         return f"{k} {v:,.0f}"
+    if 0 < abs(v) < 0.01:
+        return f"{k} {v:.3e}"
     return f"{k} {v:.4f}"
 
 

@@ -23,13 +23,14 @@ from .data import DataError, TokenLoader, get_tokenizer, open_split, resolve_dat
 from .data.tokenizer import STOP_TOKENS
 from .distributed import device_type, init_distributed, shutdown
 from .generate import generate
-from .metrics import MetricsLogger, Timer, init_logging, logger, memory_stats
+from .metrics import MetricsLogger, Timer, expert_load_stats, init_logging, logger, memory_stats, peak_tflops
 from .model import FLAVORS, ModelArgs, Transformer
 from .model.moe import load_balancing_loss
 from .optim import build_lr_scheduler, build_optimizer
 from .parallel import ParallelDims, parallelize
 from .parallel.dry_run import dry_run, is_dry_run
 from .parallel.grad import clip_grad_norm_
+from .profiling import Profiler
 
 
 def model_args_for(cfg: JobConfig) -> ModelArgs:
@@ -171,8 +172,7 @@ class Trainer:
         out = {"loss": float(ce_total) / n_targets, "lr": lr, "grad_norm": float(grad_norm), "data_time_s": data_time}
         if coef > 0:
             out["aux_loss"] = aux_total
-        loads = counts_total.float()  # [L, E]
-        out["expert_load_cv"] = float((loads.std(-1) / loads.mean(-1).clamp(min=1e-9)).mean())
+        out.update(expert_load_stats(counts_total))  # [L, E] tokens per expert, whole global batch
         return out
 
     @torch.no_grad()
@@ -216,23 +216,35 @@ class Trainer:
     def train(self) -> None:
         cfg, t = self.cfg, self.cfg.training
         self.model.train()
-        timer = Timer()
-        tokens_since = 0
         flops_per_token = self.model_args.flops_per_token(t.seq_len)
+        peak, source = peak_tflops(self.device, t.mixed_precision_param, cfg.metrics.peak_tflops)
+        if self.world_size > 1:  # one peak for all ranks (a measured one varies with the neighbours' load)
+            peak_t = torch.tensor(peak, dtype=torch.float64, device=self.device)
+            dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
+            peak = float(peak_t)
+        logger.info(f"MFU against {peak:.3f} TFLOP/s per device ({source}); {flops_per_token / 1e9:.3f} GFLOP/token")
+        profiler = Profiler(cfg.profiling, self.dump, self.rank, self.step, self.device)
+        timer = Timer()
+        tokens_since, steps_since, data_time = 0, 0, 0.0
         while self.step < t.steps:
             self.step += 1
             stats = self.train_step()
+            profiler.step()
             step_tokens = self.global_bs * t.seq_len
             self.tokens_seen += step_tokens
             tokens_since += step_tokens
+            steps_since += 1
+            data_time += stats.pop("data_time_s")
             last = self.step == t.steps
             if self.step == 1 or self.step % cfg.metrics.log_freq == 0 or last:
                 dt = timer.lap()
                 tps = tokens_since / dt
-                tokens_since = 0
+                tflops = flops_per_token * tps / self.world_size / 1e12
                 stats.update(tokens_per_s=tps, tokens_per_s_per_device=tps / self.world_size,
-                             tflops_per_device=flops_per_token * tps / self.world_size / 1e12,
+                             tflops_per_device=tflops, mfu_pct=100 * tflops / peak,
+                             data_time_s=data_time / steps_since, data_time_pct=100 * data_time / dt,
                              tokens_seen=self.tokens_seen, **memory_stats(self.device))
+                tokens_since, steps_since, data_time = 0, 0, 0.0
                 if not math.isfinite(stats["loss"]):
                     raise FloatingPointError(f"loss is {stats['loss']} at step {self.step}")
                 self.metrics.log(self.step, stats)
@@ -243,6 +255,7 @@ class Trainer:
                 logger.info(f"sample at step {self.step}: {self.sample_text()!r}")
                 timer.lap()
             self.checkpoint.maybe_save(self.step, last)
+        profiler.close()
         self.checkpoint.close()  # waits for the save in flight
         self.metrics.close()
 

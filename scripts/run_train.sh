@@ -6,7 +6,8 @@
 #
 # Environment:
 #   CONFIG_FILE  TOML config (default train_configs/debug_model.toml)
-#   NGPU         processes on this node (default: visible CUDA GPUs, else 1 CPU process)
+#   NGPU         processes on this node (default: visible CUDA GPUs, else 1 CPU process); more than
+#                the GPUs present is an error; on CPU each process gets nproc / NGPU threads
 #   LOG_RANK     ranks whose output reaches the console, comma separated (default 0)
 #   MASTER_PORT  rendezvous port on localhost (default 29500)
 #   COMM_MODE    fake_backend: one process builds the meshes and applies every pass for NGPU ranks
@@ -28,8 +29,12 @@ if ! python -c "import torch; import sys; sys.exit(0 if torch.cuda.is_available(
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / NGPU > 0 ? cores / NGPU : 1 ))}
 fi
 
-# Check the config and data paths first: a bad value is one line and exit 2, not a torchrun trace.
+# Check the config, data paths, process count and port first: a bad value is one line and exit 2,
+# not a torchrun trace.
 python -m gptoss_titan.config --config "${CONFIG_FILE}" "$@"
+if [ "${COMM_MODE:-}" != "fake_backend" ]; then
+  python -m gptoss_titan.launch --nproc "${NGPU}" --port "${MASTER_PORT}"
+fi
 
 if [ "${COMM_MODE:-}" = "fake_backend" ]; then
   exec env WORLD_SIZE="${NGPU}" RANK=0 LOCAL_RANK=0 COMM_MODE=fake_backend \

@@ -1,0 +1,67 @@
+"""Pre-launch checks for scripts/run_train.sh and scripts/multinode_trainer.slurm.
+
+  python -m gptoss_titan.launch --nproc N [--port P] [--host H]
+
+Exit 2 with one line when N processes per node ask for more GPUs than this node has, or when
+the rendezvous port is already taken (checked only where it will be opened: the local host or
+the head node). Prints nothing and exits 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import socket
+import sys
+
+
+class LaunchError(ValueError):
+    pass
+
+
+def check_nproc(nproc: int) -> None:
+    import torch
+
+    if nproc < 1:
+        raise LaunchError(f"NGPU = {nproc} must be >= 1")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise LaunchError(
+            f"NGPU = {nproc} but this node has {torch.cuda.device_count()} GPUs; set NGPU={torch.cuda.device_count()} "
+            "or less (on CPU-only nodes NGPU is the number of processes)"
+        )
+
+
+def check_port(port: int, host: str = "") -> None:
+    if not 0 < port < 65536:
+        raise LaunchError(f"port {port} is not a TCP port; pick one in 1024-65535")
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise LaunchError(
+                    f"rendezvous port {port} is in use on {host or 'this host'}; "
+                    f"pick another, e.g. MASTER_PORT={port + 1} (RDZV_PORT under SLURM)"
+                ) from None
+            if e.errno != errno.EADDRNOTAVAIL:  # not an address of this host: checked on the head node
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, required=True)
+    p.add_argument("--port", type=int)
+    p.add_argument("--host", default="")
+    a = p.parse_args(argv)
+    try:
+        check_nproc(a.nproc)
+        if a.port is not None:
+            check_port(a.port, a.host)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
