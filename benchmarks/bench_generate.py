@@ -45,24 +45,34 @@ def main() -> None:
     def run_ours() -> torch.Tensor:
         return generate(ours, prompt, a.new)
 
+    def run_ours_compiled() -> torch.Tensor:
+        return generate(ours, prompt, a.new, compile=True)
+
     def run_theirs() -> torch.Tensor:
         with torch.no_grad():
             return theirs.generate(prompt, max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False,
                                    eos_token_id=None, pad_token_id=0)
 
-    same = torch.equal(run_ours(), run_theirs())
-    t_ours, t_theirs = [], []
+    ref = run_theirs()
+    same = torch.equal(run_ours(), ref)
+    t0 = time.perf_counter()
+    same_compiled = torch.equal(run_ours_compiled(), ref)  # includes the one-time compile
+    compile_s = time.perf_counter() - t0
+    times: dict[str, list[float]] = {"ours": [], "ours compiled": [], "transformers": []}
+    fns = {"ours": run_ours, "ours compiled": run_ours_compiled, "transformers": run_theirs}
     for _ in range(a.repeats):
-        for fn, acc in ((run_ours, t_ours), (run_theirs, t_theirs)):
+        for name, fn in fns.items():
             t = time.perf_counter()
             fn()
-            acc.append(time.perf_counter() - t)
-    o, h = statistics.median(t_ours), statistics.median(t_theirs)
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{a.flavor}: prompt {a.prompt_len}, {a.new} new tokens, fp32, {torch.get_num_threads()} threads; "
-          f"outputs equal: {same}")
-    print(f"ours         {a.new / o:8.1f} tokens/s (prefill + decode)")
-    print(f"transformers {a.new / h:8.1f} tokens/s")
-    print(f"ratio ours / transformers: {h / o:.2f}x")
+          f"outputs equal to transformers: eager {same}, compiled {same_compiled}")
+    for name, t in med.items():
+        print(f"{name:14s} {a.new / t:8.1f} tokens/s (prefill + decode)")
+    print(f"ratio ours / transformers: {med['transformers'] / med['ours']:.2f}x; "
+          f"compiled: {med['transformers'] / med['ours compiled']:.2f}x "
+          f"(after a one-time compile + first run of {compile_s:.0f} s)")
 
 
 if __name__ == "__main__":

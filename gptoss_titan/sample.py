@@ -48,6 +48,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the harmony chat format")
     p.add_argument("--output_json", help="also write the generated token ids here")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (one process): a one-time compile, then a faster step")
     return p.parse_args(argv)
 
 
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(text[printed[0]:], end="", flush=True)
                 printed[0] = len(text)
 
-    out = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, stops, on_token=show)
+    out = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, stops, on_token=show,
+                   compile=a.compile)
     if rank == 0:
         if stream:
             print()

@@ -6,14 +6,26 @@ A sink is one learned logit per query head, S_h, appended to every score row as 
 (not scaled, not rotated, position-free). Softmax runs over the row plus that column and the sink
 column is dropped, so the kept weights sum to 1 - p_sink.
 
-`sink_attention` is the training path: SDPA with a float mask and one extra all-zero key/value
-column whose mask entry is S_h. Its score is q . 0 + S_h = S_h and its value contributes nothing,
-so the result is exact, the sink gradient flows through the mask, and it runs forward and
-backward on CPU (flex_attention has no CPU backward). `reference_attention` spells out the math
-for tests.
+The sink as a rescale: with O and lse the attention output and log-sum-exp over the keys alone,
+the output with the sink column is O * sigmoid(lse - S_h) (the kept weights are scaled by
+Z / (Z + e^S_h)). That lets fused kernels that never materialize scores compute it exactly:
+
+- `flash_sink_attention` (training path): the fused CPU flash-attention kernels for forward and
+  backward, with the sink's rescale and its gradient in a custom autograd function. Full layers
+  use the causal kernel (no mask, O(T^2) compute and O(T) memory); sliding layers cut the
+  queries into blocks of `window` that attend to their own and the previous key block with one
+  shared [W, 2W] mask: O(T x W) compute and memory.
+- `flex_sink_attention` (CUDA): flex_attention with a causal / sliding block mask and its
+  differentiable log-sum-exp; the same rescale.
+- `sink_attention`: SDPA with a float mask [N, T, S+1] and one extra all-zero key whose mask
+  entry is S_h (exact; for prefill against a KV cache with arbitrary positions).
+
+`reference_attention` spells out the math for tests.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -95,3 +107,130 @@ def decode_attention(
     probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]  # [B, G, R, T, S]
     out = probs.reshape(B, G, R * T, S) @ v  # [B, G, R*T, D]
     return out.view(B, N, T, D)
+
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+# The fused CPU kernels wrapped as custom ops: torch.compile and per-op activation checkpointing
+# see one opaque op (with its own backward) instead of tracing into the kernels.
+@torch.library.custom_op("gptoss_titan::flash_sink", mutates_args=())
+def flash_sink_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, causal: bool,
+                  mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out = flash(q, k, v) * gate, gate = sigmoid(lse - sink); also returns lse and gate [B, N, T] fp32.
+    q [B, N, T, D], k/v [B, G, S, D] (GQA native in the kernel)."""
+    o, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)  # lse [B, N, T] fp32
+    lse = lse.contiguous()
+    gate = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # share of the real keys
+    return (o * gate.unsqueeze(-1).to(o.dtype)).contiguous(), lse, gate
+
+
+@flash_sink_op.register_fake
+def _(q, k, v, sinks, causal, mask, scale):
+    B, N, T, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, N, T), dtype=torch.float32), q.new_empty((B, N, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("gptoss_titan::flash_sink_backward", mutates_args=())
+def flash_sink_backward_op(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                           lse: torch.Tensor, gate: torch.Tensor, sinks: torch.Tensor, causal: bool,
+                           mask: torch.Tensor | None, scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The flash backward with grad_out * gate and the final `out` as its output argument gives the
+    exact gradients with the sink column: its row term rowsum(grad_in * out_arg) becomes
+    gate x rowsum(g * out), which the extra softmax entry requires. d sink = -sum (1 - gate) rowsum(g * out)."""
+    g = g.contiguous()
+    g_in = g * gate.unsqueeze(-1).to(g.dtype)
+    dq, dk, dv = _FLASH_CPU_BWD(g_in, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+    row = (g.float() * out.float()).sum(-1)  # [B, N, T]
+    dsink = -((1 - gate) * row).sum(dim=(0, 2)).to(sinks.dtype)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsink
+
+
+@flash_sink_backward_op.register_fake
+def _(g, q, k, v, out, lse, gate, sinks, causal, mask, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), sinks.new_empty(sinks.shape)
+
+
+def _flash_setup(ctx, inputs, output) -> None:
+    q, k, v, sinks, causal, mask, scale = inputs
+    out, lse, gate = output
+    ctx.save_for_backward(q, k, v, out, lse, gate, sinks, mask)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _flash_backward(ctx, g, _g_lse, _g_gate):
+    q, k, v, out, lse, gate, sinks, mask = ctx.saved_tensors
+    dq, dk, dv, dsink = flash_sink_backward_op(g, q, k, v, out, lse, gate, sinks, ctx.causal, mask, ctx.scale)
+    return dq, dk, dv, dsink, None, None, None
+
+
+flash_sink_op.register_autograd(_flash_backward, setup_context=_flash_setup)
+
+
+def _window_block_mask(W: int, nb: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive [nb, 1, W, 2W]: query i of a block sees key j of (previous block, this block) iff
+    i < j <= i + W, i.e. positions pos - W < key <= pos; block 0 has no previous block."""
+    i = torch.arange(W, device=device).unsqueeze(1)
+    j = torch.arange(2 * W, device=device).unsqueeze(0)
+    allowed = ((j > i) & (j <= i + W)).expand(nb, 1, W, 2 * W).clone()
+    allowed[0, :, :, :W] = False
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
+def flash_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                         window: int | None) -> torch.Tensor:
+    """Causal (optionally sliding) GQA with sinks, q [B, N, T, D], k/v [B, G, T, D] -> [B, N, T, D],
+    on the fused CPU flash kernels (any dtype they take: fp32, bf16, fp16)."""
+    B, N, T, D = q.shape
+    G = k.shape[1]
+    scale = D**-0.5
+    if window is None or T <= window:  # every key in reach: plain causal
+        return flash_sink_op(q, k, v, sinks, True, None, scale)[0]
+    W = window
+    nb = math.ceil(T / W)
+    pad = nb * W - T
+    qb = F.pad(q, (0, 0, 0, pad)).view(B, N, nb, W, D).transpose(1, 2).reshape(B * nb, N, W, D)
+
+    def key_blocks(x: torch.Tensor) -> torch.Tensor:  # [B, G, T, D] -> [B * nb, G, 2W, D]
+        x = F.pad(x, (0, 0, W, pad))  # one empty block in front, tail padding at the end
+        x = x.unfold(2, 2 * W, W)  # [B, G, nb, D, 2W] (a view: block b = keys of blocks b-1 and b)
+        return x.permute(0, 2, 1, 4, 3).reshape(B * nb, G, 2 * W, D)
+
+    mask = _window_block_mask(W, nb, q.dtype, q.device).repeat(B, 1, 1, 1)  # [B * nb, 1, W, 2W]
+    out = flash_sink_op(qb, key_blocks(k), key_blocks(v), sinks, False, mask, scale)[0]  # [B*nb, N, W, D]
+    return out.view(B, nb, N, W, D).transpose(1, 2).reshape(B, N, nb * W, D)[:, :, :T]
+
+
+def flex_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                        window: int | None) -> torch.Tensor:
+    """The CUDA path: flex_attention (compiled on GPU) with a causal or sliding block mask and its
+    differentiable log-sum-exp, then the sink rescale. Same shapes as `flash_sink_attention`."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+
+    B, N, T, D = q.shape
+    G = k.shape[1]
+
+    def visible(b, h, qi, kj):
+        ok = kj <= qi
+        if window is not None:
+            ok = ok & (kj > qi - window)
+        return ok
+
+    block_mask = create_block_mask(visible, None, None, T, T, device=q.device)
+    out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=D**-0.5, enable_gqa=G != N,
+                              return_aux=AuxRequest(lse=True))
+    gate = torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1))  # [B, N, T]
+    return out * gate.unsqueeze(-1).to(out.dtype)
+
+
+def training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                       window: int | None) -> torch.Tensor:
+    """The attention used in training and full-sequence forwards, by device: fused flash kernels on
+    CPU, flex_attention on CUDA, the exact masked SDPA elsewhere."""
+    if q.device.type == "cpu":
+        return flash_sink_attention(q, k, v, sinks, window)
+    if q.device.type == "cuda":
+        return flex_sink_attention(q, k, v, sinks, window)
+    return sink_attention(q, k, v, sinks, window)

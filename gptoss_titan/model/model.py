@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .args import ModelArgs
-from .attention import decode_attention, position_mask, sink_attention
+from .attention import decode_attention, position_mask, sink_attention, training_attention
 from .init import init_param, init_spec
 from .kv_cache import KVCache, LayerCache
 from .loss import fused_linear_cross_entropy
@@ -96,7 +96,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = sink_attention(q, k, v, self.sinks, self.window)  # [B, N, T, D]
+            out = training_attention(q, k, v, self.sinks, self.window)  # [B, N, T, D]
         elif T == 1:  # one decode step: attend to views of the cache, masked by absolute positions
             k, v, k_pos = cache.append_one(k, v, int(positions[0]))  # [B, G, S, D], [S]
             out = decode_attention(q, k, v, self.sinks, position_mask(positions, k_pos, self.window))

@@ -29,7 +29,10 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def _save_list() -> set:
-    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    import gptoss_titan.model.attention  # noqa: F401  (registers gptoss_titan::flash_sink)
+
+    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.gptoss_titan.flash_sink.default}
     for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "_grouped_mm"):
         if hasattr(torch.ops.aten, name):

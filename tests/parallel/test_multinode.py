@@ -59,7 +59,8 @@ def test_two_torchrun_nodes_on_loopback(data, single_node, tmp_path):
         subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                           "--nproc_per_node=1", "--rdzv_id=loopback", "--rdzv_backend=c10d",
                           f"--rdzv_endpoint=127.0.0.1:{port}", "-m", "gptoss_titan.train",
-                          "--config", "train_configs/debug_model.toml", *overrides(data, tmp_path / "run")],
+                          "--config", "train_configs/debug_model.toml", *overrides(data, tmp_path / "run"),
+                          "--metrics.rank_0_only=false"],
                          cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for node in (0, 1)
     ]
@@ -67,6 +68,10 @@ def test_two_torchrun_nodes_on_loopback(data, single_node, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "2 x cpu" in outs[0] + outs[1]  # one world of two processes across the two "nodes"
     assert losses(tmp_path / "run") == pytest.approx(single_node, rel=1e-6)
+    # every rank writes its own TensorBoard folder and jsonl when asked to
+    assert list((tmp_path / "run" / "tb" / "rank_1").glob("events.out.tfevents.*"))
+    assert losses(tmp_path / "run") == [json.loads(x)["loss"] for x in
+                                        (tmp_path / "run" / "metrics_rank_1.jsonl").read_text().splitlines()]
 
 
 def slurm_missing() -> str:
