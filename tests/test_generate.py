@@ -56,6 +56,7 @@ def test_static_decode_step_equals_full_recomputation(compiled):
     torch.manual_seed(1)
     seq = torch.randint(0, args.vocab_size, (2, 24))
     step = torch.compile(decode_step, fullgraph=True, dynamic=False) if compiled else decode_step
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch.no_grad():
         full = m(seq)  # [B, T, V]
         cache = m.new_cache(2, 24)
@@ -67,7 +68,7 @@ def test_static_decode_step_equals_full_recomputation(compiled):
     torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=1e-5)
     assert [c.shape[2] for c in static.k] == [4, 24, 4]  # the sliding layers keep the window only
     if compiled:  # one graph for every step: no recompilation as the position moves
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
 
 
 def test_generate_compiled_equals_eager():
