@@ -10,7 +10,8 @@ Rows (each the best of --repeats, forward + backward of all inputs, sinks includ
 - dense-masked sliding: SDPA with the full [N, T, T+1] float mask carrying the window and sinks
   (the exact "mask everything" equivalent);
 - transformers-style eager: scores, mask, sink column with cat, softmax, drop, weight V.
-Default shapes are gpt-oss's attention (64 query heads, 8 kv heads, head dim 64, window 128).
+Default shapes are one kv group of gpt-oss's attention (8 query heads sharing 1 kv head, head dim
+64, window 128); the dense-masked rows need O(N T^2) memory (about 0.5 GiB per query head at T 4096).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=64)
-    p.add_argument("--kv_heads", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv_heads", type=int, default=1)
     p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--repeats", type=int, default=3)

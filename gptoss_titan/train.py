@@ -23,7 +23,16 @@ from .data import DataError, TokenLoader, get_tokenizer, open_split, resolve_dat
 from .data.tokenizer import STOP_TOKENS
 from .distributed import device_type, init_distributed, shutdown
 from .generate import generate
-from .metrics import MetricsLogger, Timer, expert_load_stats, init_logging, logger, memory_stats, peak_tflops
+from .metrics import (
+    MetricsLogger,
+    Timer,
+    expert_load_stats,
+    init_logging,
+    logger,
+    measure_matmul_tflops,
+    memory_stats,
+    peak_tflops,
+)
 from .model import FLAVORS, ModelArgs, Transformer
 from .model.moe import load_balancing_loss
 from .optim import build_lr_scheduler, build_optimizer
@@ -223,6 +232,11 @@ class Trainer:
             dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
             peak = float(peak_t)
         logger.info(f"MFU against {peak:.3f} TFLOP/s per device ({source}); {flops_per_token / 1e9:.3f} GFLOP/token")
+        if self.device.type == "cpu" and t.mixed_precision_param == "bfloat16":
+            fp32 = measure_matmul_tflops(self.device, torch.float32)
+            if fp32 > 2 * peak:
+                logger.info(f"warning: bf16 matmuls run at {peak * 1e3:.1f} GFLOP/s on this CPU, fp32 at "
+                            f"{fp32 * 1e3:.1f} (no native bf16): --training.mixed_precision_param=float32 is faster")
         profiler = Profiler(cfg.profiling, self.dump, self.rank, self.step, self.device)
         timer = Timer()
         tokens_since, steps_since, data_time = 0, 0, 0.0

@@ -96,11 +96,15 @@ class ModelArgs:
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs (forward + backward) per token at sequence length seq_len.
 
-        6 x active matmul parameters (the embedding is a lookup, not a matmul) plus attention:
-        QK^T and PV cost 2 x 2 x N x D per visible key forward, x3 for forward + backward.
-        Window-aware: sliding layers count at most `sliding_window` keys per query.
+        6 x the matmul weights a token uses (q/k/v/o, router, its K experts, lm_head; the embedding
+        is a lookup, biases and norms are not matmuls) plus attention: QK^T and PV cost 2 x 2 x N x D
+        per visible key forward, x3 for forward + backward. Window-aware: sliding layers count at
+        most `sliding_window` keys per query.
         """
-        dense = 6 * (self.num_active_params() - self.vocab_size * self.dim)
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        expert = 3 * self.dim * self.moe_inter_dim  # gate_up [H, 2I] + down [I, H]
+        per_layer = 2 * self.dim * q + 2 * self.dim * kv + self.dim * self.num_experts + self.top_k * expert
+        dense = 6 * (self.n_layers * per_layer + self.vocab_size * self.dim)
         qd = self.n_heads * self.head_dim
         attn = sum(12 * qd * self.avg_visible_keys(seq_len, i) for i in range(self.n_layers))
         return float(dense + attn)

@@ -25,6 +25,7 @@ Z / (Z + e^S_h)). That lets fused kernels that never materialize scores compute 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -203,14 +204,10 @@ def flash_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink
     return out.view(B, nb, N, W, D).transpose(1, 2).reshape(B, N, nb * W, D)[:, :, :T]
 
 
-def flex_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-                        window: int | None) -> torch.Tensor:
-    """The CUDA path: flex_attention (compiled on GPU) with a causal or sliding block mask and its
-    differentiable log-sum-exp, then the sink rescale. Same shapes as `flash_sink_attention`."""
-    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
-
-    B, N, T, D = q.shape
-    G = k.shape[1]
+@functools.lru_cache(maxsize=16)
+def _flex_block_mask(T: int, window: int | None, device: str):
+    """The causal or sliding block mask for T queries over T keys, built once per shape."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def visible(b, h, qi, kj):
         ok = kj <= qi
@@ -218,9 +215,29 @@ def flex_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
             ok = ok & (kj > qi - window)
         return ok
 
-    block_mask = create_block_mask(visible, None, None, T, T, device=q.device)
-    out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=D**-0.5, enable_gqa=G != N,
-                              return_aux=AuxRequest(lse=True))
+    return create_block_mask(visible, None, None, T, T, device=device)
+
+
+@functools.cache
+def _flex_kernel(device_type: str):
+    """flex_attention compiled on GPU (its fused kernel); eager elsewhere (CPU forward, for tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+
+
+def flex_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                        window: int | None) -> torch.Tensor:
+    """The CUDA path: flex_attention (compiled) with a causal or sliding block mask, so sliding
+    layers skip the blocks outside the window, and its differentiable log-sum-exp; then the sink
+    rescale. Same shapes as `flash_sink_attention`."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    B, N, T, D = q.shape
+    G = k.shape[1]
+    block_mask = _flex_block_mask(T, window, str(q.device))
+    out, aux = _flex_kernel(q.device.type)(q, k, v, block_mask=block_mask, scale=D**-0.5, enable_gqa=G != N,
+                                           return_aux=AuxRequest(lse=True))
     gate = torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1))  # [B, N, T]
     return out * gate.unsqueeze(-1).to(out.dtype)
 

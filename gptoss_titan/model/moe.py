@@ -64,13 +64,15 @@ def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_
     """x [R, in] sorted by expert, w [E, in, out], counts [E] -> [R, out]; row r uses its expert's w.
 
     Grouped matmul when it works and there are at least as many rows as experts; otherwise (no
-    kernel, or decoding a few tokens) one matmul per expert that has rows.
+    kernel, or decoding a few tokens) one matmul per expert that has rows. (On CPU the two cost
+    the same within noise in a training step: 664 vs 687 ms at 8 experts, 877 vs 874 at 64.)
     """
     if use_grouped_mm and x.shape[0] >= counts.numel():
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E] end row of each expert
         return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs))
     chunks = torch.split(x, counts.tolist(), dim=0)  # host sync for the split sizes
-    out = [c @ w[e] if c.shape[0] else c.new_empty(0, w.shape[-1]) for e, c in enumerate(chunks)]
+    # unbind, not w[e]: its backward stacks the E gradients once instead of E full-size zero tensors
+    out = [c @ we if c.shape[0] else c.new_empty(0, w.shape[-1]) for c, we in zip(chunks, w.unbind(0))]
     return torch.cat(out, dim=0)
 
 

@@ -39,7 +39,15 @@ def test_flops_are_window_aware():
     assert a.avg_visible_keys(4096, 0) < a.avg_visible_keys(4096, 1)
     assert a.avg_visible_keys(128, 0) == a.avg_visible_keys(128, 1) == 129 / 2
     assert a.avg_visible_keys(4096, 0) == (128 * 129 / 2 + (4096 - 128) * 128) / 4096
-    dense = 6 * (a.num_active_params() - a.vocab_size * a.dim)
+    # 6 x the matmul weights of one token, counted from the model itself: every weight matrix except
+    # the embedding (biases are not matmuls), experts scaled by K / E
+    with torch.device("meta"):
+        m = Transformer(a)
+    w = sum(p.numel() * (a.top_k / a.num_experts if "experts.w_" in n else 1)
+            for n, p in m.named_parameters()
+            if (n.endswith(".weight") and p.dim() == 2 or "experts.w_" in n) and "tok_embeddings" not in n)
+    dense = 6 * w
+    assert dense > 6 * a.vocab_size * a.dim  # the lm_head is in
     f = a.flops_per_token(4096)
     attn = 12 * 64 * 64 * (12 * a.avg_visible_keys(4096, 0) + 12 * a.avg_visible_keys(4096, 1))
     assert f == dense + attn
