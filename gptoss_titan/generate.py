@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .model import Transformer
-from .model.decode import StaticCache, decode_step
+from .model.decode import decode_step
 
 _compiled_step = None
 
@@ -64,7 +64,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
     and broadcasts each token, so all ranks see the same tokens and stop together.
     on_token(next_ids [B]) is called after each step (for streaming output).
 
-    Decoding: an unsharded model decodes with `model.decode.decode_step` on a static cache (one
+    Decoding: an unsharded model decodes with `model.decode.decode_step` (static shapes, one
     graph for every step; compile=True runs it through torch.compile, which pays a one-time
     compile of tens of seconds for a several-fold faster step). A sharded model (FSDP / expert
     parallel) decodes through its own forward, whose hooks gather the parameters.
@@ -77,11 +77,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
     seq = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     logits = model(prompt, cache=cache, start_pos=0)[:, -1] if use_cache else model(prompt)[:, -1]
-    static = None
-    if use_cache and not _is_sharded(model):
-        static = StaticCache(model, prompt.shape[0], total, dtype=cache.layers[0].k.dtype)
-        static.fill_from(model, cache)
-        step = _decode_fn(compile)
+    step = _decode_fn(compile) if use_cache and not _is_sharded(model) else None
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, gen)  # [B]
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -95,9 +91,9 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
                 break
         if seq.shape[1] == total:
             break
-        if static is not None:
+        if step is not None:  # the static-shape step on the same cache the prefill filled
             pos = torch.tensor(seq.shape[1] - 1, device=seq.device)
-            logits = step(model, nxt.unsqueeze(1), pos, static)
+            logits = step(model, nxt.unsqueeze(1), pos, cache)
         elif use_cache:
             logits = model(nxt.unsqueeze(1), cache=cache, start_pos=seq.shape[1] - 1)[:, -1]
         else:

@@ -49,7 +49,7 @@ def test_generate_cached_equals_uncached_and_seeded_sampling():
 def test_static_decode_step_equals_full_recomputation(compiled):
     """The static-shape decode step (eager and torch.compile'd) gives the full forward's logits at
     every position, well past the window, for a batch of 2 with K = 2 of 4 experts per row."""
-    from gptoss_titan.model.decode import StaticCache, decode_step
+    from gptoss_titan.model.decode import decode_step
 
     args = tiny_args(n_layers=3, sliding_window=4, max_seq_len=64)
     m = build(args).eval()
@@ -61,12 +61,10 @@ def test_static_decode_step_equals_full_recomputation(compiled):
         full = m(seq)  # [B, T, V]
         cache = m.new_cache(2, 24)
         got = [m(seq[:, :5], cache=cache, start_pos=0)]
-        static = StaticCache(m, 2, 24)
-        static.fill_from(m, cache)
         for t in range(5, 24):
-            got.append(step(m, seq[:, t : t + 1], torch.tensor(t), static).unsqueeze(1))
+            got.append(step(m, seq[:, t : t + 1], torch.tensor(t), cache).unsqueeze(1))
     torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=1e-5)
-    assert [c.shape[2] for c in static.k] == [4, 24, 4]  # the sliding layers keep the window only
+    assert [c.k.shape[2] for c in cache.layers] == [4, 24, 4]  # the sliding layers keep the window only
     if compiled:  # one graph for every step: no recompilation as the position moves
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
 
