@@ -89,3 +89,17 @@ def test_metrics_tensorboard_and_profiler_trace(tmp_path):
 def test_profiling_and_peak_config_errors(flag, needle):
     with pytest.raises(ConfigError, match=needle.replace("+", r"\+")):
         parse_args(["--data.dataset=kjv", flag])
+
+
+def test_slow_cpu_bf16_warning(monkeypatch, caplog):
+    """The trainer warns when bf16 matmuls are far slower than fp32 (CPUs without native bf16)."""
+    import gptoss_titan.train as train
+
+    rates = {torch.float32: 0.15, torch.bfloat16: 0.001}
+    monkeypatch.setattr(train, "measure_matmul_tflops", lambda device, dtype, **kw: rates[dtype])
+    monkeypatch.setattr(train.logger, "propagate", True)
+    with caplog.at_level("INFO", logger="gptoss_titan"):
+        assert train.warn_slow_cpu_bf16(torch.device("cpu"))
+    assert "mixed_precision_param=float32 is faster" in caplog.text
+    rates[torch.bfloat16] = 0.3  # native bf16: no warning
+    assert not train.warn_slow_cpu_bf16(torch.device("cpu"))
