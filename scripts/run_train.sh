@@ -17,13 +17,12 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 CONFIG_FILE=${CONFIG_FILE:-"./train_configs/debug_model.toml"}
-if [ -z "${NGPU:-}" ]; then
-  NGPU=$(python -c "import torch; print(torch.cuda.device_count() or 1)")
-fi
+GPUS=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+NGPU=${NGPU:-$(( GPUS > 0 ? GPUS : 1 ))}
 LOG_RANK=${LOG_RANK:-0}
 MASTER_PORT=${MASTER_PORT:-29500}
 
-if ! python -c "import torch; import sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+if [ "${GPUS}" -eq 0 ]; then
   # CPU: split the cores between the processes so they do not oversubscribe.
   cores=$(nproc)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / NGPU > 0 ? cores / NGPU : 1 ))}
