@@ -119,18 +119,20 @@ _FLASH_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_back
 @torch.library.custom_op("gptoss_titan::flash_sink", mutates_args=())
 def flash_sink_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, causal: bool,
                   mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """out = flash(q, k, v) * gate, gate = sigmoid(lse - sink); also returns lse and gate [B, N, T] fp32.
+    """out = flash(q, k, v) * gate, gate = sigmoid(lse - sink); also returns lse and gate [B, N, T]
+    (fp32, fp64 for fp64 inputs).
     q [B, N, T, D], k/v [B, G, S, D] (GQA native in the kernel)."""
-    o, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)  # lse [B, N, T] fp32
+    o, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)  # lse [B, N, T], >= fp32
     lse = lse.contiguous()
-    gate = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # share of the real keys
+    gate = torch.sigmoid(lse - sinks.to(lse.dtype).view(1, -1, 1))  # share of the real keys
     return (o * gate.unsqueeze(-1).to(o.dtype)).contiguous(), lse, gate
 
 
 @flash_sink_op.register_fake
 def _(q, k, v, sinks, causal, mask, scale):
     B, N, T, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, N, T), dtype=torch.float32), q.new_empty((B, N, T), dtype=torch.float32)
+    acc = torch.promote_types(q.dtype, torch.float32)  # the kernel's lse: fp32, or fp64 for fp64 inputs
+    return q.new_empty(q.shape), q.new_empty((B, N, T), dtype=acc), q.new_empty((B, N, T), dtype=acc)
 
 
 @torch.library.custom_op("gptoss_titan::flash_sink_backward", mutates_args=())
@@ -144,7 +146,7 @@ def flash_sink_backward_op(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     g = g.contiguous()
     g_in = g * gate.unsqueeze(-1).to(g.dtype)
     dq, dk, dv = _FLASH_CPU_BWD(g_in, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
-    row = (g.float() * out.float()).sum(-1)  # [B, N, T]
+    row = (g.to(gate.dtype) * out.to(gate.dtype)).sum(-1)  # [B, N, T], in the lse's precision
     dsink = -((1 - gate) * row).sum(dim=(0, 2)).to(sinks.dtype)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsink
 
@@ -238,7 +240,7 @@ def flex_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks
     block_mask = _flex_block_mask(T, window, str(q.device))
     out, aux = _flex_kernel(q.device.type)(q, k, v, block_mask=block_mask, scale=D**-0.5, enable_gqa=G != N,
                                            return_aux=AuxRequest(lse=True))
-    gate = torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1))  # [B, N, T]
+    gate = torch.sigmoid(aux.lse - sinks.to(aux.lse.dtype).view(1, -1, 1))  # [B, N, T]
     return out * gate.unsqueeze(-1).to(out.dtype)
 
 
