@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .args import ModelArgs
+from .expert_mm import expert_linear
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -60,20 +61,32 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     return bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2))
 
 
-def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_grouped_mm: bool) -> torch.Tensor:
-    """x [R, in] sorted by expert, w [E, in, out], counts [E] -> [R, out]; row r uses its expert's w.
+def _kernel(x: torch.Tensor) -> str:
+    """CPU: "expert_linear" (expert_mm.py). Elsewhere "grouped_mm" where it runs, else "loop"."""
+    if x.device.type == "cpu":
+        return "expert_linear"
+    return "grouped_mm" if grouped_mm_works(x.device.type, x.dtype) else "loop"
 
-    Grouped matmul when it works and there are at least as many rows as experts; otherwise (no
-    kernel, or decoding a few tokens) one matmul per expert that has rows. (On CPU the two cost
-    the same within noise in a training step: 664 vs 687 ms at 8 experts, 877 vs 874 at 64.)
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, counts: torch.Tensor,
+                    kernel: str) -> torch.Tensor:
+    """x [R, in] sorted by expert, w [E, in, out], b [E, out], counts [E] -> [R, out]; row r uses its expert's w, b.
+
+    kernel "expert_linear": one addmm per expert inside a custom op (the CPU path); "grouped_mm":
+    one grouped matmul (needs at least as many rows as experts, else the loop); "loop": one
+    matmul per expert that has rows (no kernel, or decoding a few tokens).
     """
-    if use_grouped_mm and x.shape[0] >= counts.numel():
+    if kernel == "expert_linear":
+        return expert_linear(x, w, b, counts)
+    expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts,
+                                            output_size=x.shape[0])  # [R]
+    if kernel == "grouped_mm" and x.shape[0] >= counts.numel():
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E] end row of each expert
-        return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs))
+        return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs)) + b[expert_of_row]
     chunks = torch.split(x, counts.tolist(), dim=0)  # host sync for the split sizes
     # unbind, not w[e]: its backward stacks the E gradients once instead of E full-size zero tensors
     out = [c @ we if c.shape[0] else c.new_empty(0, w.shape[-1]) for c, we in zip(chunks, w.unbind(0))]
-    return torch.cat(out, dim=0)
+    return torch.cat(out, dim=0) + b[expert_of_row]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -106,13 +119,10 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware
             dt = torch.get_autocast_dtype(x.device.type)
             x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
-        use_gmm = grouped_mm_works(x.device.type, x.dtype)
-        expert_of_row = torch.repeat_interleave(
-            torch.arange(counts.numel(), device=x.device), counts, output_size=x.shape[0]
-        )  # [R]
-        u = _grouped_linear(x, w1, counts, use_gmm) + b1[expert_of_row]  # [R, 2I]
+        kernel = _kernel(x)
+        u = _grouped_linear(x, w1, b1, counts, kernel)  # [R, 2I]
         z = clamped_swiglu(u, self.limit, self.alpha)  # [R, I]
-        return _grouped_linear(z, w2, counts, use_gmm) + b2[expert_of_row]  # [R, H]
+        return _grouped_linear(z, w2, b2, counts, kernel)  # [R, H]
 
 
 class Router(nn.Module):

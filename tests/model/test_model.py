@@ -170,22 +170,48 @@ def test_moe_matches_per_token_loop(top_k):
     assert counts.sum() == 18 * top_k
 
 
-def test_grouped_mm_and_loop_agree():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_expert_kernels_agree(dtype):
+    """The CPU op, the grouped matmul and the loop equal a per-row reference, forward and backward
+    (x, w and bias), with an expert that gets no rows (its weight and bias gradients are zero)."""
     with torch.no_grad():  # the probe must not depend on the caller's grad mode
         assert grouped_mm_works("cpu", torch.float32), "torch._grouped_mm should work on CPU in torch >= 2.9"
     from gptoss_titan.model.moe import _grouped_linear
 
     torch.manual_seed(0)
-    x = torch.randn(10, 16, requires_grad=True)
-    w = torch.randn(4, 16, 8, requires_grad=True)
     counts = torch.tensor([3, 0, 5, 2])  # includes an empty expert
-    a = _grouped_linear(x, w, counts, True)
-    b = _grouped_linear(x, w, counts, False)
-    torch.testing.assert_close(a, b)
-    ga = torch.autograd.grad(a.sum(), [x, w])
-    gb = torch.autograd.grad(b.sum(), [x, w])
-    for p, q in zip(ga, gb):
-        torch.testing.assert_close(p, q)
+    x = torch.randn(10, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 16, 8, dtype=dtype, requires_grad=True)
+    b = torch.randn(4, 8, dtype=dtype, requires_grad=True)
+    expert = torch.repeat_interleave(torch.arange(4), counts)
+    ref = torch.stack([x[r] @ w[expert[r]] + b[expert[r]] for r in range(10)])
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, [x, w, b], g)
+    kernels = ["expert_linear", "loop"] + (["grouped_mm"] if dtype == torch.float32 else [])
+    for kernel in kernels:
+        out = _grouped_linear(x, w, b, counts, kernel)
+        torch.testing.assert_close(out, ref, msg=kernel)
+        got = torch.autograd.grad(out, [x, w, b], g)
+        for name, p, q in zip("xwb", got, want):
+            torch.testing.assert_close(p, q, msg=f"{kernel} d{name}")
+    assert got[1][1].eq(0).all() and got[2][1].eq(0).all()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_expert_linear_custom_op_registration(bias):
+    """Fake kernels, autograd registration and schema agree with the real ops (torch.compile needs them)."""
+    from gptoss_titan.model.expert_mm import expert_linear, expert_linear_wgrad
+
+    torch.manual_seed(0)
+    counts = torch.tensor([4, 0, 7, 5])
+    x, g = torch.randn(16, 12, requires_grad=True), torch.randn(16, 6)
+    w = torch.randn(4, 12, 6, requires_grad=True)
+    b = torch.randn(4, 6, requires_grad=True) if bias else None
+    torch.library.opcheck(expert_linear, (x, w, b, counts))
+    torch.library.opcheck(expert_linear_wgrad, (x.detach(), g, counts))
+    with torch.inference_mode():  # generation runs the op in inference mode
+        y = expert_linear(x, w, b, counts)
+    torch.testing.assert_close(y, expert_linear(x, w, b, counts).detach())
 
 
 def test_swiglu_clamps():
