@@ -172,9 +172,11 @@ class Transformer(nn.Module):
                 layer.moe.router.expert_bias.zero_()
         self.init_buffers(buffer_device)
         # Probe the grouped-matmul kernel now, not during a forward (where activation checkpointing
-        # would record the probe's ops in the first pass but not in the recomputation).
-        for dtype in (torch.float32, torch.bfloat16):
-            grouped_mm_works(self.rope_cos.device.type, dtype)
+        # would record the probe's ops in the first pass but not in the recomputation). CPU does
+        # not use it (moe._kernel).
+        if self.rope_cos.device.type != "cpu":
+            for dtype in (torch.float32, torch.bfloat16):
+                grouped_mm_works(self.rope_cos.device.type, dtype)
 
     @torch.no_grad()
     def init_buffers(self, device: torch.device | str | None = None) -> None:

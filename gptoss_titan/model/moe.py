@@ -4,7 +4,8 @@ Shape legend: M tokens (B x T flattened), H hidden, E experts, K experts per tok
 I expert intermediate size, R = M x K routed rows.
 
 Only routed tokens are computed: the R = M x K (token, expert) pairs are sorted by expert, each
-expert multiplies its contiguous slice (one grouped matmul, or a loop fallback), and the results
+expert multiplies its contiguous slice (on CPU one GEMM per expert in a custom op, expert_mm.py;
+elsewhere one grouped matmul, or a loop fallback), and the results
 are weighted and summed back per token. Expert parallelism (parallel/expert_parallel.py) wraps
 `GroupedExperts.forward`, which sees only sorted rows and per-expert counts.
 """
@@ -69,17 +70,18 @@ def _kernel(x: torch.Tensor) -> str:
 
 
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, counts: torch.Tensor,
-                    kernel: str) -> torch.Tensor:
+                    kernel: str, expert_of_row: torch.Tensor | None = None) -> torch.Tensor:
     """x [R, in] sorted by expert, w [E, in, out], b [E, out], counts [E] -> [R, out]; row r uses its expert's w, b.
 
     kernel "expert_linear": one addmm per expert inside a custom op (the CPU path); "grouped_mm":
     one grouped matmul (needs at least as many rows as experts, else the loop); "loop": one
-    matmul per expert that has rows (no kernel, or decoding a few tokens).
+    matmul per expert that has rows (no kernel, or decoding a few tokens). The last two add the
+    bias through `expert_of_row` [R] (computed here when not given).
     """
     if kernel == "expert_linear":
         return expert_linear(x, w, b, counts)
-    expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts,
-                                            output_size=x.shape[0])  # [R]
+    if expert_of_row is None:
+        expert_of_row = _expert_of_row(counts, x.shape[0])
     if kernel == "grouped_mm" and x.shape[0] >= counts.numel():
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E] end row of each expert
         return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs)) + b[expert_of_row]
@@ -87,6 +89,11 @@ def _grouped_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, counts: t
     # unbind, not w[e]: its backward stacks the E gradients once instead of E full-size zero tensors
     out = [c @ we if c.shape[0] else c.new_empty(0, w.shape[-1]) for c, we in zip(chunks, w.unbind(0))]
     return torch.cat(out, dim=0) + b[expert_of_row]
+
+
+def _expert_of_row(counts: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """[R] the expert of each sorted row."""
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=n_rows)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -116,13 +123,14 @@ class GroupedExperts(nn.Module):
         """x [R, H] rows sorted by expert; counts [E] rows per expert (sum R) -> [R, H]."""
         # Under expert parallelism the parameters are DTensors sharded by expert: use the local experts.
         w1, b1, w2, b2 = (_local(t) for t in (self.w_gate_up, self.b_gate_up, self.w_down, self.b_down))
-        if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware
+        if torch.is_autocast_enabled(x.device.type):  # grouped_mm and the CPU op are not autocast-aware
             dt = torch.get_autocast_dtype(x.device.type)
             x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
         kernel = _kernel(x)
-        u = _grouped_linear(x, w1, b1, counts, kernel)  # [R, 2I]
+        rows = None if kernel == "expert_linear" else _expert_of_row(counts, x.shape[0])  # once for both
+        u = _grouped_linear(x, w1, b1, counts, kernel, rows)  # [R, 2I]
         z = clamped_swiglu(u, self.limit, self.alpha)  # [R, I]
-        return _grouped_linear(z, w2, b2, counts, kernel)  # [R, H]
+        return _grouped_linear(z, w2, b2, counts, kernel, rows)  # [R, H]
 
 
 class Router(nn.Module):
