@@ -2,11 +2,16 @@
 """MoE scaling: a training step (forward + backward + AdamW) with E experts vs 8, same active size.
 
   python benchmarks/bench_moe.py [--experts 64] [--flavor bench] [--batch 4] [--seq 512] [--steps 8]
+                                 [--no_keep_freed] [--no_blas_batch]
 
 Two copies of the flavor that differ only in the number of experts (top-k and expert size equal,
 so every token does the same work) train alternately on the same batches in one process; the
 median step times, their ratio and the split forward+backward / optimizer are printed. Compute
 tracks the active parameters; AdamW necessarily touches every parameter.
+
+As in the trainer on CPU, malloc keeps freed memory (training.cpu_keep_freed_memory;
+--no_keep_freed turns that off) and many small experts run as one batched BLAS call
+(model/blas_batch.py; --no_blas_batch keeps the loop of GEMMs).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import time
 
 import torch
 
-from gptoss_titan.model import FLAVORS, Transformer
+from gptoss_titan.distributed import keep_freed_cpu_memory
+from gptoss_titan.model import FLAVORS, Transformer, blas_batch
 
 
 def main() -> None:
@@ -28,7 +34,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--no_keep_freed", action="store_true", help="leave glibc malloc's defaults")
+    p.add_argument("--no_blas_batch", action="store_true", help="a loop of GEMMs for the experts")
     a = p.parse_args()
+    kept = not a.no_keep_freed and keep_freed_cpu_memory()
+    if a.no_blas_batch:
+        blas_batch.worth_batching = lambda n_experts, n_rows: False
     base = FLAVORS[a.flavor]
     models = {}
     for e in (base.num_experts, a.experts):
@@ -49,7 +60,8 @@ def main() -> None:
             if i > 0:  # the first step is a warm-up
                 times[e]["fwd_bwd"].append(t1 - t0)
                 times[e]["opt"].append(t2 - t1)
-    print(f"{a.flavor} flavor, top {base.top_k}, batch {a.batch} x {a.seq}, fp32, {torch.get_num_threads()} threads")
+    print(f"{a.flavor} flavor, top {base.top_k}, batch {a.batch} x {a.seq}, fp32, {torch.get_num_threads()} threads; "
+          f"malloc keeps freed memory: {kept}; batched expert GEMMs: {not a.no_blas_batch and blas_batch.available(torch.float32)}")
     med = {}
     for e, (m, _) in models.items():
         fb, op = statistics.median(times[e]["fwd_bwd"]), statistics.median(times[e]["opt"])

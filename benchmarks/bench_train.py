@@ -2,7 +2,7 @@
 """Training speed: our model vs transformers' GptOssForCausalLM, side by side in one process.
 
   python benchmarks/bench_train.py [--flavor bench] [--dtype fp32|bf16] [--batch 4] [--seq 512]
-                                   [--steps 8] [--num_experts N] [--memory] [--no_trainer]
+                                   [--steps 8] [--num_experts N] [--memory] [--no_trainer] [--keep_freed]
 
 Both models get the same weights (through our Hugging Face mapping) and the same batches; each
 step is forward + backward + AdamW (the same fused AdamW for both). The models run alternately,
@@ -17,6 +17,11 @@ fp32 master weights, the loss in fp32), and ours with bf16 weights too.
 (the peak is reset after the build and a first step) and how much the steps add on top of the
 model + optimizer state.
 --num_experts: change the number of experts (top-k and expert size unchanged: same active size).
+--keep_freed: malloc keeps freed memory for reuse, as our trainer does by default on CPU
+(training.cpu_keep_freed_memory). It is process-wide, so it applies to both models; without it
+(the default here, how transformers runs out of the box) our trainer row runs with it off too.
+It speeds transformers up far more than us (its eager attention allocates score matrices above
+glibc's 32 MiB mmap threshold, which page-fault in on every step): see benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from gptoss_titan.distributed import keep_freed_cpu_memory
 from gptoss_titan.metrics import measure_matmul_tflops
 from gptoss_titan.model import FLAVORS, ModelArgs, Transformer
 from gptoss_titan.model.hf import hf_config, to_hf
@@ -49,6 +55,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--num_experts", type=int, default=0)
     p.add_argument("--memory", action="store_true")
     p.add_argument("--no_trainer", action="store_true")
+    p.add_argument("--keep_freed", action="store_true", help="malloc keeps freed memory (both models)")
     p.add_argument("--only", choices=("ours", "theirs"), help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -128,6 +135,7 @@ def trainer_step(a: argparse.Namespace, tmp: Path):
     argv = [f"--model.flavor={a.flavor}", f"--data.dataset_path={data}", f"--job.dump_folder={tmp / 'run'}",
             f"--training.seq_len={a.seq}", f"--training.local_batch_size={a.batch}", "--validation.enable=false",
             "--metrics.enable_tensorboard=false", "--training.steps=1000",
+            f"--training.cpu_keep_freed_memory={str(a.keep_freed).lower()}",
             f"--training.mixed_precision_param={'bfloat16' if a.dtype == 'bf16' else 'float32'}"]
     logging.getLogger("gptoss_titan").setLevel(logging.WARNING)
     tr = Trainer(parse_args(argv))
@@ -166,6 +174,7 @@ def memory_child(a: argparse.Namespace) -> None:
 
 def main() -> None:
     a = parse()
+    kept = a.keep_freed and keep_freed_cpu_memory()
     if a.only:
         memory_child(a)
         return
@@ -194,7 +203,7 @@ def main() -> None:
     flops = args.flops_per_token(a.seq)
     ntok = a.batch * a.seq
     print(f"{a.flavor} flavor ({args.num_experts} experts, top {args.top_k}), batch {a.batch} x {a.seq}, "
-          f"{a.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"{a.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, malloc keeps freed memory: {kept}; "
           "matmul peak " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in peaks.items()) + " GFLOP/s (measured)")
     print("first-step loss: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
     print(f"{'':20s}{'step ms':>10s}{'tokens/s':>10s}{'GFLOP/s':>10s}{'% peak':>8s}")
@@ -209,7 +218,7 @@ def main() -> None:
             print(f"ratio {name} / transformers: {med['theirs'] / med[name]:.2f}x")
     if a.memory:
         base = [sys.executable, __file__, f"--flavor={a.flavor}", f"--dtype={a.dtype}", f"--batch={a.batch}",
-                f"--seq={a.seq}", f"--num_experts={a.num_experts}"]
+                f"--seq={a.seq}", f"--num_experts={a.num_experts}"] + (["--keep_freed"] if a.keep_freed else [])
         for who in ("ours", "theirs"):
             r = subprocess.run(base + [f"--only={who}"], capture_output=True, text=True, check=True)
             m = json.loads(r.stdout.strip().splitlines()[-1])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
+import platform
 from datetime import timedelta
 
 import torch
@@ -13,6 +15,25 @@ import torch.distributed as dist
 def device_type() -> str:
     """CUDA when present, else CPU (gloo)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc malloc keep freed memory for reuse, as a caching allocator does (CPU training).
+
+    By default glibc returns every block above its mmap threshold (at most 32 MiB) to the kernel
+    when it is freed, so each step's fresh gradients and activations page-fault in again (the
+    kernel zeroes every page): measured 150-200 ms of system time per step of the 64-expert bench
+    model. Raising the mmap and trim thresholds keeps them in the heap; the resident size then
+    stays at its peak, like CUDA's caching allocator. Returns False where libc is not glibc.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
 def init_distributed(timeout_seconds: int = 300) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from .checkpoint import CheckpointError, CheckpointManager
 from .config import ConfigError, JobConfig, help_text, parse_args
 from .data import DataError, TokenLoader, get_tokenizer, open_split, resolve_dataset
 from .data.tokenizer import STOP_TOKENS
-from .distributed import device_type, init_distributed, shutdown
+from .distributed import device_type, init_distributed, keep_freed_cpu_memory, shutdown
 from .generate import generate
 from .metrics import (
     MetricsLogger,
@@ -63,6 +63,8 @@ class Trainer:
         init_logging(self.rank)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
+        if self.device.type == "cpu" and t.cpu_keep_freed_memory and not keep_freed_cpu_memory():
+            logger.info("training.cpu_keep_freed_memory: not glibc, left the allocator as it is")
 
         # Batch layout: global = local x dp x accumulation steps.
         global_bs = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * self.dp_degree

@@ -160,3 +160,43 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
     assert list(tmp_path.iterdir()) == []
     h = subprocess.run([sys.executable, "-m", "gptoss_titan.train", "--help"], capture_output=True, text=True)
     assert h.returncode == 0 and "--training.local_batch_size" in h.stdout
+
+
+_MALLOC = """
+import ctypes, sys, torch
+from gptoss_titan.distributed import keep_freed_cpu_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "keep":
+    assert keep_freed_cpu_memory()
+buf = torch.empty(16 << 20).fill_(1.0)  # 64 MiB, above glibc's largest default mmap threshold (32 MiB)
+mmapped = libc.mallinfo2().hblkhd
+del buf
+print(mmapped >> 20, libc.mallinfo2().fordblks >> 20)
+"""
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_trainer_applies_keep_freed_on_cpu(tmp_path, monkeypatch, keep):
+    import gptoss_titan.train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module, "keep_freed_cpu_memory", lambda: calls.append(1) or True)
+    Trainer(parse_args(argv_for(tmp_path, f"--training.cpu_keep_freed_memory={str(keep).lower()}")))
+    assert len(calls) == int(keep)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc tuning")
+def test_keep_freed_cpu_memory_keeps_big_blocks_in_the_heap():
+    """training.cpu_keep_freed_memory (default on CPU): a 64 MiB block comes from malloc's heap and
+    stays there, free for reuse, after it is freed; with glibc's defaults it is mmapped and given
+    back to the kernel, so its pages fault in (and are zeroed) again on every step."""
+    got = {}
+    for mode in ("default", "keep"):
+        r = subprocess.run([sys.executable, "-c", _MALLOC, mode], capture_output=True, text=True, check=True)
+        got[mode] = [int(v) for v in r.stdout.split()]  # [MiB mmapped while alive, MiB free in the heap after]
+    assert got["default"][0] >= 64 and got["default"][1] < 64, got
+    assert got["keep"][0] < 64 and got["keep"][1] >= 64, got

@@ -170,10 +170,17 @@ def test_moe_matches_per_token_loop(top_k):
     assert counts.sum() == 18 * top_k
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["gemm_loop", "blas_batch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_expert_kernels_agree(dtype):
-    """The CPU op, the grouped matmul and the loop equal a per-row reference, forward and backward
-    (x, w and bias), with an expert that gets no rows (its weight and bias gradients are zero)."""
+def test_expert_kernels_agree(dtype, batched, monkeypatch):
+    """The CPU op (its loop of GEMMs and its one batched BLAS call), the grouped matmul and the loop
+    equal a per-row reference, forward and backward (x, w and bias), with an expert that gets no
+    rows (its weight and bias gradients are zero)."""
+    from gptoss_titan.model import blas_batch
+
+    if batched and not blas_batch.available(dtype):
+        pytest.skip("no batched BLAS in this PyTorch build (MKL on x86-64 Linux has it)")
+    monkeypatch.setattr(blas_batch, "worth_batching", lambda n_experts, n_rows: batched)
     with torch.no_grad():  # the probe must not depend on the caller's grad mode
         assert grouped_mm_works("cpu", torch.float32), "torch._grouped_mm should work on CPU in torch >= 2.9"
     from gptoss_titan.model.moe import _grouped_linear
@@ -197,10 +204,14 @@ def test_expert_kernels_agree(dtype):
     assert got[1][1].eq(0).all() and got[2][1].eq(0).all()
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["gemm_loop", "blas_batch"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_expert_linear_custom_op_registration(bias):
+def test_expert_linear_custom_op_registration(bias, batched, monkeypatch):
     """Fake kernels, autograd registration and schema agree with the real ops (torch.compile needs them)."""
+    from gptoss_titan.model import blas_batch
     from gptoss_titan.model.expert_mm import expert_linear, expert_linear_wgrad
+
+    monkeypatch.setattr(blas_batch, "worth_batching", lambda n_experts, n_rows: batched)
 
     torch.manual_seed(0)
     counts = torch.tensor([4, 0, 7, 5])
