@@ -6,7 +6,7 @@ thread at a time, instead of splitting every small GEMM across all threads (whic
 of `torch.mm` does). Measured 2026-11-24 on 2 cores, 64 experts x ~64 rows of a 256 -> 512
 matrix with uneven routing, forward + both backward GEMMs: 35 ms vs 50 ms for the loop; at 8
 experts x ~512 rows the loop is as fast or faster (27 vs 29 ms), so callers choose by rows per
-expert (`worth_batching`).
+expert (`worth_batching`; `GPTOSS_TITAN_BLAS_BATCH=force` batches any expert count, for tests).
 
 Where the library has no such symbol (ARM, macOS, other BLAS) or the dtype is not fp32/fp64,
 `available()` is False and callers keep their loop. `GPTOSS_TITAN_BLAS_BATCH=0` turns it off.
@@ -60,6 +60,8 @@ def available(dtype: torch.dtype) -> bool:
 
 def worth_batching(n_experts: int, n_rows: int) -> bool:
     """Many experts with few rows each: there the batch beats a loop of multithreaded GEMMs."""
+    if os.environ.get("GPTOSS_TITAN_BLAS_BATCH") == "force":
+        return True
     return n_experts >= _MIN_EXPERTS and n_rows < _MAX_MEAN_ROWS * n_experts
 
 

@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(tmp: Path, name: str, nproc: int, *overrides: str, batch: int = 4) -> dict:
+def run(tmp: Path, name: str, nproc: int, *overrides: str, batch: int = 4, env: dict | None = None) -> dict:
     data = tmp.parent / "data"
     if not data.exists():
         synthetic_data(data, vocab=201088)
@@ -40,7 +40,7 @@ def run(tmp: Path, name: str, nproc: int, *overrides: str, batch: int = 4) -> di
             f"--training.steps={STEPS}", "--training.seq_len=32", f"--training.local_batch_size={batch // nproc}",
             "--metrics.log_freq=1", "--validation.enable=false", "--lr_scheduler.warmup_steps=2",
             "--optimizer.lr=1e-3", "--optimizer.eps=1e-6", f"--job.dump_folder={tmp / name}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp.parent / "inductor")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp.parent / "inductor"), **(env or {})}
     if nproc == 1:
         cmd = [sys.executable, *args]
     else:
@@ -93,6 +93,18 @@ CASES = {
 def test_equals_one_process(case, reference, workdir):
     nproc, overrides = CASES[case]
     assert_same(reference, run(workdir, case, nproc, *overrides))
+
+
+def test_batched_expert_gemms_equal_one_process(reference, workdir):
+    """FSDP x2 + EP 2 with every expert op as one batched BLAS call (forced: the debug flavor's 8
+    experts would take the loop) trains like one process with the loop."""
+    from gptoss_titan.model import blas_batch
+
+    if not blas_batch.available(torch.float32):
+        pytest.skip("no batched BLAS in this PyTorch build (MKL on x86-64 Linux has it)")
+    got = run(workdir, "fsdp2_ep2_blas_batch", 2, "--parallelism.expert_parallel_degree=2",
+              env={"GPTOSS_TITAN_BLAS_BATCH": "force"})
+    assert_same(reference, got)
 
 
 def test_fsdp3_uneven_expert_shards(workdir):
