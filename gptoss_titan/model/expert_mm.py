@@ -60,15 +60,16 @@ def _rows(counts: torch.Tensor):
 @torch.library.custom_op("gptoss_titan::expert_linear", mutates_args=())
 def expert_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
     """x [R, in] sorted by expert, w [E, in, out], b [E, out] or None, counts [E] -> [R, out]."""
-    y = x.new_empty(x.shape[0], w.shape[-1])
     if _batched(x, w.dtype, counts, w.shape[-1]):
         x, w = _strided(x), _strided(w)
-        if b is not None:  # y starts as each row's bias, the GEMMs accumulate onto it
-            y = torch.repeat_interleave(b, counts, dim=0, output_size=x.shape[0])
+        # y starts as each row's bias and the GEMMs accumulate onto it; without a bias it is only written
+        y = x.new_empty(x.shape[0], w.shape[-1]) if b is None else \
+            torch.repeat_interleave(b, counts, dim=0, output_size=x.shape[0])
         first = torch.cumsum(counts, 0) - counts
         blas_batch.gemm_batch([(counts, w.shape[2], w.shape[1], _mat(x, first), _experts(w), _mat(y, first))],
                               beta=0.0 if b is None else 1.0)
         return y
+    y = x.new_empty(x.shape[0], w.shape[-1])
     for e, r0, r1 in _rows(counts):
         if r1 == r0:
             continue
@@ -93,7 +94,7 @@ def expert_linear_wgrad(x: torch.Tensor, g: torch.Tensor, counts: torch.Tensor) 
     if _batched(x, g.dtype, counts, g.shape[1]):
         x, g = _strided(x), _strided(g)
         first = torch.cumsum(counts, 0) - counts
-        ones = x.new_ones(1, max(x.shape[0], 1))  # db[e] = ones[1, n_e] @ g_e
+        ones = x.new_ones(1, x.shape[0])  # db[e] = ones[1, n_e] @ g_e
         x_t = Mat(x, first * x.stride(0), x.stride(1), x.stride(0))  # x_e^T [in, n_e]
         blas_batch.gemm_batch([(x.shape[1], g.shape[1], counts, x_t, _mat(g, first), _experts(dw)),
                                (1, g.shape[1], counts, Mat(ones, torch.zeros(E, dtype=torch.int64), ones.shape[1], 1),
