@@ -54,17 +54,23 @@ def main() -> None:
     v = torch.randn(a.batch, a.kv_heads, a.seq, a.head_dim, generator=g).to(dt)
     s = torch.randn(a.heads, generator=g).to(dt)
     with torch.no_grad():  # the paths agree before they are timed
-        err = (flash_sink_attention(q, k, v, s, a.window).float() - sink_attention(q, k, v, s, a.window).float())
+        err = (
+            flash_sink_attention(q, k, v, s, a.window).float() - sink_attention(q, k, v, s, a.window).float()
+        )
     rows = {
         "ours sliding (blocked flash)": timed(flash_sink_attention, q, k, v, s, a.window, a.repeats),
         "ours full causal (flash)": timed(flash_sink_attention, q, k, v, s, None, a.repeats),
         "dense-masked sliding (SDPA)": timed(sink_attention, q, k, v, s, a.window, a.repeats),
     }
     if not a.no_eager:
-        rows["eager sliding (transformers-style)"] = timed(reference_attention, q, k, v, s, a.window, a.repeats)
-    print(f"attention fwd+bwd, batch {a.batch}, T {a.seq}, window {a.window}, {a.heads} heads / {a.kv_heads} kv, "
-          f"head dim {a.head_dim}, {a.dtype}, {torch.get_num_threads()} threads; "
-          f"max |ours - masked| = {err.abs().max().item():.2e}")
+        rows["eager sliding (transformers-style)"] = timed(
+            reference_attention, q, k, v, s, a.window, a.repeats
+        )
+    print(
+        f"attention fwd+bwd, batch {a.batch}, T {a.seq}, window {a.window}, {a.heads} heads / {a.kv_heads} kv, "
+        f"head dim {a.head_dim}, {a.dtype}, {torch.get_num_threads()} threads; "
+        f"max |ours - masked| = {err.abs().max().item():.2e}"
+    )
     base = rows["ours sliding (blocked flash)"]
     for name, t in rows.items():
         print(f"{name:36s}{t * 1e3:10.1f} ms  {t / base:6.1f}x ours sliding")

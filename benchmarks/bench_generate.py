@@ -38,7 +38,9 @@ def main() -> None:
     ours.init_weights(seed=0)
     ours.eval()
     cfg = transformers.GptOssConfig(**hf_config(args, "float32"))
-    theirs = transformers.GptOssForCausalLM._from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
+    theirs = transformers.GptOssForCausalLM._from_config(
+        cfg, attn_implementation="eager", dtype=torch.float32
+    ).eval()
     theirs.load_state_dict(to_hf(ours.state_dict(), args))
     prompt = torch.randint(0, min(args.vocab_size, 199990), (1, a.prompt_len))
 
@@ -50,8 +52,14 @@ def main() -> None:
 
     def run_theirs() -> torch.Tensor:
         with torch.no_grad():
-            return theirs.generate(prompt, max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)
+            return theirs.generate(
+                prompt,
+                max_new_tokens=a.new,
+                min_new_tokens=a.new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
 
     ref = run_theirs()
     same = torch.equal(run_ours(), ref)
@@ -66,13 +74,17 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{a.flavor}: prompt {a.prompt_len}, {a.new} new tokens, fp32, {torch.get_num_threads()} threads; "
-          f"outputs equal to transformers: eager {same}, compiled {same_compiled}")
+    print(
+        f"{a.flavor}: prompt {a.prompt_len}, {a.new} new tokens, fp32, {torch.get_num_threads()} threads; "
+        f"outputs equal to transformers: eager {same}, compiled {same_compiled}"
+    )
     for name, t in med.items():
         print(f"{name:14s} {a.new / t:8.1f} tokens/s (prefill + decode)")
-    print(f"ratio ours / transformers: {med['transformers'] / med['ours']:.2f}x; "
-          f"compiled: {med['transformers'] / med['ours compiled']:.2f}x "
-          f"(after a one-time compile + first run of {compile_s:.0f} s)")
+    print(
+        f"ratio ours / transformers: {med['transformers'] / med['ours']:.2f}x; "
+        f"compiled: {med['transformers'] / med['ours compiled']:.2f}x "
+        f"(after a one-time compile + first run of {compile_s:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -11,21 +11,21 @@ tracks the active parameters; AdamW necessarily touches every parameter.
 
 As in the trainer on CPU, malloc keeps freed memory (training.cpu_keep_freed_memory;
 --no_keep_freed turns that off) and many small experts run as one batched BLAS call
-(model/blas_batch.py; --no_blas_batch keeps the loop of GEMMs).
+(model.expert_kernel "auto" -> "batched", model/blas_batch.py; --no_blas_batch keeps the loop of GEMMs).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import time
 
 import torch
 
 from gptoss_titan.distributed import keep_freed_cpu_memory
-from gptoss_titan.model import FLAVORS, Transformer, blas_batch
+from gptoss_titan.model import FLAVORS, Transformer
+from gptoss_titan.model.moe import resolve_expert_kernel
 
 
 def main() -> None:
@@ -39,17 +39,22 @@ def main() -> None:
     p.add_argument("--no_blas_batch", action="store_true", help="a loop of GEMMs for the experts")
     a = p.parse_args()
     kept = not a.no_keep_freed and keep_freed_cpu_memory()
-    if a.no_blas_batch:
-        os.environ["GPTOSS_TITAN_BLAS_BATCH"] = "0"  # the documented switch, read at first use
     base = FLAVORS[a.flavor]
-    models = {}
+    models, kernels = {}, {}
     for e in (base.num_experts, a.experts):
         m = Transformer(dataclasses.replace(base, num_experts=e))
         m.init_weights(seed=0)
+        rows = a.batch * a.seq * base.top_k
+        kernels[e] = (
+            "loop" if a.no_blas_batch else resolve_expert_kernel("auto", "cpu", torch.float32, e, rows)[0]
+        )
+        m.set_expert_kernel(kernels[e])
         models[e] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True))
     times = {e: {"fwd_bwd": [], "opt": []} for e in models}
     for i in range(a.steps):
-        tokens = torch.randint(0, base.vocab_size, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(i))
+        tokens = torch.randint(
+            0, base.vocab_size, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(i)
+        )
         for e, (m, opt) in models.items():
             t0 = time.perf_counter()
             ce_sum, _, _ = m(tokens[:, :-1], tokens[:, 1:])
@@ -61,15 +66,19 @@ def main() -> None:
             if i > 0:  # the first step is a warm-up
                 times[e]["fwd_bwd"].append(t1 - t0)
                 times[e]["opt"].append(t2 - t1)
-    print(f"{a.flavor} flavor, top {base.top_k}, batch {a.batch} x {a.seq}, fp32, {torch.get_num_threads()} threads; "
-          f"malloc keeps freed memory: {kept}; batched expert GEMMs: {blas_batch.available(torch.float32)}")
+    print(
+        f"{a.flavor} flavor, top {base.top_k}, batch {a.batch} x {a.seq}, fp32, {torch.get_num_threads()} threads; "
+        f"malloc keeps freed memory: {kept}; expert kernels: {kernels}"
+    )
     med = {}
     for e, (m, _) in models.items():
         fb, op = statistics.median(times[e]["fwd_bwd"]), statistics.median(times[e]["opt"])
         med[e] = fb + op
         n = sum(x.numel() for x in m.parameters())
-        print(f"{e:3d} experts ({n / 1e6:6.1f}M params): step {med[e] * 1e3:7.1f} ms = forward+backward "
-              f"{fb * 1e3:7.1f} + AdamW {op * 1e3:6.1f}")
+        print(
+            f"{e:3d} experts ({n / 1e6:6.1f}M params): step {med[e] * 1e3:7.1f} ms = forward+backward "
+            f"{fb * 1e3:7.1f} + AdamW {op * 1e3:6.1f}"
+        )
     small, big = base.num_experts, a.experts
     print(f"step time {big} / {small} experts: {med[big] / med[small]:.3f}x")
 

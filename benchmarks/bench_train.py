@@ -43,6 +43,7 @@ from gptoss_titan.distributed import keep_freed_cpu_memory
 from gptoss_titan.metrics import measure_matmul_tflops
 from gptoss_titan.model import FLAVORS, ModelArgs, Transformer
 from gptoss_titan.model.hf import hf_config, to_hf
+from gptoss_titan.model.moe import resolve_expert_kernel
 
 
 def parse() -> argparse.Namespace:
@@ -73,6 +74,8 @@ def build(a: argparse.Namespace, args: ModelArgs):
     ours = Transformer(args)
     ours.init_weights(seed=0)
     dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    kernel, _ = resolve_expert_kernel("auto", "cpu", dt, args.num_experts, a.batch * a.seq * args.top_k)
+    ours.set_expert_kernel(kernel)  # as the trainer chooses
     cfg = transformers.GptOssConfig(**hf_config(args, "bfloat16" if a.dtype == "bf16" else "float32"))
     theirs = transformers.GptOssForCausalLM._from_config(cfg, attn_implementation="eager", dtype=dt)
     theirs.load_state_dict(to_hf(ours.state_dict(), args))
@@ -81,11 +84,13 @@ def build(a: argparse.Namespace, args: ModelArgs):
         ours_w = Transformer(args)
         ours_w.load_state_dict(ours.state_dict())
         ours_w.to(torch.bfloat16)
+        ours_w.set_expert_kernel(kernel)
     return ours, ours_w, theirs
 
 
 def make_steps(a: argparse.Namespace, args: ModelArgs, ours, ours_w, theirs):
     """name -> a function(tokens) running one optimizer step, returning the loss."""
+
     def adamw(m):
         return torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
 
@@ -111,7 +116,11 @@ def make_steps(a: argparse.Namespace, args: ModelArgs, ours, ours_w, theirs):
         opts["theirs"].zero_grad(set_to_none=True)
         return float(out.loss)
 
-    steps = {name: fn for name, fn, m in (("ours", ours_step, ours), ("theirs", theirs_step, theirs)) if m is not None}
+    steps = {
+        name: fn
+        for name, fn, m in (("ours", ours_step, ours), ("theirs", theirs_step, theirs))
+        if m is not None
+    }
     if ours_w is not None:
         opt_w = adamw(ours_w)
         steps["ours_bf16_weights"] = lambda t: ours_step(t, ours_w, opt_w, False)
@@ -132,17 +141,24 @@ def trainer_step(a: argparse.Namespace, tmp: Path):
     for split in ("train", "val"):
         rng.integers(0, args.vocab_size, 200_000, dtype=np.uint32).tofile(data / f"{split}.bin")
     (data / "meta.json").write_text(json.dumps({"tokenizer": "synthetic", "vocab_size": args.vocab_size}))
-    argv = [f"--model.flavor={a.flavor}", f"--data.dataset_path={data}", f"--job.dump_folder={tmp / 'run'}",
-            f"--training.seq_len={a.seq}", f"--training.local_batch_size={a.batch}", "--validation.enable=false",
-            "--metrics.enable_tensorboard=false", "--training.steps=1000",
-            f"--training.cpu_keep_freed_memory={str(a.keep_freed).lower()}",
-            f"--training.mixed_precision_param={'bfloat16' if a.dtype == 'bf16' else 'float32'}"]
+    argv = [
+        f"--model.flavor={a.flavor}",
+        f"--data.dataset_path={data}",
+        f"--job.dump_folder={tmp / 'run'}",
+        f"--training.seq_len={a.seq}",
+        f"--training.local_batch_size={a.batch}",
+        "--validation.enable=false",
+        "--metrics.enable_tensorboard=false",
+        "--training.steps=1000",
+        f"--training.cpu_keep_freed_memory={str(a.keep_freed).lower()}",
+        f"--training.mixed_precision_param={'bfloat16' if a.dtype == 'bf16' else 'float32'}",
+    ]
     logging.getLogger("gptoss_titan").setLevel(logging.WARNING)
     tr = Trainer(parse_args(argv))
     if a.num_experts:
         raise SystemExit("--num_experts with the trainer: add --no_trainer")
     tr.model.train()
-    return lambda _tokens: tr.train_step()["loss"]
+    return lambda _tokens: float(tr.train_step().loss)
 
 
 def _status_gib(field: str) -> float:
@@ -193,7 +209,9 @@ def main() -> None:
     if a.dtype == "bf16":
         peaks["bf16"] = measure_matmul_tflops(cpu, torch.bfloat16)
     peak = max(peaks.values())
-    first = {name: fn(tokens[0]) for name, fn in steps.items()}  # warm-up 1 (and a sanity check of the losses)
+    first = {
+        name: fn(tokens[0]) for name, fn in steps.items()
+    }  # warm-up 1 (and a sanity check of the losses)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(1, a.steps):
         for name, fn in steps.items():
@@ -202,28 +220,41 @@ def main() -> None:
             times[name].append(time.perf_counter() - t)
     flops = args.flops_per_token(a.seq)
     ntok = a.batch * a.seq
-    print(f"{a.flavor} flavor ({args.num_experts} experts, top {args.top_k}), batch {a.batch} x {a.seq}, "
-          f"{a.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, malloc keeps freed memory: {kept}; "
-          "matmul peak " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in peaks.items()) + " GFLOP/s (measured)")
+    print(
+        f"{a.flavor} flavor ({args.num_experts} experts, top {args.top_k}), batch {a.batch} x {a.seq}, "
+        f"{a.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, malloc keeps freed memory: {kept}; "
+        "matmul peak " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in peaks.items()) + " GFLOP/s (measured)"
+    )
     print("first-step loss: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items()))
     print(f"{'':20s}{'step ms':>10s}{'tokens/s':>10s}{'GFLOP/s':>10s}{'% peak':>8s}")
     med = {}
     for name, ts in times.items():
         med[name] = statistics.median(ts[1:] if len(ts) > 2 else ts)
         tps = ntok / med[name]
-        print(f"{name:20s}{med[name] * 1e3:10.1f}{tps:10.0f}{flops * tps / 1e9:10.1f}"
-              f"{100 * flops * tps / (peak * 1e12):8.1f}")
+        print(
+            f"{name:20s}{med[name] * 1e3:10.1f}{tps:10.0f}{flops * tps / 1e9:10.1f}"
+            f"{100 * flops * tps / (peak * 1e12):8.1f}"
+        )
     for name in med:
         if name != "theirs":
             print(f"ratio {name} / transformers: {med['theirs'] / med[name]:.2f}x")
     if a.memory:
-        base = [sys.executable, __file__, f"--flavor={a.flavor}", f"--dtype={a.dtype}", f"--batch={a.batch}",
-                f"--seq={a.seq}", f"--num_experts={a.num_experts}"] + (["--keep_freed"] if a.keep_freed else [])
+        base = [
+            sys.executable,
+            __file__,
+            f"--flavor={a.flavor}",
+            f"--dtype={a.dtype}",
+            f"--batch={a.batch}",
+            f"--seq={a.seq}",
+            f"--num_experts={a.num_experts}",
+        ] + (["--keep_freed"] if a.keep_freed else [])
         for who in ("ours", "theirs"):
             r = subprocess.run(base + [f"--only={who}"], capture_output=True, text=True, check=True)
             m = json.loads(r.stdout.strip().splitlines()[-1])
-            print(f"memory {who:7s} peak RSS during steps {m['peak_rss_gib']:.3f} GiB; model + optimizer "
-                  f"{m['before_steps_gib']:.3f} GiB; the steps add {m['peak_rss_gib'] - m['before_steps_gib']:.3f} GiB")
+            print(
+                f"memory {who:7s} peak RSS during steps {m['peak_rss_gib']:.3f} GiB; model + optimizer "
+                f"{m['before_steps_gib']:.3f} GiB; the steps add {m['peak_rss_gib'] - m['before_steps_gib']:.3f} GiB"
+            )
 
 
 if __name__ == "__main__":

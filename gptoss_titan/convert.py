@@ -19,14 +19,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from .checkpoint import CheckpointError, complete_steps
+from .checkpoint.files import CheckpointError, read_model_args, resolve_step_dir
+from .dtypes import DTYPES
+from .errors import UserError
 from .model import ModelArgs
-from .model.hf import hf_config, name_pairs
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+from .model.hf import generation_config, hf_config, name_pairs
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
     """A user-caused conversion problem; the scripts print it as one line and exit 2."""
 
 
@@ -39,27 +39,6 @@ def parse_size(text: str) -> int:
     if t.isdigit():
         return int(t)
     raise ConvertError(f"--max-shard-size {text!r} is not a size; use e.g. 5GB or 500MB")
-
-
-def resolve_step_dir(path: str) -> Path:
-    """A step-<N> folder, a checkpoint folder of them, or a run folder (takes the latest complete step)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ConvertError(f"checkpoint {path!r} does not exist; pass a step-<N> folder or a run folder")
-    if (p / ".metadata").is_file():
-        return p
-    for folder in (p, p / "checkpoint"):
-        steps = complete_steps(folder)
-        if steps:
-            return folder / f"step-{steps[-1]}"
-    raise ConvertError(f"no complete checkpoint under {path!r} (no step-<N>/.metadata); pass a step folder")
-
-
-def read_model_args(step_dir: Path) -> ModelArgs:
-    f = step_dir / "model_args.json"
-    if not f.is_file():
-        raise ConvertError(f"{str(step_dir)!r} has no model_args.json; it is not a gptoss-titan checkpoint")
-    return ModelArgs.from_dict(json.loads(f.read_text()))
 
 
 def _temp_output(output: Path, overwrite: bool) -> Path:
@@ -76,15 +55,13 @@ def _publish(tmp: Path, output: Path) -> None:
     os.rename(tmp, output)
 
 
-def generation_config(args: ModelArgs) -> dict:
-    cfg = hf_config(args)
-    eos = [200002, 199999, 200012] if args.vocab_size > 200012 else [cfg["eos_token_id"]]
-    return {"bos_token_id": 199998 if args.vocab_size > 199998 else cfg["pad_token_id"],
-            "eos_token_id": eos, "pad_token_id": cfg["pad_token_id"], "do_sample": False}
-
-
-def dcp_to_hf(checkpoint: str, output: str, dtype: str = "bfloat16", max_shard_size: str = "5GB",
-              overwrite: bool = False) -> Path:
+def dcp_to_hf(
+    checkpoint: str,
+    output: str,
+    dtype: str = "bfloat16",
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+) -> Path:
     """Export a checkpoint's model as a Hugging Face gpt-oss folder; returns the output folder."""
     from safetensors.torch import save_file
 
@@ -105,7 +82,9 @@ def dcp_to_hf(checkpoint: str, output: str, dtype: str = "bfloat16", max_shard_s
         if not isinstance(m, TensorStorageMetadata):
             raise ConvertError(f"checkpoint {str(step_dir)!r} has no tensor model.{native}")
         if tuple(m.size) != shape:
-            raise ConvertError(f"checkpoint tensor model.{native} has shape {list(m.size)}, expected {list(shape)}")
+            raise ConvertError(
+                f"checkpoint tensor model.{native} has shape {list(m.size)}, expected {list(shape)}"
+            )
         nbytes = m.size.numel() * out_dtype.itemsize
         if plan[-1] and size + nbytes > limit:
             plan.append([])
@@ -131,7 +110,8 @@ def dcp_to_hf(checkpoint: str, output: str, dtype: str = "bfloat16", max_shard_s
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             del tensors
         (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+        )
         (tmp / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(args), indent=2) + "\n")
         _publish(tmp, out)
@@ -152,18 +132,26 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     try:
         return ModelArgs(
-            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg["num_key_value_heads"], head_dim=cfg.get("head_dim", 64), vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg["num_key_value_heads"],
+            head_dim=cfg.get("head_dim", 64),
+            vocab_size=cfg["vocab_size"],
             num_experts=cfg.get("num_local_experts", cfg.get("num_experts")),
             top_k=cfg.get("num_experts_per_tok", cfg.get("experts_per_token")),
-            moe_inter_dim=cfg["intermediate_size"], sliding_window=cfg.get("sliding_window", 128),
+            moe_inter_dim=cfg["intermediate_size"],
+            sliding_window=cfg.get("sliding_window", 128),
             max_seq_len=cfg.get("max_position_embeddings", 131072),
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 150000.0))),
-            rope_factor=float(rope.get("factor", 32.0)), rope_beta_fast=float(rope.get("beta_fast", 32.0)),
+            rope_factor=float(rope.get("factor", 32.0)),
+            rope_beta_fast=float(rope.get("beta_fast", 32.0)),
             rope_beta_slow=float(rope.get("beta_slow", 1.0)),
             rope_original_seq_len=int(rope.get("original_max_position_embeddings", 4096)),
-            norm_eps=cfg.get("rms_norm_eps", 1e-5), swiglu_limit=cfg.get("swiglu_limit", 7.0),
-            swiglu_alpha=cfg.get("swiglu_alpha", 1.702), init_std=cfg.get("initializer_range", 0.02),
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            swiglu_limit=cfg.get("swiglu_limit", 7.0),
+            swiglu_alpha=cfg.get("swiglu_alpha", 1.702),
+            init_std=cfg.get("initializer_range", 0.02),
         )
     except KeyError as e:
         raise ConvertError(f"config.json lacks {e.args[0]!r}; it is not a gpt-oss config") from None
@@ -259,4 +247,27 @@ def hf_to_dcp(hf_dir: str, output: str, overwrite: bool = False) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def check_hf_matches(hf_dir: str, model_args: ModelArgs) -> None:
+    """The Hugging Face folder's config describes a model with these args (reads config.json only;
+    a mismatch names the first differing field)."""
+    hf_args = args_from_hf_config(HFFolder(hf_dir).config)
+    ignored = ("max_seq_len", "init_std", "load_balance_bias")  # training choices, not the weights' shape
+    for k, theirs in hf_args.to_dict().items():
+        if k not in ignored and getattr(model_args, k) != theirs:
+            raise ConvertError(
+                f"Hugging Face folder {hf_dir!r} has model {k} = {theirs!r} but the config gives "
+                f"{getattr(model_args, k)!r}; use the matching model.flavor"
+            )
+
+
+def import_for_training(hf_dir: str, out: Path, model_args: ModelArgs) -> Path:
+    """A Hugging Face folder as a model-only DCP checkpoint at `out` for a run with these model args,
+    converted once (an existing complete import is reused)."""
+    check_hf_matches(hf_dir, model_args)
+    if not (out / ".metadata").is_file():
+        hf_to_dcp(hf_dir, str(out), overwrite=True)
+        (out / "model_args.json").write_text(json.dumps(model_args.to_dict(), indent=2) + "\n")
     return out

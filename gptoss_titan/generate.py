@@ -6,25 +6,25 @@ exactly as in training. The trainer's periodic samples use this code.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from .model import Transformer
-from .model.decode import decode_step
-
-_compiled_step = None
+from .model.kv_cache import KVCache
 
 
-def _decode_fn(compile: bool):
-    """decode_step, or its torch.compile'd version (built once; recompiles per new shape/model)."""
-    global _compiled_step
-    if not compile:
-        return decode_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
-    return _compiled_step
+def _decode(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One decode step through the model's own forward: tokens [B, 1] at position pos (0-d) -> [B, V]."""
+    return model(tokens, cache=cache, start_pos=pos)[:, -1]
+
+
+@functools.cache
+def _compiled_decode():
+    """`_decode` under torch.compile, built once per process (it recompiles per model and shape)."""
+    return torch.compile(_decode, fullgraph=True, dynamic=False)
 
 
 def _is_sharded(model: Transformer) -> bool:
@@ -33,8 +33,9 @@ def _is_sharded(model: Transformer) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """logits [B, V] -> next ids [B]. temperature 0 = greedy; top_k 0 = off; top_p 1 = off."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -53,10 +54,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             stop_ids: tuple[int, ...] = (), use_cache: bool = True,
-             on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False) -> torch.Tensor:
+def generate(
+    model: Transformer,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_ids: tuple[int, ...] = (),
+    use_cache: bool = True,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    compile: bool = False,
+) -> torch.Tensor:
     """prompt [B, T0] -> [B, T0 + n] (n <= max_new_tokens; stops early when every row hit a stop id).
 
     use_cache=False recomputes the whole sequence for every token (the reference for tests).
@@ -64,20 +74,22 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
     and broadcasts each token, so all ranks see the same tokens and stop together.
     on_token(next_ids [B]) is called after each step (for streaming output).
 
-    Decoding: an unsharded model decodes with `model.decode.decode_step` (static shapes, one
-    graph for every step; compile=True runs it through torch.compile, which pays a one-time
-    compile of tens of seconds for a several-fold faster step). A sharded model (FSDP / expert
-    parallel) decodes through its own forward, whose hooks gather the parameters.
+    Decoding runs the model's own forward on the cache with the position as a tensor, so every
+    step has the same shapes; compile=True (an unsharded model) runs it through torch.compile,
+    which pays a one-time compile of tens of seconds for a several-fold faster step. A sharded
+    model (FSDP / expert parallel) runs eagerly; its hooks gather the parameters.
     """
     gen = torch.Generator(device=prompt.device).manual_seed(seed) if seed is not None else None
     total = prompt.shape[1] + max_new_tokens
     if total > model.args.max_seq_len:
-        raise ValueError(f"prompt + new tokens = {total} exceeds the model's context {model.args.max_seq_len}")
+        raise ValueError(
+            f"prompt + new tokens = {total} exceeds the model's context {model.args.max_seq_len}"
+        )
     cache = model.new_cache(prompt.shape[0], total) if use_cache else None
     seq = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     logits = model(prompt, cache=cache, start_pos=0)[:, -1] if use_cache else model(prompt)[:, -1]
-    step = _decode_fn(compile) if use_cache and not _is_sharded(model) else None
+    step = _compiled_decode() if compile and not _is_sharded(model) else _decode
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, gen)  # [B]
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -91,11 +103,9 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temp
                 break
         if seq.shape[1] == total:
             break
-        if step is not None:  # the static-shape step on the same cache the prefill filled
+        if use_cache:  # the new token at its position, on the cache the prefill filled
             pos = torch.tensor(seq.shape[1] - 1, device=seq.device)
             logits = step(model, nxt.unsqueeze(1), pos, cache)
-        elif use_cache:
-            logits = model(nxt.unsqueeze(1), cache=cache, start_pos=seq.shape[1] - 1)[:, -1]
         else:
             logits = model(seq)[:, -1]
     return seq

@@ -14,8 +14,10 @@ import errno
 import socket
 import sys
 
+from .errors import UserError
 
-class LaunchError(ValueError):
+
+class LaunchError(UserError):
     pass
 
 

@@ -82,12 +82,27 @@ def peak_tflops(device: torch.device, dtype: str, configured: float = 0.0) -> tu
     return measure_matmul_tflops(device, tdtype), f"measured {tdtype} matmul on {device.type}"
 
 
+def warn_slow_cpu_bf16(device: torch.device) -> bool:
+    """Warn (and return True) when bf16 matmuls are much slower than fp32 here: CPUs without native
+    bf16 (AVX2 only) fall back to ~1 GFLOP/s. Small matrices keep the check cheap even then."""
+    fp32 = measure_matmul_tflops(device, torch.float32, n=256, reps=2)
+    bf16 = measure_matmul_tflops(device, torch.bfloat16, n=256, reps=2)
+    if fp32 <= 2 * bf16:
+        return False
+    logger.info(
+        f"warning: bf16 matmuls run at {bf16 * 1e3:.1f} GFLOP/s on this CPU, fp32 at {fp32 * 1e3:.1f} "
+        "(no native bf16): --training.mixed_precision_param=float32 is faster"
+    )
+    return True
+
+
 def expert_load_stats(counts: torch.Tensor) -> dict[str, list[float] | float]:
-    """Per-layer tokens per expert: min, max and coefficient of variation (std / mean), from [L, E]."""
+    """Per-layer tokens per expert: mean, min, max and coefficient of variation (std / mean), from [L, E]."""
     c = counts.detach().double().cpu()
     mean = c.mean(-1).clamp(min=1e-9)
     cv = c.std(-1, unbiased=False) / mean
     return {
+        "expert_load_mean": c.mean(-1).tolist(),
         "expert_load_min": c.min(-1).values.tolist(),
         "expert_load_max": c.max(-1).values.tolist(),
         "expert_load_cv": cv.tolist(),
@@ -120,8 +135,11 @@ class MetricsLogger:
             self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         if self.tb:
             for k, v in clean.items():
-                items = [(f"{prefix}{k}/layer_{i:02d}", x) for i, x in enumerate(v)] if isinstance(v, list) \
+                items = (
+                    [(f"{prefix}{k}/layer_{i:02d}", x) for i, x in enumerate(v)]
+                    if isinstance(v, list)
                     else [(f"{prefix}{k}", v)]
+                )
                 for tag, x in items:
                     if isinstance(x, float) and math.isfinite(x):
                         self.tb.add_scalar(tag, x, step)

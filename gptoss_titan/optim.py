@@ -13,8 +13,14 @@ from .config import Optimizer as OptConfig
 
 def no_decay(name: str, param: nn.Parameter) -> bool:
     """Norms, biases, sinks and embeddings get no weight decay (1-D tensors or the embedding)."""
-    return param.ndim < 2 or name.endswith(".bias") or "b_gate_up" in name or "b_down" in name \
-        or "tok_embeddings" in name or name.endswith("sinks")
+    return (
+        param.ndim < 2
+        or name.endswith(".bias")
+        or "b_gate_up" in name
+        or "b_down" in name
+        or "tok_embeddings" in name
+        or name.endswith("sinks")
+    )
 
 
 def build_optimizer(model: nn.Module, cfg: OptConfig) -> torch.optim.AdamW:
@@ -23,7 +29,9 @@ def build_optimizer(model: nn.Module, cfg: OptConfig) -> torch.optim.AdamW:
         if p.requires_grad:
             (plain if no_decay(name, p) else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[cfg.implementation]
+    impl = {"foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}[
+        cfg.implementation
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **impl)
 
 

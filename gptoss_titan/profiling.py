@@ -36,8 +36,12 @@ class Profiler:
             # profile_freq of the global step, also after a resume.
             wait = cfg.profile_freq - cfg.profiler_warmup - cfg.profiler_active
             base = torch.profiler.schedule(wait=wait, warmup=cfg.profiler_warmup, active=cfg.profiler_active)
-            self.prof = torch.profiler.profile(activities=acts, schedule=lambda k: base(k + start_step),
-                                               on_trace_ready=self._save_trace, record_shapes=True)
+            self.prof = torch.profiler.profile(
+                activities=acts,
+                schedule=lambda k: base(k + start_step),
+                on_trace_ready=self._save_trace,
+                record_shapes=True,
+            )
             self.prof.__enter__()
         if self.snapshots:
             torch.cuda.memory._record_memory_history(max_entries=100_000)
@@ -47,7 +51,9 @@ class Profiler:
         folder.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         prof.export_chrome_trace(str(folder / f"rank{self.rank}_trace.json"))
-        logger.info(f"profiler trace of step {self.step_num} written to {folder} in {time.perf_counter() - t:.1f} s")
+        logger.info(
+            f"profiler trace of step {self.step_num} written to {folder} in {time.perf_counter() - t:.1f} s"
+        )
 
     def step(self) -> None:
         self.step_num += 1

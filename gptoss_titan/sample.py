@@ -12,22 +12,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from .checkpoint import CheckpointError
-from .convert import ConvertError, HFFolder, args_from_hf_config, read_model_args, resolve_step_dir
-from .data.tokenizer import STOP_TOKENS, get_tokenizer
-from .distributed import device_type, init_distributed, shutdown
+from .checkpoint import read_model_args, resolve_step_dir
+from .config import JobConfig
+from .convert import HFFolder, args_from_hf_config
+from .data.tokenizer import get_tokenizer
+from .distributed import device_type, init_distributed, quiet_single_process_warnings, shutdown, world_size
+from .errors import UserError
 from .generate import generate
-from .model import ModelArgs, Transformer
+from .model import Transformer
 from .model.hf import from_hf, name_pairs
+from .model.moe import resolve_expert_kernel
+from .parallel import ParallelDims, parallelize
+from .tokens import CHAT_SPECIALS, STOP_IDS, chat_prompt
 
 
-class SampleError(ValueError):
+class SampleError(UserError):
     """A user-caused problem; printed as one line, exit 2."""
 
 
@@ -48,14 +51,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the harmony chat format")
     p.add_argument("--output_json", help="also write the generated token ids here")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (one process): a one-time compile, then a faster step")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (one process): a one-time compile, then a faster step",
+    )
     return p.parse_args(argv)
 
 
 def load_model(a: argparse.Namespace) -> Transformer:
-    """The model on this rank: full on one process, FSDP2-sharded over the world otherwise."""
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    """The model on this rank: whole on one process; over several, sharded by `parallelize()` with
+    the training defaults (FSDP2 over every rank, as a training run on that many processes)."""
     if a.hf:
         folder = HFFolder(a.hf)
         args = args_from_hf_config(folder.config)
@@ -64,23 +70,24 @@ def load_model(a: argparse.Namespace) -> Transformer:
         args = read_model_args(step)
     with torch.device("meta"):
         model = Transformer(args)
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    kernel, _ = resolve_expert_kernel(
+        "auto", device_type(), torch.float32, args.num_experts, a.num_samples * args.top_k
+    )
+    model.set_expert_kernel(kernel)
+    world = world_size()
     if world > 1:
-        from torch.distributed.fsdp import fully_shard
-
-        from .parallel import ParallelDims
-
-        meshes = ParallelDims(1, world, 1, world).build_meshes(device_type())
-        for block in model.layers:
-            fully_shard(block, mesh=meshes.dense)
-        fully_shard(model, mesh=meshes.dense)
+        cfg = JobConfig()
+        dims = ParallelDims.from_config(cfg.parallelism, world, args.num_experts)
+        parallelize(model, dims, dims.build_meshes(device_type()), cfg)
     model.to_empty(device=device_type())
     model.init_buffers()
     if a.hf:
         sd = from_hf({hf: folder.load(hf).float() for _, hf, _ in name_pairs(args)}, args)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        set_model_state_dict(
+            model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        )
     else:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
@@ -91,7 +98,7 @@ def load_model(a: argparse.Namespace) -> Transformer:
     return model.eval()
 
 
-def check(a: argparse.Namespace, args: ModelArgs | None = None) -> None:
+def check(a: argparse.Namespace) -> None:
     if a.temperature < 0:
         raise SampleError(f"--temperature {a.temperature} must be >= 0 (0 = greedy)")
     if not 0 < a.top_p <= 1:
@@ -111,13 +118,13 @@ def prompt_ids(a: argparse.Namespace) -> list[int]:
         raise SampleError("the prompt is empty; pass --prompt TEXT or a non-empty --prompt_file")
     enc = get_tokenizer()
     if a.chat:
-        wrapped = f"<|start|>user<|message|>{text}<|end|><|start|>assistant"
-        return enc.encode(wrapped, allowed_special={"<|start|>", "<|message|>", "<|end|>"})
+        return enc.encode(chat_prompt(text), allowed_special=CHAT_SPECIALS)
     return enc.encode_ordinary(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(sys.argv[1:] if argv is None else argv)
+    quiet_single_process_warnings()
     rank, _ = init_distributed()
     try:
         check(a)
@@ -125,14 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(a)
         limit = model.args.max_seq_len
         if len(ids) + a.max_new_tokens > limit:
-            raise SampleError(f"prompt ({len(ids)} tokens) + --max_new_tokens {a.max_new_tokens} exceeds the "
-                              f"model's context of {limit} tokens; shorten the prompt or ask for fewer tokens")
-    except (SampleError, ConvertError, CheckpointError) as e:
+            raise SampleError(
+                f"prompt ({len(ids)} tokens) + --max_new_tokens {a.max_new_tokens} exceeds the "
+                f"model's context of {limit} tokens; shorten the prompt or ask for fewer tokens"
+            )
+    except UserError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     enc = get_tokenizer()
-    stops = tuple(enc.encode_single_token(s) for s in STOP_TOKENS)
+    stops = STOP_IDS
     device = model.rope_cos.device
     prompt = torch.tensor([ids] * a.num_samples, device=device)
     stream = a.num_samples == 1 and rank == 0
@@ -144,15 +153,25 @@ def main(argv: list[str] | None = None) -> int:
             shown.append(int(nxt[0]))
             text = enc.decode(shown)
             if not text.endswith("\ufffd"):
-                print(text[printed[0]:], end="", flush=True)
+                print(text[printed[0] :], end="", flush=True)
                 printed[0] = len(text)
 
-    out = generate(model, prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, stops, on_token=show,
-                   compile=a.compile)
+    out = generate(
+        model,
+        prompt,
+        a.max_new_tokens,
+        a.temperature,
+        a.top_k,
+        a.top_p,
+        a.seed,
+        stops,
+        on_token=show,
+        compile=a.compile,
+    )
     if rank == 0:
         if stream:
             print()
-        new = [out[i, len(ids):].tolist() for i in range(a.num_samples)]
+        new = [out[i, len(ids) :].tolist() for i in range(a.num_samples)]
         if not stream:
             for i, toks in enumerate(new):
                 print(f"--- sample {i}\n{enc.decode([t for t in toks if t not in stops])}")

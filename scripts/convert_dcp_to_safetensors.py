@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
-from gptoss_titan.checkpoint import CheckpointError
-from gptoss_titan.convert import ConvertError, dcp_to_hf
+from gptoss_titan.convert import dcp_to_hf
+from gptoss_titan.distributed import quiet_single_process_warnings
+from gptoss_titan.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,10 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     a = p.parse_args(argv)
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    quiet_single_process_warnings()
     try:
         out = dcp_to_hf(a.checkpoint, a.output, a.dtype, a.max_shard_size, a.overwrite)
-    except (ConvertError, CheckpointError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
-from gptoss_titan.convert import ConvertError, hf_to_dcp
+from gptoss_titan.convert import hf_to_dcp
+from gptoss_titan.distributed import quiet_single_process_warnings
+from gptoss_titan.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,10 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="output DCP folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    quiet_single_process_warnings()
     try:
         out = hf_to_dcp(a.hf, a.output, a.overwrite)
-    except ConvertError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

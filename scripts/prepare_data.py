@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Tokenize a corpus into train.bin / val.bin (uint32) + meta.json for data.dataset_path.
 
-  python scripts/prepare_data.py --dataset kjv --output data/kjv                       # bundled, offline
-  python scripts/prepare_data.py --files a.txt b.jsonl c.parquet --output data/mine    # local files
-  python scripts/prepare_data.py --dataset roneneldan/TinyStories --output data/ts     # datasets (network)
+python scripts/prepare_data.py --dataset kjv --output data/kjv                       # bundled, offline
+python scripts/prepare_data.py --files a.txt b.jsonl c.parquet --output data/mine    # local files
+python scripts/prepare_data.py --dataset roneneldan/TinyStories --output data/ts     # datasets (network)
 """
 
 from __future__ import annotations
@@ -11,18 +11,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptoss_titan.data.prepare import BUNDLED, DataError, file_documents, hf_documents, kjv_documents, prepare
+from gptoss_titan.data.prepare import BUNDLED, file_documents, hf_documents, kjv_documents, prepare
+from gptoss_titan.errors import DataError, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", help=f"bundled corpus ({', '.join(BUNDLED)}) or a Hugging Face datasets name")
+    src.add_argument(
+        "--dataset", help=f"bundled corpus ({', '.join(BUNDLED)}) or a Hugging Face datasets name"
+    )
     src.add_argument("--files", nargs="+", help="local .txt / .jsonl / .parquet files")
     p.add_argument("--output", required=True, help="output folder (must not exist)")
     p.add_argument("--split", default="train", help="datasets split to read")
     p.add_argument("--config_name", default=None, help="datasets configuration name")
-    p.add_argument("--text_field", default="text", help="field holding the text in jsonl/parquet/datasets rows")
+    p.add_argument(
+        "--text_field", default="text", help="field holding the text in jsonl/parquet/datasets rows"
+    )
     p.add_argument("--tokenizer", default="o200k_harmony")
     p.add_argument("--val_every", type=int, default=100, help="every N-th document goes to val.bin")
     p.add_argument("--max_documents", type=int, default=None, help="stop after this many documents")
@@ -36,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
             docs, source = kjv_documents(), a.dataset
         else:
             docs, source = hf_documents(a.dataset, a.split, a.text_field, a.config_name), a.dataset
-        out = prepare(docs, a.output, source, a.tokenizer, a.val_every, progress=True, max_documents=a.max_documents)
-    except (DataError, ValueError) as e:
+        out = prepare(
+            docs, a.output, source, a.tokenizer, a.val_every, progress=True, max_documents=a.max_documents
+        )
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}/train.bin, val.bin, meta.json")

@@ -1,16 +1,40 @@
-import os
+"""Shared test helpers: tiny models, synthetic data, free ports, metrics readers, process launchers.
 
+Markers: `slow` (pyproject) marks tests that take more than a few seconds on 2 cores; daily work
+runs `pytest -m "not slow"` (under 3 minutes), CI runs everything.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from gptoss_titan.model import ModelArgs, Transformer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_args(**kw) -> ModelArgs:
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=256, num_experts=4,
-                top_k=2, moe_inter_dim=32, sliding_window=8, max_seq_len=128)
+    base = dict(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        vocab_size=256,
+        num_experts=4,
+        top_k=2,
+        moe_inter_dim=32,
+        sliding_window=8,
+        max_seq_len=128,
+    )
     base.update(kw)
     return ModelArgs(**base)
 
@@ -27,3 +51,99 @@ def build(args: ModelArgs, seed: int = 0) -> Transformer:
 @pytest.fixture
 def tiny():
     return tiny_args()
+
+
+def synthetic_data(folder: Path, vocab: int = 8192, n: int = 20000, seed: int = 0) -> Path:
+    """A learnable stream: repeated random 'sentences' of 12 tokens, as train.bin / val.bin."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    phrases = rng.integers(0, vocab, (8, 12))
+    for split, count in (("train", n), ("val", n // 10)):
+        idx = rng.integers(0, 8, count // 12)
+        phrases[idx].reshape(-1).astype(np.uint32).tofile(folder / f"{split}.bin")
+    (folder / "meta.json").write_text(json.dumps({"tokenizer": "synthetic", "vocab_size": vocab}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A 3-step checkpoint of the debug flavor (real vocabulary), shared by the converter and sampler tests."""
+    from gptoss_titan.train import main
+
+    tmp = tmp_path_factory.mktemp("export")
+    data = synthetic_data(tmp / "data", vocab=201088)
+    assert (
+        main(
+            [
+                "--model.flavor=debug",
+                f"--data.dataset_path={data}",
+                f"--job.dump_folder={tmp / 'run'}",
+                "--training.steps=3",
+                "--training.seq_len=32",
+                "--training.local_batch_size=2",
+                "--validation.enable=false",
+                "--checkpoint.enable=true",
+                "--optimizer.lr=1e-2",
+            ]
+        )
+        == 0
+    )
+    return tmp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run) if "loss" in r]
+
+
+def python_cmd(nproc: int, *args: str) -> list[str]:
+    """`python ARGS` on one process, or torchrun with nproc processes on a free port (args may start with -m)."""
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        *args,
+    ]
+
+
+def run_ok(cmd: list[str], env: dict | None = None, timeout: int = 900, **kw) -> subprocess.CompletedProcess:
+    """Run cmd with one intra-op thread per process (as the launch scripts do on 2 cores); assert exit 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, **kw)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
+def run_train_sh(env_extra: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """scripts/run_train.sh with these environment variables (NGPU, CONFIG_FILE, ...) and overrides."""
+    env = {**os.environ, "MASTER_PORT": str(free_port()), **env_extra}
+    return subprocess.run(
+        [str(ROOT / "scripts" / "run_train.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def one_line_error(stderr: str) -> str:
+    """The message of a user error: one line starting with 'error: ', no traceback."""
+    err = stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err

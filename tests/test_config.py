@@ -10,12 +10,23 @@ def write(tmp_path, text, name="c.toml"):
 
 
 def test_defaults_and_overrides(tmp_path):
-    f = write(tmp_path, '[training]\nsteps = 7\n[optimizer]\nlr = 1\n')
-    cfg = parse_args(["--config", f, "--training.seq_len=64", "--optimizer.lr", "0.5",
-                      "--checkpoint.exclude_from_loading=optimizer,dataloader", "--checkpoint.enable=true"])
+    f = write(tmp_path, "[training]\nsteps = 7\n[optimizer]\nlr = 1\n")
+    cfg = parse_args(
+        [
+            "--config",
+            f,
+            "--training.seq_len=64",
+            "--optimizer.lr",
+            "0.5",
+            "--checkpoint.exclude_from_loading=optimizer,dataloader",
+            "--checkpoint.enable=true",
+        ]
+    )
     assert cfg.training.steps == 7 and cfg.training.seq_len == 64
     assert cfg.optimizer.lr == 0.5 and isinstance(cfg.optimizer.lr, float)
-    assert cfg.checkpoint.exclude_from_loading == ["optimizer", "dataloader"] and cfg.checkpoint.enable is True
+    assert (
+        cfg.checkpoint.exclude_from_loading == ["optimizer", "dataloader"] and cfg.checkpoint.enable is True
+    )
     assert cfg.job.config_file == f
 
 
@@ -24,7 +35,11 @@ def test_repo_configs_load():
         cfg = parse_args(["--config", f"train_configs/{name}.toml"])
         assert cfg.model.name == "gpt_oss"
     big = parse_args(["--config", "train_configs/gpt_oss_20b.toml"])
-    assert (big.optimizer.lr, big.lr_scheduler.warmup_steps, big.lr_scheduler.decay_steps) == (3e-4, 100, 5000)
+    assert (big.optimizer.lr, big.lr_scheduler.warmup_steps, big.lr_scheduler.decay_steps) == (
+        3e-4,
+        100,
+        5000,
+    )
     assert big.training.seq_len == 512 and big.training.mixed_precision_param == "bfloat16"
     assert big.optimizer.lr * big.lr_scheduler.min_lr_factor == pytest.approx(3e-5)
 

@@ -13,31 +13,24 @@ from gptoss_titan.generate import generate
 from gptoss_titan.model import Transformer
 from gptoss_titan.train import main
 
-from .test_checkpoint import weights
-from .test_train import synthetic_data
+from .checkpoint.test_manager import weights
+from .conftest import ROOT, synthetic_data
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts/convert_dcp_to_safetensors.py"), *args],
-                          capture_output=True, text=True)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("export")
-    data = synthetic_data(tmp / "data", vocab=201088)
-    assert main(["--model.flavor=debug", f"--data.dataset_path={data}", f"--job.dump_folder={tmp / 'run'}",
-                 "--training.steps=3", "--training.seq_len=32", "--training.local_batch_size=2",
-                 "--validation.enable=false", "--checkpoint.enable=true", "--optimizer.lr=1e-2"]) == 0
-    return tmp
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/convert_dcp_to_safetensors.py"), *args],
+        capture_output=True,
+        text=True,
+    )
 
 
 def ours_from(step_dir: Path) -> Transformer:
-    from gptoss_titan.convert import read_model_args
+    from gptoss_titan.checkpoint import read_model_args
 
     args = read_model_args(step_dir)
     m = Transformer(args)
@@ -48,14 +41,24 @@ def ours_from(step_dir: Path) -> Transformer:
 
 def test_transformers_loads_export_and_matches(trained):
     out = trained / "hf32"
-    r = convert("--checkpoint", str(trained / "run"), "--output", str(out), "--dtype", "float32",
-                "--max-shard-size", "40MB")
+    r = convert(
+        "--checkpoint",
+        str(trained / "run"),
+        "--output",
+        str(out),
+        "--dtype",
+        "float32",
+        "--max-shard-size",
+        "40MB",
+    )
     assert r.returncode == 0, r.stderr
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert set(index["weight_map"].values()) == set(shards)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        out, attn_implementation="eager", dtype=torch.float32
+    )
     hf.eval()
     ours = ours_from(trained / "run/checkpoint/step-3")
     torch.manual_seed(0)
@@ -72,7 +75,9 @@ def test_transformers_loads_export_and_matches(trained):
 
 def test_bf16_export_is_the_default(trained):
     out = trained / "hf16"
-    assert convert("--checkpoint", str(trained / "run/checkpoint/step-3"), "--output", str(out)).returncode == 0
+    assert (
+        convert("--checkpoint", str(trained / "run/checkpoint/step-3"), "--output", str(out)).returncode == 0
+    )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["torch_dtype"] == "bfloat16" and cfg["model_type"] == "gpt_oss"
     from safetensors import safe_open
@@ -86,7 +91,17 @@ def test_export_errors(trained, tmp_path):
         (["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")], "does not exist"),
         (["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o")], "no complete checkpoint"),
         (["--checkpoint", str(trained / "run"), "--output", str(tmp_path / "o"), "--dtype", "fp8"], "fp8"),
-        (["--checkpoint", str(trained / "run"), "--output", str(tmp_path / "o"), "--max-shard-size", "big"], "big"),
+        (
+            [
+                "--checkpoint",
+                str(trained / "run"),
+                "--output",
+                str(tmp_path / "o"),
+                "--max-shard-size",
+                "big",
+            ],
+            "big",
+        ),
         (["--checkpoint", str(trained / "run"), "--output", str(trained / "run")], "already exists"),
     ]
     for argv, match in cases:
@@ -97,13 +112,19 @@ def test_export_errors(trained, tmp_path):
 
 
 def import_(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts/convert_hf_to_dcp.py"), *args],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/convert_hf_to_dcp.py"), *args], capture_output=True, text=True
+    )
 
 
 def test_round_trip_is_bit_exact(trained):
     hf_dir, back = trained / "rt_hf", trained / "rt_dcp"
-    assert convert("--checkpoint", str(trained / "run"), "--output", str(hf_dir), "--dtype", "float32").returncode == 0
+    assert (
+        convert(
+            "--checkpoint", str(trained / "run"), "--output", str(hf_dir), "--dtype", "float32"
+        ).returncode
+        == 0
+    )
     r = import_("--hf", str(hf_dir), "--output", str(back))
     assert r.returncode == 0, r.stderr
     a, b = weights(trained / "run/checkpoint/step-3"), weights(back)
@@ -113,19 +134,41 @@ def test_round_trip_is_bit_exact(trained):
 def test_trainer_starts_from_hf_folder(trained, tmp_path, capsys):
     hf_dir = trained / "hf32"  # written by the first test of this module
     if not hf_dir.exists():
-        assert convert("--checkpoint", str(trained / "run"), "--output", str(hf_dir), "--dtype", "float32").returncode == 0
-    argv = ["--model.flavor=debug", f"--data.dataset_path={trained / 'data'}", f"--job.dump_folder={tmp_path / 'ft'}",
-            "--training.steps=1", "--training.seq_len=32", "--training.local_batch_size=2",
-            "--validation.enable=false", "--checkpoint.enable=true", "--checkpoint.initial_load_format=hf",
-            f"--checkpoint.initial_load_path={hf_dir}", "--optimizer.lr=1e-9"]
+        assert (
+            convert(
+                "--checkpoint", str(trained / "run"), "--output", str(hf_dir), "--dtype", "float32"
+            ).returncode
+            == 0
+        )
+    argv = [
+        "--model.flavor=debug",
+        f"--data.dataset_path={trained / 'data'}",
+        f"--job.dump_folder={tmp_path / 'ft'}",
+        "--training.steps=1",
+        "--training.seq_len=32",
+        "--training.local_batch_size=2",
+        "--validation.enable=false",
+        "--checkpoint.enable=true",
+        "--checkpoint.initial_load_format=hf",
+        f"--checkpoint.initial_load_path={hf_dir}",
+        "--optimizer.lr=1e-9",
+    ]
     assert main(argv) == 0
     a, b = weights(trained / "run/checkpoint/step-3"), weights(tmp_path / "ft/checkpoint/step-1")
     # one step at lr 1e-9 from the imported weights: equal to ~1e-8
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-7
     capsys.readouterr()
     small = synthetic_data(tmp_path / "d8192")  # ids < 8192 so that the data fits the bench flavor
-    bad = [a for a in argv if not a.startswith(("--model.flavor", "--job.dump_folder", "--data.dataset_path"))]
-    assert main(bad + ["--model.flavor=bench", f"--job.dump_folder={tmp_path / 'x'}", f"--data.dataset_path={small}"]) == 2
+    bad = [
+        a for a in argv if not a.startswith(("--model.flavor", "--job.dump_folder", "--data.dataset_path"))
+    ]
+    assert (
+        main(
+            bad
+            + ["--model.flavor=bench", f"--job.dump_folder={tmp_path / 'x'}", f"--data.dataset_path={small}"]
+        )
+        == 2
+    )
     assert "has model dim = 64 but the config gives 256" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -159,7 +202,12 @@ def test_mxfp4_import_matches_transformers_dequantization(trained):
 
     src = trained / "hf32"
     if not src.exists():
-        assert convert("--checkpoint", str(trained / "run"), "--output", str(src), "--dtype", "float32").returncode == 0
+        assert (
+            convert(
+                "--checkpoint", str(trained / "run"), "--output", str(src), "--dtype", "float32"
+            ).returncode
+            == 0
+        )
     q = trained / "mxfp4"
     packed = quantize_folder(src, q)
     r = import_("--hf", str(q), "--output", str(trained / "mxfp4_dcp"))
@@ -180,7 +228,12 @@ def test_mxfp4_import_matches_transformers_dequantization(trained):
 def test_import_errors(trained, tmp_path):
     src = trained / "hf32"
     if not src.exists():
-        assert convert("--checkpoint", str(trained / "run"), "--output", str(src), "--dtype", "float32").returncode == 0
+        assert (
+            convert(
+                "--checkpoint", str(trained / "run"), "--output", str(src), "--dtype", "float32"
+            ).returncode
+            == 0
+        )
     empty, broken = tmp_path / "empty", tmp_path / "broken"
     for d in (empty, broken):
         d.mkdir()
@@ -211,8 +264,19 @@ def test_export_streams_under_memory_budget(tmp_path):
     from gptoss_titan.model import ModelArgs
     from gptoss_titan.model.hf import hf_config, name_pairs
 
-    args = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64, vocab_size=1024, num_experts=16,
-                     top_k=2, moe_inter_dim=512, sliding_window=128, max_seq_len=1024)
+    args = ModelArgs(
+        dim=512,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=2,
+        head_dim=64,
+        vocab_size=1024,
+        num_experts=16,
+        top_k=2,
+        moe_inter_dim=512,
+        sliding_window=128,
+        max_seq_len=1024,
+    )
     size = args.num_params() * 4
     assert size > 350e6
     hf = tmp_path / "big_hf"
@@ -233,88 +297,41 @@ def test_export_streams_under_memory_budget(tmp_path):
     del shard
 
     def peak_rss(cmd: list[str]) -> int:
-        code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
+        code = (
+            "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
+        )
         out = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, check=True)
         return int(out.stdout.split()[-1])
 
     baseline = peak_rss([sys.executable, "-c", "import gptoss_titan.convert, safetensors.torch"])
-    imported = peak_rss([sys.executable, str(ROOT / "scripts/convert_hf_to_dcp.py"), "--hf", str(hf),
-                         "--output", str(tmp_path / "dcp")])
-    exported = peak_rss([sys.executable, str(ROOT / "scripts/convert_dcp_to_safetensors.py"), "--checkpoint",
-                         str(tmp_path / "dcp"), "--output", str(tmp_path / "out"), "--dtype", "float32",
-                         "--max-shard-size", "50MB"])
+    imported = peak_rss(
+        [
+            sys.executable,
+            str(ROOT / "scripts/convert_hf_to_dcp.py"),
+            "--hf",
+            str(hf),
+            "--output",
+            str(tmp_path / "dcp"),
+        ]
+    )
+    exported = peak_rss(
+        [
+            sys.executable,
+            str(ROOT / "scripts/convert_dcp_to_safetensors.py"),
+            "--checkpoint",
+            str(tmp_path / "dcp"),
+            "--output",
+            str(tmp_path / "out"),
+            "--dtype",
+            "float32",
+            "--max-shard-size",
+            "50MB",
+        ]
+    )
     # budget: half the 400 MB checkpoint above the interpreter's own footprint (measured: export ~+90 MB,
     # one 50 MB shard plus the largest 33 MB tensor and their copies; import ~+120 MB)
     budget = baseline + 200e6
     assert exported < budget, (exported - baseline) / 1e6
     assert imported < budget, (imported - baseline) / 1e6
     assert len(list((tmp_path / "out").glob("*.safetensors"))) >= 8
-
-
-# ----- generation CLI (python -m gptoss_titan.sample) on the same trained checkpoint -----------
-def sample(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    from .parallel.test_equivalence import free_port
-
-    cmd = [sys.executable, "-m", "gptoss_titan.sample", *args] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", "gptoss_titan.sample", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-
-
-LONG_PROMPT = "And God said, Let there be light: and there was light. " * 9  # ~126 tokens: past the window
-
-
-def test_sample_cli_greedy_equals_transformers(trained, tmp_path):
-    out = tmp_path / "tokens.json"
-    r = sample("--checkpoint", str(trained / "run"), "--prompt", LONG_PROMPT, "--max_new_tokens", "24",
-               "--output_json", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert len(res["prompt"]) + 24 > 128 and len(res["tokens"][0]) == 24
-    hf_dir = trained / "hf32"
-    if not hf_dir.exists():
-        assert convert("--checkpoint", str(trained / "run"), "--output", str(hf_dir), "--dtype", "float32").returncode == 0
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager", dtype=torch.float32)
-    ref = hf.generate(torch.tensor([res["prompt"]]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
-                      eos_token_id=None)
-    assert ref[0, len(res["prompt"]):].tolist() == res["tokens"][0]
-    # the same from the exported Hugging Face folder
-    r2 = sample("--hf", str(hf_dir), "--prompt", LONG_PROMPT, "--max_new_tokens", "24", "--output_json",
-                str(tmp_path / "hf.json"))
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    assert json.loads((tmp_path / "hf.json").read_text())["tokens"] == res["tokens"]
-
-
-def test_sample_two_processes_equal_one(trained, tmp_path):
-    common = ["--checkpoint", str(trained / "run"), "--prompt", "In the beginning", "--max_new_tokens", "12",
-              "--temperature", "0.9", "--top_p", "0.95", "--seed", "5", "--num_samples", "2"]
-    r1 = sample(*common, "--output_json", str(tmp_path / "one.json"))
-    r2 = sample(*common, "--output_json", str(tmp_path / "two.json"), nproc=2)
-    assert r1.returncode == 0 and r2.returncode == 0, r2.stdout[-2000:] + r2.stderr[-3000:]
-    one, two = (json.loads((tmp_path / f).read_text())["tokens"] for f in ("one.json", "two.json"))
-    assert one == two and one[0] != one[1]  # seeded sampling: reproducible, and the two samples differ
-
-
-def test_sample_errors(trained, tmp_path):
-    ck = str(trained / "run")
-    cases = [
-        (["--checkpoint", ck, "--prompt", "hello world " * 3000], "exceeds the model's context of 4096"),
-        (["--checkpoint", ck, "--prompt", ""], "prompt is empty"),
-        (["--checkpoint", str(tmp_path / "none"), "--prompt", "hi"], "does not exist"),
-        (["--checkpoint", ck, "--prompt", "hi", "--temperature", "-1"], "--temperature -1.0 must be >= 0"),
-        (["--checkpoint", ck, "--prompt", "hi", "--top_p", "0"], "--top_p 0.0 must be in (0, 1]"),
-        (["--checkpoint", ck, "--prompt", "hi", "--top_p", "1.5"], "--top_p 1.5 must be in (0, 1]"),
-    ]
-    for argv, match in cases:
-        r = sample(*argv)
-        assert r.returncode == 2 and match in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
-
-
-def test_chat_prompt_uses_harmony_tokens():
-    import argparse
-
-    from gptoss_titan.sample import prompt_ids
-
-    ids = prompt_ids(argparse.Namespace(prompt="Hi", prompt_file=None, chat=True))
-    assert ids == [200006, 1428, 200008, 12194, 200007, 200006, 173781]

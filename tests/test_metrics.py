@@ -11,7 +11,8 @@ from gptoss_titan.config import ConfigError, parse_args
 from gptoss_titan.metrics import expert_load_stats, gpu_peak_tflops, measure_matmul_tflops, peak_tflops
 from gptoss_titan.train import main
 
-from .test_train import argv_for, read_metrics
+from .conftest import read_metrics
+from .test_train import argv_for
 
 
 def test_gpu_peak_table():
@@ -42,9 +43,16 @@ def test_expert_load_stats():
 
 def test_metrics_tensorboard_and_profiler_trace(tmp_path):
     run = tmp_path / "run"
-    argv = argv_for(tmp_path, "--training.steps=4", "--validation.freq=4", "--metrics.peak_tflops=0.05",
-                    "--profiling.enable_profiling=true", "--profiling.profile_freq=2",
-                    "--profiling.profiler_warmup=1", "--profiling.profiler_active=1")
+    argv = argv_for(
+        tmp_path,
+        "--training.steps=4",
+        "--validation.freq=4",
+        "--metrics.peak_tflops=0.05",
+        "--profiling.enable_profiling=true",
+        "--profiling.profile_freq=2",
+        "--profiling.profiler_warmup=1",
+        "--profiling.profiler_active=1",
+    )
     assert main(argv) == 0
     rows = read_metrics(run)
     steps = [r for r in rows if "loss" in r]
@@ -55,14 +63,25 @@ def test_metrics_tensorboard_and_profiler_trace(tmp_path):
         assert r["tflops_per_device"] > 0 and r["tokens_per_s"] > 0 and 0 <= r["data_time_pct"] <= 100
         assert len(r["expert_load_min"]) == len(r["expert_load_max"]) == len(r["expert_load_cv"]) == n_layers
         assert all(lo <= hi for lo, hi in zip(r["expert_load_min"], r["expert_load_max"]))
-        # every token goes to top_k = 2 experts: the mean load is 2 x tokens / 8 experts
+        # every token goes to top_k = 2 of the 8 experts in every layer: 2 x 64 tokens / 8 per expert
+        assert r["expert_load_mean"] == [2 * 2 * 32 / 8] * n_layers
         assert r["expert_load_max_over_mean"] >= 1.0 and r["mem_peak_rss_gib"] > 0.1
     # TensorBoard holds the same numbers (float32 in the event file)
     ea = EventAccumulator(str(run / "tb"))
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    for tag in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu_pct", "mem_peak_rss_gib", "data_time_s",
-                "expert_load_cv/layer_00", "expert_load_max/layer_03", "val_loss"):
+    for tag in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu_pct",
+        "mem_peak_rss_gib",
+        "data_time_s",
+        "expert_load_cv/layer_00",
+        "expert_load_max/layer_03",
+        "val_loss",
+    ):
         assert tag in tags, (tag, sorted(tags))
     for tag, key in (("loss", "loss"), ("grad_norm", "grad_norm"), ("mfu_pct", "mfu_pct")):
         events = ea.Scalars(tag)
@@ -81,11 +100,14 @@ def test_metrics_tensorboard_and_profiler_trace(tmp_path):
     assert sorted(p.name for p in (run / "profile_traces").iterdir()) == ["iteration_2", "iteration_4"]
 
 
-@pytest.mark.parametrize("flag, needle", [
-    ("--profiling.profiler_active=0", "profiling.profiler_active = 0"),
-    ("--profiling.profiler_warmup=12", "profiling.profiler_warmup + profiler_active"),
-    ("--metrics.peak_tflops=-1", "metrics.peak_tflops = -1"),
-])
+@pytest.mark.parametrize(
+    "flag, needle",
+    [
+        ("--profiling.profiler_active=0", "profiling.profiler_active = 0"),
+        ("--profiling.profiler_warmup=12", "profiling.profiler_warmup + profiler_active"),
+        ("--metrics.peak_tflops=-1", "metrics.peak_tflops = -1"),
+    ],
+)
 def test_profiling_and_peak_config_errors(flag, needle):
     with pytest.raises(ConfigError, match=needle.replace("+", r"\+")):
         parse_args(["--data.dataset=kjv", flag])
@@ -93,7 +115,7 @@ def test_profiling_and_peak_config_errors(flag, needle):
 
 def test_slow_cpu_bf16_warning(monkeypatch, caplog):
     """The trainer warns when bf16 matmuls are far slower than fp32 (CPUs without native bf16)."""
-    import gptoss_titan.train as train
+    import gptoss_titan.metrics as train
 
     rates = {torch.float32: 0.15, torch.bfloat16: 0.001}
     monkeypatch.setattr(train, "measure_matmul_tflops", lambda device, dtype, **kw: rates[dtype])

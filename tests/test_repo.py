@@ -9,13 +9,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CODE = ("gptoss_titan", "tests", "scripts", "benchmarks")
 
 
 def test_ruff_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     if not Path(ruff).exists():
         pytest.fail("ruff is part of the test extra: pip install -e '.[test]'")
-    r = subprocess.run([ruff, "check", "gptoss_titan", "tests", "scripts"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [ruff, "check", "gptoss_titan", "tests", "scripts"], cwd=ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 

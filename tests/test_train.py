@@ -9,29 +9,25 @@ import torch
 from gptoss_titan.config import parse_args
 from gptoss_titan.train import Trainer, main
 
-
-def synthetic_data(folder, vocab=8192, n=20000, seed=0):
-    """A learnable stream: repeated random 'sentences' of 12 tokens."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    phrases = rng.integers(0, vocab, (8, 12))
-    for split, count in (("train", n), ("val", n // 10)):
-        idx = rng.integers(0, 8, count // 12)
-        phrases[idx].reshape(-1).astype(np.uint32).tofile(folder / f"{split}.bin")
-    (folder / "meta.json").write_text(json.dumps({"tokenizer": "synthetic", "vocab_size": vocab}))
-    return folder
+from .conftest import build, read_metrics, synthetic_data, tiny_args
 
 
 def argv_for(tmp_path, *extra):
     data = synthetic_data(tmp_path / "data")
-    return ["--model.flavor=bench", f"--data.dataset_path={data}", f"--job.dump_folder={tmp_path / 'run'}",
-            "--training.steps=4", "--training.seq_len=32", "--training.local_batch_size=2", "--metrics.log_freq=1",
-            "--validation.freq=2", "--validation.steps=2", "--lr_scheduler.warmup_steps=1", "--optimizer.lr=3e-3",
-            *extra]
-
-
-def read_metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        "--model.flavor=bench",
+        f"--data.dataset_path={data}",
+        f"--job.dump_folder={tmp_path / 'run'}",
+        "--training.steps=4",
+        "--training.seq_len=32",
+        "--training.local_batch_size=2",
+        "--metrics.log_freq=1",
+        "--validation.freq=2",
+        "--validation.steps=2",
+        "--lr_scheduler.warmup_steps=1",
+        "--optimizer.lr=3e-3",
+        *extra,
+    ]
 
 
 def test_training_learns_and_writes_metrics(tmp_path):
@@ -62,9 +58,17 @@ def run_trainer(argv):
 
 def test_gradient_accumulation_equals_big_batch(tmp_path):
     base = argv_for(tmp_path, "--validation.enable=false", "--training.steps=3")
-    a_loss, a_params = run_trainer(base + ["--training.local_batch_size=4", f"--job.dump_folder={tmp_path}/a"])
-    b_loss, b_params = run_trainer(base + ["--training.local_batch_size=2", "--training.global_batch_size=4",
-                                           f"--job.dump_folder={tmp_path}/b"])
+    a_loss, a_params = run_trainer(
+        base + ["--training.local_batch_size=4", f"--job.dump_folder={tmp_path}/a"]
+    )
+    b_loss, b_params = run_trainer(
+        base
+        + [
+            "--training.local_batch_size=2",
+            "--training.global_batch_size=4",
+            f"--job.dump_folder={tmp_path}/b",
+        ]
+    )
     np.testing.assert_allclose(a_loss, b_loss, rtol=1e-5)
     for k in a_params:
         # Adam turns near-zero gradients into +-lr steps, so a 1e-7 gradient difference can move a
@@ -75,10 +79,20 @@ def test_gradient_accumulation_equals_big_batch(tmp_path):
 def test_bf16_close_to_fp32_and_balancing_options(tmp_path):
     base = argv_for(tmp_path, "--validation.enable=false", "--training.steps=3")
     f32, _ = run_trainer(base + [f"--job.dump_folder={tmp_path}/f"])
-    bf16, _ = run_trainer(base + ["--training.mixed_precision_param=bfloat16", f"--job.dump_folder={tmp_path}/h"])
+    bf16, _ = run_trainer(
+        base + ["--training.mixed_precision_param=bfloat16", f"--job.dump_folder={tmp_path}/h"]
+    )
     np.testing.assert_allclose(f32, bf16, rtol=2e-2)
-    aux_run = Trainer(parse_args(base + ["--model.aux_loss_coef=0.01", "--model.load_balance_bias=true",
-                                         f"--job.dump_folder={tmp_path}/x"]))
+    aux_run = Trainer(
+        parse_args(
+            base
+            + [
+                "--model.aux_loss_coef=0.01",
+                "--model.load_balance_bias=true",
+                f"--job.dump_folder={tmp_path}/x",
+            ]
+        )
+    )
     aux_run.train()
     rows = read_metrics(aux_run.dump)
     assert all(r["aux_loss"] >= 0 for r in rows)
@@ -104,14 +118,14 @@ def test_no_weight_decay_on_norms_biases_sinks_embeddings():
     from gptoss_titan.config import Optimizer
     from gptoss_titan.optim import build_optimizer
 
-    from .conftest import build, tiny_args
-
     m = build(tiny_args())
     opt = build_optimizer(m, Optimizer())
     names = {id(p): n for n, p in m.named_parameters()}
     decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
-    assert all(not any(s in n for s in ("norm", "bias", "sinks", "tok_embeddings", "b_gate_up", "b_down"))
-               for n in decayed)
+    assert all(
+        not any(s in n for s in ("norm", "bias", "sinks", "tok_embeddings", "b_gate_up", "b_down"))
+        for n in decayed
+    )
     assert "output.weight" in decayed and "layers.0.moe.experts.w_gate_up" in decayed
     assert len(decayed) + len(opt.param_groups[1]["params"]) == len(list(m.parameters()))
 
@@ -153,50 +167,15 @@ def test_bad_token_ids_are_rejected(tmp_path, capsys):
     assert "token id 8999 >= the model's vocab_size 8192" in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_cli_subprocess_has_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "gptoss_titan.train", "--optimizer.lr=-3"], capture_output=True,
-                       text=True, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "gptoss_titan.train", "--optimizer.lr=-3"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
     h = subprocess.run([sys.executable, "-m", "gptoss_titan.train", "--help"], capture_output=True, text=True)
     assert h.returncode == 0 and "--training.local_batch_size" in h.stdout
-
-
-_MALLOC = """
-import ctypes, sys, torch
-from gptoss_titan.distributed import keep_freed_cpu_memory
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = MallInfo2
-if sys.argv[1] == "keep":
-    assert keep_freed_cpu_memory()
-buf = torch.empty(16 << 20).fill_(1.0)  # 64 MiB, above glibc's largest default mmap threshold (32 MiB)
-mmapped = libc.mallinfo2().hblkhd
-del buf
-print(mmapped >> 20, libc.mallinfo2().fordblks >> 20)
-"""
-
-
-@pytest.mark.parametrize("keep", [True, False])
-def test_trainer_applies_keep_freed_on_cpu(tmp_path, monkeypatch, keep):
-    import gptoss_titan.train as train_module
-
-    calls = []
-    monkeypatch.setattr(train_module, "keep_freed_cpu_memory", lambda: calls.append(1) or True)
-    Trainer(parse_args(argv_for(tmp_path, f"--training.cpu_keep_freed_memory={str(keep).lower()}")))
-    assert len(calls) == int(keep)
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc tuning")
-def test_keep_freed_cpu_memory_keeps_big_blocks_in_the_heap():
-    """training.cpu_keep_freed_memory (default on CPU): a 64 MiB block comes from malloc's heap and
-    stays there, free for reuse, after it is freed; with glibc's defaults it is mmapped and given
-    back to the kernel, so its pages fault in (and are zeroed) again on every step."""
-    got = {}
-    for mode in ("default", "keep"):
-        r = subprocess.run([sys.executable, "-c", _MALLOC, mode], capture_output=True, text=True, check=True)
-        got[mode] = [int(v) for v in r.stdout.split()]  # [MiB mmapped while alive, MiB free in the heap after]
-    assert got["default"][0] >= 64 and got["default"][1] < 64, got
-    assert got["keep"][0] < 64 and got["keep"][1] >= 64, got

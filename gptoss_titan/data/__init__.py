@@ -1,8 +1,17 @@
 """Tokenizer (o200k_harmony, offline), corpus preparation and the resumable token loader."""
 
+from ..tokens import EOT_ID
 from .loader import TokenLoader, open_split, resolve_dataset
 from .prepare import DataError, bundled_dataset, prepare
-from .tokenizer import EOT_ID, get_tokenizer
+from .tokenizer import get_tokenizer
 
-__all__ = ["EOT_ID", "DataError", "TokenLoader", "bundled_dataset", "get_tokenizer", "open_split", "prepare",
-           "resolve_dataset"]
+__all__ = [
+    "EOT_ID",
+    "DataError",
+    "TokenLoader",
+    "bundled_dataset",
+    "get_tokenizer",
+    "open_split",
+    "prepare",
+    "resolve_dataset",
+]

@@ -29,7 +29,9 @@ def open_split(folder: Path, split: str, vocab_size: int, seq_len: int) -> np.me
     """Memmap of folder/<split>.bin after checking it exists, is long enough and fits the vocabulary."""
     path = folder / f"{split}.bin"
     if not path.is_file():
-        raise DataError(f"data file {str(path)!r} not found; create it with scripts/prepare_data.py --output {folder}")
+        raise DataError(
+            f"data file {str(path)!r} not found; create it with scripts/prepare_data.py --output {folder}"
+        )
     if path.stat().st_size % 4:
         raise DataError(f"data file {str(path)!r} is not a uint32 token file (size not a multiple of 4)")
     tokens = np.memmap(path, dtype=np.uint32, mode="r")
@@ -53,8 +55,16 @@ def open_split(folder: Path, split: str, vocab_size: int, seq_len: int) -> np.me
 class TokenLoader:
     """Yields (inputs, targets) int64 [b, seq_len] for one data-parallel rank; Stateful for DCP."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, local_batch_size: int, dp_rank: int = 0,
-                 dp_degree: int = 1, seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        local_batch_size: int,
+        dp_rank: int = 0,
+        dp_degree: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
         self.tokens, self.seq_len, self.b = tokens, seq_len, local_batch_size
         self.dp_rank, self.dp_degree, self.seed, self.shuffle = dp_rank, dp_degree, seed, shuffle
         self.num_samples = (len(tokens) - 1) // seq_len
@@ -89,5 +99,7 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["seq_len"]) != self.seq_len:
-            raise DataError(f"the checkpoint's data position is for seq_len {state['seq_len']}, not {self.seq_len}")
+            raise DataError(
+                f"the checkpoint's data position is for seq_len {state['seq_len']}, not {self.seq_len}"
+            )
         self.position, self.seed = int(state["position"]), int(state["seed"])

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import EOT_ID, get_tokenizer
+from ..errors import DataError
+from ..tokens import EOT_ID
+from .tokenizer import get_tokenizer
 
 BUNDLED = ("kjv",)
-
-
-class DataError(ValueError):
-    """A user-caused data problem (missing files, bad ids); entry points print one line, exit 2."""
 
 
 def kjv_documents() -> Iterator[str]:
@@ -62,7 +60,12 @@ def file_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
-                        row = json.loads(line)
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise DataError(
+                                f"{p}:{n} is not valid JSON ({e.msg}); fix or remove that line"
+                            ) from None
                         if text_field not in row:
                             raise DataError(f"{p}:{n} has no field {text_field!r}; pass --text_field NAME")
                         yield row[text_field]
@@ -75,7 +78,9 @@ def file_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
             raise DataError(f"input file {p!r} has an unknown type; use .txt, .jsonl or .parquet")
 
 
-def hf_documents(name: str, split: str = "train", text_field: str = "text", config: str | None = None) -> Iterator[str]:
+def hf_documents(
+    name: str, split: str = "train", text_field: str = "text", config: str | None = None
+) -> Iterator[str]:
     """A Hugging Face `datasets` corpus (streamed; needs the network or a local dataset cache)."""
     import datasets
 
@@ -85,8 +90,13 @@ def hf_documents(name: str, split: str = "train", text_field: str = "text", conf
 
 
 def prepare(
-    documents: Iterable[str], out_dir: str | os.PathLike, source: str, tokenizer: str = "o200k_harmony",
-    val_every: int = 100, progress: bool = True, max_documents: int | None = None,
+    documents: Iterable[str],
+    out_dir: str | os.PathLike,
+    source: str,
+    tokenizer: str = "o200k_harmony",
+    val_every: int = 100,
+    progress: bool = True,
+    max_documents: int | None = None,
 ) -> Path:
     """Tokenize documents into out_dir/{train,val}.bin + meta.json; returns out_dir."""
     out = Path(out_dir)
@@ -117,9 +127,15 @@ def prepare(
         if counts["train"] < 2 or counts["val"] < 2:
             raise DataError(f"{source} gave too little text ({counts} tokens); give more documents")
         meta = {
-            "source": source, "tokenizer": tokenizer, "vocab_size": enc.n_vocab, "dtype": "uint32",
-            "eot_id": EOT_ID, "train_tokens": counts["train"], "val_tokens": counts["val"],
-            "train_documents": docs["train"], "val_documents": docs["val"],
+            "source": source,
+            "tokenizer": tokenizer,
+            "vocab_size": enc.n_vocab,
+            "dtype": "uint32",
+            "eot_id": EOT_ID,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "train_documents": docs["train"],
+            "val_documents": docs["val"],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         try:
@@ -141,7 +157,9 @@ def default_cache_dir() -> Path:
 def bundled_dataset(name: str, tokenizer: str = "o200k_harmony", cache_dir: str = "") -> Path:
     """Path of a bundled corpus's memmaps, prepared on first use (concurrent callers are safe)."""
     if name not in BUNDLED:
-        raise DataError(f"unknown bundled dataset {name!r}; available: {', '.join(BUNDLED)} (or set data.dataset_path)")
+        raise DataError(
+            f"unknown bundled dataset {name!r}; available: {', '.join(BUNDLED)} (or set data.dataset_path)"
+        )
     out = Path(cache_dir or default_cache_dir()) / f"{name}-{tokenizer}"
     if not (out / "meta.json").exists():
         try:

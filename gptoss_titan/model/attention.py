@@ -31,6 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..compat import FLASH_CPU, FLASH_CPU_BWD, flex_attention_lse
+
 
 def causal_mask(T: int, S: int, window: int | None, device: torch.device) -> torch.Tensor:
     """Bool [T, S], True where query i (absolute position S - T + i) may see key j.
@@ -46,15 +48,20 @@ def causal_mask(T: int, S: int, window: int | None, device: torch.device) -> tor
 
 
 def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Bool [T, S] from absolute positions: key j visible to query i iff pos_i - window < pos_j <= pos_i."""
-    allowed = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+    """Bool [T, S] from absolute positions: key j visible to query i iff pos_i - window < pos_j <= pos_i.
+    A key position of -1 marks an empty cache slot: never visible."""
+    allowed = (k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)) & (k_pos.unsqueeze(0) >= 0)
     if window is not None:
         allowed &= k_pos.unsqueeze(0) > q_pos.unsqueeze(1) - window
     return allowed
 
 
 def sink_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    window: int | None,
     allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, N, T, D], k/v [B, G, S, D], sinks [N] -> [B, N, T, D].
@@ -110,15 +117,21 @@ def decode_attention(
     return out.view(B, N, T, D)
 
 
-_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_FLASH_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_FLASH_CPU, _FLASH_CPU_BWD = FLASH_CPU, FLASH_CPU_BWD
 
 
 # The fused CPU kernels wrapped as custom ops: torch.compile and per-op activation checkpointing
 # see one opaque op (with its own backward) instead of tracing into the kernels.
 @torch.library.custom_op("gptoss_titan::flash_sink", mutates_args=())
-def flash_sink_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, causal: bool,
-                  mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def flash_sink_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    causal: bool,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """out = flash(q, k, v) * gate, gate = sigmoid(lse - sink); also returns lse and gate [B, N, T]
     (fp32, fp64 for fp64 inputs).
     q [B, N, T, D], k/v [B, G, S, D] (GQA native in the kernel)."""
@@ -136,10 +149,19 @@ def _(q, k, v, sinks, causal, mask, scale):
 
 
 @torch.library.custom_op("gptoss_titan::flash_sink_backward", mutates_args=())
-def flash_sink_backward_op(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                           lse: torch.Tensor, gate: torch.Tensor, sinks: torch.Tensor, causal: bool,
-                           mask: torch.Tensor | None, scale: float
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def flash_sink_backward_op(
+    g: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    gate: torch.Tensor,
+    sinks: torch.Tensor,
+    causal: bool,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The flash backward with grad_out * gate and the final `out` as its output argument gives the
     exact gradients with the sink column: its row term rowsum(grad_in * out_arg) becomes
     gate x rowsum(g * out), which the extra softmax entry requires. d sink = -sum (1 - gate) rowsum(g * out)."""
@@ -182,10 +204,23 @@ def _window_block_mask(W: int, nb: int, dtype: torch.dtype, device: torch.device
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
 
-def flash_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-                         window: int | None) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def _cpu_window_mask(B: int, T: int, W: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[B * nb, 1, W, 2W] the blocked sliding-window mask for a batch, built once per shape."""
+    return _window_block_mask(W, math.ceil(T / W), dtype, device).repeat(B, 1, 1, 1)
+
+
+def flash_sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    window: int | None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Causal (optionally sliding) GQA with sinks, q [B, N, T, D], k/v [B, G, T, D] -> [B, N, T, D],
-    on the fused CPU flash kernels (any dtype they take: fp32, bf16, fp16)."""
+    on the fused CPU flash kernels (any dtype they take: fp32, bf16, fp16). mask: the sliding
+    layers' block mask from `attention_mask` (built here when not given)."""
     B, N, T, D = q.shape
     G = k.shape[1]
     scale = D**-0.5
@@ -201,7 +236,8 @@ def flash_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink
         x = x.unfold(2, 2 * W, W)  # [B, G, nb, D, 2W] (a view: block b = keys of blocks b-1 and b)
         return x.permute(0, 2, 1, 4, 3).reshape(B * nb, G, 2 * W, D)
 
-    mask = _window_block_mask(W, nb, q.dtype, q.device).repeat(B, 1, 1, 1)  # [B * nb, 1, W, 2W]
+    if mask is None:
+        mask = _cpu_window_mask(B, T, W, q.dtype, q.device)  # [B * nb, 1, W, 2W]
     out = flash_sink_op(qb, key_blocks(k), key_blocks(v), sinks, False, mask, scale)[0]  # [B*nb, N, W, D]
     return out.view(B, nb, N, W, D).transpose(1, 2).reshape(B, N, nb * W, D)[:, :, :T]
 
@@ -228,28 +264,45 @@ def _flex_kernel(device_type: str):
     return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
-def flex_sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-                        window: int | None) -> torch.Tensor:
+def flex_sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    window: int | None,
+    block_mask=None,
+) -> torch.Tensor:
     """The CUDA path: flex_attention (compiled) with a causal or sliding block mask, so sliding
     layers skip the blocks outside the window, and its differentiable log-sum-exp; then the sink
-    rescale. Same shapes as `flash_sink_attention`."""
-    from torch.nn.attention.flex_attention import AuxRequest
-
+    rescale. Same shapes as `flash_sink_attention`. block_mask: from `attention_mask` (built
+    outside compiled regions; looked up here when not given)."""
     B, N, T, D = q.shape
     G = k.shape[1]
-    block_mask = _flex_block_mask(T, window, str(q.device))
-    out, aux = _flex_kernel(q.device.type)(q, k, v, block_mask=block_mask, scale=D**-0.5, enable_gqa=G != N,
-                                           return_aux=AuxRequest(lse=True))
-    gate = torch.sigmoid(aux.lse - sinks.to(aux.lse.dtype).view(1, -1, 1))  # [B, N, T]
+    if block_mask is None:
+        block_mask = _flex_block_mask(T, window, str(q.device))
+    out, lse = flex_attention_lse(_flex_kernel(q.device.type), q, k, v, block_mask, D**-0.5, G != N)
+    gate = torch.sigmoid(lse - sinks.to(lse.dtype).view(1, -1, 1))  # [B, N, T]
     return out * gate.unsqueeze(-1).to(out.dtype)
 
 
-def training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-                       window: int | None) -> torch.Tensor:
+def attention_mask(B: int, T: int, window: int | None, device: torch.device, dtype: torch.dtype):
+    """What `training_attention` needs besides q/k/v for a [B, T] batch on this device, built once
+    per shape and outside compiled regions: CPU sliding layers (T > window) the blocked additive
+    mask, CUDA a flex BlockMask, else None."""
+    if device.type == "cpu":
+        return _cpu_window_mask(B, T, window, dtype, device) if window is not None and T > window else None
+    if device.type == "cuda":
+        return _flex_block_mask(T, window, str(device))
+    return None
+
+
+def training_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int | None, mask=None
+) -> torch.Tensor:
     """The attention used in training and full-sequence forwards, by device: fused flash kernels on
-    CPU, flex_attention on CUDA, the exact masked SDPA elsewhere."""
+    CPU, flex_attention on CUDA, the exact masked SDPA elsewhere. mask: from `attention_mask`."""
     if q.device.type == "cpu":
-        return flash_sink_attention(q, k, v, sinks, window)
+        return flash_sink_attention(q, k, v, sinks, window, mask)
     if q.device.type == "cuda":
-        return flex_sink_attention(q, k, v, sinks, window)
+        return flex_sink_attention(q, k, v, sinks, window, mask)
     return sink_attention(q, k, v, sinks, window)

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import UserError
+from ..tokens import CALL_ID, EOT_ID, RETURN_ID, STARTOFTEXT_ID
 from .args import ModelArgs
 
 # (native name, Hugging Face name); "{L}" stands for the layer index.
@@ -46,16 +48,26 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     H, V, E, I = args.dim, args.vocab_size, args.num_experts, args.moe_inter_dim
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     return {
-        "tok_embeddings.weight": (V, H), "norm.weight": (H,), "output.weight": (V, H),
-        "layers.{L}.attention_norm.weight": (H,), "layers.{L}.ffn_norm.weight": (H,),
-        "layers.{L}.attention.wq.weight": (q, H), "layers.{L}.attention.wq.bias": (q,),
-        "layers.{L}.attention.wk.weight": (kv, H), "layers.{L}.attention.wk.bias": (kv,),
-        "layers.{L}.attention.wv.weight": (kv, H), "layers.{L}.attention.wv.bias": (kv,),
-        "layers.{L}.attention.wo.weight": (H, q), "layers.{L}.attention.wo.bias": (H,),
+        "tok_embeddings.weight": (V, H),
+        "norm.weight": (H,),
+        "output.weight": (V, H),
+        "layers.{L}.attention_norm.weight": (H,),
+        "layers.{L}.ffn_norm.weight": (H,),
+        "layers.{L}.attention.wq.weight": (q, H),
+        "layers.{L}.attention.wq.bias": (q,),
+        "layers.{L}.attention.wk.weight": (kv, H),
+        "layers.{L}.attention.wk.bias": (kv,),
+        "layers.{L}.attention.wv.weight": (kv, H),
+        "layers.{L}.attention.wv.bias": (kv,),
+        "layers.{L}.attention.wo.weight": (H, q),
+        "layers.{L}.attention.wo.bias": (H,),
         "layers.{L}.attention.sinks": (args.n_heads,),
-        "layers.{L}.moe.router.gate.weight": (E, H), "layers.{L}.moe.router.gate.bias": (E,),
-        "layers.{L}.moe.experts.w_gate_up": (E, H, 2 * I), "layers.{L}.moe.experts.b_gate_up": (E, 2 * I),
-        "layers.{L}.moe.experts.w_down": (E, I, H), "layers.{L}.moe.experts.b_down": (E, H),
+        "layers.{L}.moe.router.gate.weight": (E, H),
+        "layers.{L}.moe.router.gate.bias": (E,),
+        "layers.{L}.moe.experts.w_gate_up": (E, H, 2 * I),
+        "layers.{L}.moe.experts.b_gate_up": (E, 2 * I),
+        "layers.{L}.moe.experts.w_down": (E, I, H),
+        "layers.{L}.moe.experts.b_down": (E, H),
     }
 
 
@@ -69,7 +81,7 @@ def name_pairs(args: ModelArgs) -> Iterator[tuple[str, str, tuple[int, ...]]]:
             yield native.replace("{L}", idx), hf.replace("{L}", idx), shapes[native]
 
 
-class MappingError(ValueError):
+class MappingError(UserError):
     """A state dict does not match the model args (missing key, extra key or wrong shape)."""
 
 
@@ -91,7 +103,9 @@ def _convert(sd: dict[str, torch.Tensor], args: ModelArgs, to_hf_side: bool) -> 
         seen.add(src)
     extra = [k for k in sd if k not in seen and not (to_hf_side and _is_native_only(k))]
     if extra:
-        raise MappingError(f"unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all) for these model args")
+        raise MappingError(
+            f"unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all) for these model args"
+        )
     return out
 
 
@@ -115,7 +129,7 @@ def hf_config(args: ModelArgs, dtype: str = "bfloat16") -> dict:
         "original_max_position_embeddings": args.rope_original_seq_len,
         "truncate": False,  # must be explicit: a missing key means True and shifts the frequencies
     }
-    eos, pad = 200002, 199999
+    eos, pad = RETURN_ID, EOT_ID
     if args.vocab_size <= eos:  # small flavors: keep special ids inside the vocabulary
         eos, pad = args.vocab_size - 1, args.vocab_size - 2
     return {
@@ -132,7 +146,9 @@ def hf_config(args: ModelArgs, dtype: str = "bfloat16") -> dict:
         "num_experts_per_tok": args.top_k,
         "experts_per_token": args.top_k,
         "sliding_window": args.sliding_window,
-        "layer_types": ["sliding_attention" if args.is_sliding(i) else "full_attention" for i in range(args.n_layers)],
+        "layer_types": [
+            "sliding_attention" if args.is_sliding(i) else "full_attention" for i in range(args.n_layers)
+        ],
         "max_position_embeddings": args.max_seq_len,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
@@ -155,11 +171,25 @@ def hf_config(args: ModelArgs, dtype: str = "bfloat16") -> dict:
     }
 
 
+def generation_config(args: ModelArgs) -> dict:
+    """generation_config.json: stop at <|return|>, <|endoftext|> or <|call|> (as the release does)."""
+    cfg = hf_config(args)
+    eos = list((RETURN_ID, EOT_ID, CALL_ID)) if args.vocab_size > CALL_ID else [cfg["eos_token_id"]]
+    return {
+        "bos_token_id": STARTOFTEXT_ID if args.vocab_size > STARTOFTEXT_ID else cfg["pad_token_id"],
+        "eos_token_id": eos,
+        "pad_token_id": cfg["pad_token_id"],
+        "do_sample": False,
+    }
+
+
 # ----- MXFP4 (the released checkpoints' expert format) ---------------------------------------
 FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
-def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize_mxfp4(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """blocks uint8 [E, out, in/32, 16], scales uint8 [E, out, in/32] -> [E, in, out] (HF layout).
 
     Byte j of a 16-byte block holds element 2j (low nibble) and 2j+1 (high nibble); each value is
@@ -167,7 +197,9 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     """
     E, out_dim, nb, sixteen = blocks.shape
     if sixteen != 16 or tuple(scales.shape) != (E, out_dim, nb):
-        raise MappingError(f"MXFP4 shapes do not match: blocks {list(blocks.shape)}, scales {list(scales.shape)}")
+        raise MappingError(
+            f"MXFP4 shapes do not match: blocks {list(blocks.shape)}, scales {list(scales.shape)}"
+        )
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
     lo, hi = (blocks & 0x0F).long(), (blocks >> 4).long()  # [E, out, nb, 16] each
     vals = torch.stack([lut[lo], lut[hi]], dim=-1).reshape(E, out_dim, nb, 32)  # element 2j, 2j+1

@@ -38,7 +38,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             rows = max(1, chunk_elems // V)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+            grad_w = (
+                torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+                if ctx.needs_input_grad[1]
+                else None
+            )
             # One reused [C, V] fp32 workspace: fresh allocations this large cost more than the math.
             buf = torch.empty(min(rows, M), V, dtype=torch.float32, device=h.device)
             for s in range(0, M, rows):

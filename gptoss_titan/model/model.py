@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from .args import ModelArgs
-from .attention import decode_attention, position_mask, sink_attention, training_attention
+from .attention import attention_mask, decode_attention, position_mask, sink_attention, training_attention
 from .init import init_param, init_spec
 from .kv_cache import KVCache, LayerCache
 from .loss import fused_linear_cross_entropy
-from .moe import MoE, grouped_mm_works
+from .moe import EXPERT_KERNELS, MoE
 
 
 class RMSNorm(nn.Module):
@@ -59,7 +59,9 @@ def yarn_inv_freq(args: ModelArgs) -> torch.Tensor:
     return (1.0 / (args.rope_factor * freq)) * ramp + (1.0 / freq) * (1 - ramp)
 
 
-def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    args: ModelArgs, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [max_seq_len, D/2] in fp32, both multiplied by the YaRN mscale."""
     inv_freq = yarn_inv_freq(args).to(device)
     pos = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
@@ -88,23 +90,51 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=True)
         self.sinks = nn.Parameter(torch.empty(args.n_heads))  # [N] one logit per query head
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask=None,
+        cache: LayerCache | None = None,
+        positions: torch.Tensor | None = None,
+        cache_empty: bool = True,
+    ) -> torch.Tensor:
+        """x [B, T, H], cos/sin [T, D/2] for these tokens' positions -> [B, T, H].
+
+        mask: `attention_mask` for this layer's window and the batch shape (built outside compiled
+        regions). With a cache, positions [T] are the tokens' absolute positions; their keys and
+        values are stored, and the queries attend as in `_cached_attention`.
+        """
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, N, T, D]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = training_attention(q, k, v, self.sinks, self.window)  # [B, N, T, D]
-        elif T == 1:  # one decode step: attend to views of the cache, masked by absolute positions
-            k, v, k_pos = cache.append_one(k, v, int(positions[0]))  # [B, G, S, D], [S]
-            out = decode_attention(q, k, v, self.sinks, position_mask(positions, k_pos, self.window))
-        else:  # prefill (or several tokens): cached + new keys
-            k, v, k_pos = cache.extend(k, v, positions)  # [B, G, S, D], [S]
-            allowed = position_mask(positions, k_pos, self.window)  # [T, S]
-            out = sink_attention(q, k, v, self.sinks, self.window, allowed)
+            out = training_attention(q, k, v, self.sinks, self.window, mask)  # [B, N, T, D]
+        else:
+            out = self._cached_attention(q, k, v, mask, cache, positions, cache_empty)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H]
+
+    def _cached_attention(self, q, k, v, mask, cache: LayerCache, positions: torch.Tensor, cache_empty: bool):
+        """The prompt on an empty cache attends to its own keys with the training kernels; one new
+        token attends to every slot (static shapes); several tokens on a filled cache attend to the
+        slots plus their own keys. Keys outside the window or not yet written are masked by position."""
+        if cache_empty:
+            out = training_attention(q, k, v, self.sinks, self.window, mask)
+            cache.write(k, v, positions)
+        elif q.shape[2] == 1:
+            cache.write(k, v, positions)
+            allowed = position_mask(positions, cache.pos, self.window)  # [1, C]
+            out = decode_attention(q, cache.k.to(q.dtype), cache.v.to(q.dtype), self.sinks, allowed)
+        else:
+            keys = torch.cat([cache.k.to(k.dtype), k], dim=2)  # [B, G, C + T, D]
+            values = torch.cat([cache.v.to(v.dtype), v], dim=2)
+            allowed = position_mask(positions, torch.cat([cache.pos, positions]), self.window)  # [T, C + T]
+            out = sink_attention(q, keys, values, self.sinks, self.window, allowed)
+            cache.write(k, v, positions)
+        return out
 
 
 class TransformerBlock(nn.Module):
@@ -116,13 +146,19 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.moe = MoE(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, need_probs: bool = False,
-                cache: LayerCache | None = None, positions: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask=None,
+        need_probs: bool = False,
+        cache: LayerCache | None = None,
+        positions: torch.Tensor | None = None,
+        cache_empty: bool = True,
+    ):
         """x [B, T, H] -> (x [B, T, H], expert counts [E], router prob sums [E] or None)."""
-        if cache is None:
-            x = x + self.attention(self.attention_norm(x), cos, sin)
-        else:
-            x = x + self.attention(self.attention_norm(x), cos, sin, cache, positions)
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, positions, cache_empty)
         m, counts, prob_sum = self.moe(self.ffn_norm(x), need_probs)
         return x + m, counts, prob_sum
 
@@ -171,18 +207,20 @@ class Transformer(nn.Module):
             if layer.moe.router.expert_bias is not None:
                 layer.moe.router.expert_bias.zero_()
         self.init_buffers(buffer_device)
-        # Probe the grouped-matmul kernel now, not during a forward (where activation checkpointing
-        # would record the probe's ops in the first pass but not in the recomputation). CPU does
-        # not use it (moe._kernel).
-        if self.rope_cos.device.type != "cpu":
-            for dtype in (torch.float32, torch.bfloat16):
-                grouped_mm_works(self.rope_cos.device.type, dtype)
 
     @torch.no_grad()
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         device = device or self.rope_cos.device
         cos, sin = rope_tables(self.args, device)
         self.rope_cos, self.rope_sin = cos, sin
+
+    def set_expert_kernel(self, kernel: str) -> None:
+        """How every MoE layer runs its expert GEMMs: "loop", "batched" or "grouped" (moe.py;
+        `moe.resolve_expert_kernel` picks one for a device and dtype)."""
+        if kernel not in EXPERT_KERNELS[1:]:
+            raise ValueError(f"expert kernel {kernel!r} is not one of {', '.join(EXPERT_KERNELS[1:])}")
+        for layer in self.layers:
+            layer.moe.experts.kernel = kernel
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for sequences of up to max_len tokens (sliding layers keep the window only)."""
@@ -191,38 +229,63 @@ class Transformer(nn.Module):
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {a.max_seq_len}")
         dtype = dtype or self.tok_embeddings.weight.dtype
         dev = self.rope_cos.device
-        return KVCache([
-            LayerCache(batch, a.n_kv_heads, a.head_dim, min(a.sliding_window, max_len) if a.is_sliding(i) else max_len,
-                       ring=a.is_sliding(i), dtype=dtype, device=dev)
-            for i in range(a.n_layers)
-        ])
+        return KVCache(
+            [
+                LayerCache(
+                    batch,
+                    a.n_kv_heads,
+                    a.head_dim,
+                    min(a.sliding_window, max_len) if a.is_sliding(i) else max_len,
+                    ring=a.is_sliding(i),
+                    dtype=dtype,
+                    device=dev,
+                )
+                for i in range(a.n_layers)
+            ]
+        )
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, router_probs: bool = False,
-                cache: KVCache | None = None, start_pos: int = 0):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        router_probs: bool = False,
+        cache: KVCache | None = None,
+        start_pos: int | torch.Tensor = 0,
+    ):
         """tokens [B, T] -> logits [B, T, V].
 
-        With a cache (from `new_cache`), tokens are positions start_pos .. start_pos + T - 1: the
-        prompt first (start_pos 0), then one token at a time; keys and values are kept in the cache.
+        With a cache (from `new_cache`), the tokens are positions start_pos .. start_pos + T - 1:
+        the prompt first (start_pos 0), then one token at a time; keys and values are kept in the
+        cache. A 0-d tensor start_pos keeps every decode step's graph the same under torch.compile.
 
         With targets [B, T] (next tokens, -100 = ignore) it returns instead a tuple
         (summed cross-entropy, router prob sums [L, E] or None, expert counts [L, E]) without
         materializing logits. The prob sums (asked for with router_probs=True) and counts feed
         `load_balancing_loss`; the caller pools the counts over ranks first when data-parallel.
         """
-        T = tokens.shape[1]
-        if start_pos + T > self.args.max_seq_len:
-            raise ValueError(f"sequence length {start_pos + T} exceeds the model's max_seq_len {self.args.max_seq_len}")
-        cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
+        B, T = tokens.shape
+        if isinstance(start_pos, int) and start_pos + T > self.args.max_seq_len:
+            raise ValueError(
+                f"sequence length {start_pos + T} exceeds the model's max_seq_len {self.args.max_seq_len}"
+            )
+        positions = None
+        if cache is None and isinstance(start_pos, int):
+            cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
+        else:
+            positions = start_pos + torch.arange(T, device=tokens.device)  # [T]
+            cos, sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
         h = self.tok_embeddings(tokens)  # [B, T, H]
+        cache_empty = cache is None or cache.empty
+        masks = self._attention_masks(B, T, h) if cache_empty else {}
         counts, prob_sums = [], []
-        positions = torch.arange(start_pos, start_pos + T, device=tokens.device) if cache is not None else None
         for i, layer in enumerate(self.layers):
-            if cache is None:
-                h, c, p = layer(h, cos, sin, router_probs)
-            else:
-                h, c, p = layer(h, cos, sin, router_probs, cache.layers[i], positions)
+            window = self.args.sliding_window if self.args.is_sliding(i) else None
+            layer_cache = cache.layers[i] if cache is not None else None
+            h, c, p = layer(h, cos, sin, masks.get(window), router_probs, layer_cache, positions, cache_empty)
             counts.append(c)
             prob_sums.append(p)
+        if cache is not None:
+            cache.empty = False
         h = self.norm(h)
         if targets is None:
             return self.output(h)
@@ -230,3 +293,13 @@ class Transformer(nn.Module):
         counts_t = torch.stack(counts)  # [L, E]
         probs_t = torch.stack(prob_sums) if router_probs else None  # [L, E]
         return ce_sum, probs_t, counts_t
+
+    def _attention_masks(self, B: int, T: int, h: torch.Tensor) -> dict:
+        """window (None for full layers) -> the attention mask of a [B, T] batch, built here, once
+        per forward and outside compiled regions, in the dtype the attention will run in."""
+        dev = h.device
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
+        windows = {
+            self.args.sliding_window if self.args.is_sliding(i) else None for i in range(self.args.n_layers)
+        }
+        return {w: attention_mask(B, T, w, dev, dtype) for w in windows}

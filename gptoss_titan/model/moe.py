@@ -4,10 +4,12 @@ Shape legend: M tokens (B x T flattened), H hidden, E experts, K experts per tok
 I expert intermediate size, R = M x K routed rows.
 
 Only routed tokens are computed: the R = M x K (token, expert) pairs are sorted by expert, each
-expert multiplies its contiguous slice (on CPU one GEMM per expert in a custom op, expert_mm.py;
-elsewhere one grouped matmul, or a loop fallback), and the results
-are weighted and summed back per token. Expert parallelism (parallel/expert_parallel.py) wraps
-`GroupedExperts.forward`, which sees only sorted rows and per-expert counts.
+expert multiplies its contiguous slice, and the results are weighted and summed back per token.
+Every shape here is a function of the input's shape (counts come from a scatter-add, not a
+bincount), so the layer runs under torch.compile and has no host synchronization of its own; the
+expert kernel (`GroupedExperts.kernel`, chosen once by `resolve_expert_kernel`) decides how the
+GEMMs run. Expert parallelism (parallel/expert_parallel.py) wraps `GroupedExperts.forward`, which
+sees only sorted rows and per-expert counts.
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..compat import grouped_mm, has_grouped_mm
+from . import blas_batch
 from .args import ModelArgs
 from .expert_mm import expert_linear
+
+# "auto" is resolved by resolve_expert_kernel; the others are what GroupedExperts.kernel holds.
+EXPERT_KERNELS = ("auto", "loop", "batched", "grouped")
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -40,13 +47,18 @@ class _ContiguousGrad(torch.autograd.Function):
 @functools.cache
 def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     """Probe once per (device, dtype) whether torch._grouped_mm runs forward and backward here."""
-    if not hasattr(torch, "_grouped_mm"):
+    if not has_grouped_mm():
         return False
     # Isolated from the caller: grad on, no autocast, and identity saved-tensor hooks so that an
     # enclosing activation-checkpoint region does not record the probe's tensors.
     isolate = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
     try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False), isolate:
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(device_type, enabled=False),
+            isolate,
+        ):
             return _probe_grouped_mm(device_type, dtype)
     except (RuntimeError, NotImplementedError):
         return False
@@ -54,46 +66,93 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 
 def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
-    w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-    offs = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
-    y = torch._grouped_mm(x, w, offs=offs)
-    ref = torch.cat([x[:3] @ w[0], x[3:] @ w[1]])
+    w = torch.randn(3, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+    offs = torch.tensor([3, 3, 8], device=device_type, dtype=torch.int32)  # the second expert is empty
+    y = grouped_mm(x, w, offs)
+    ref = torch.cat([x[:3] @ w[0], x[3:] @ w[2]])
     _ContiguousGrad.apply(y).sum().backward()
     return bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2))
 
 
-def _kernel(x: torch.Tensor) -> str:
-    """CPU: "expert_linear" (expert_mm.py). Elsewhere "grouped_mm" where it runs, else "loop"."""
-    if x.device.type == "cpu":
-        return "expert_linear"
-    return "grouped_mm" if grouped_mm_works(x.device.type, x.dtype) else "loop"
+def resolve_expert_kernel(
+    requested: str, device_type: str, dtype: torch.dtype, local_experts: int, rows: int
+) -> tuple[str, str]:
+    """The expert kernel to use and why, once per model: (kernel, reason).
+
+    requested: a name from EXPERT_KERNELS; dtype: the compute dtype of the experts; local_experts:
+    experts on this rank; rows: routed rows per forward on this rank (tokens x K), for "auto".
+    auto: CPU -> "batched" for many experts with few rows each where MKL's batch GEMM exists
+    (fp32/fp64), else "loop"; CUDA -> "grouped" in bf16, "loop" in fp32 (there _grouped_mm falls
+    back to one GEMM per expert and copies the offsets to the host). Raises ValueError for a kernel
+    that cannot run here.
+    """
+    if requested not in EXPERT_KERNELS:
+        raise ValueError(f"model.expert_kernel = {requested!r} is not one of {', '.join(EXPERT_KERNELS)}")
+    batch_ok = device_type == "cpu" and blas_batch.available(dtype)
+    if requested == "batched" and not batch_ok:
+        raise ValueError(
+            f"model.expert_kernel = 'batched' needs the CPU and MKL's batched GEMM for {dtype} "
+            "(x86-64 Linux builds, fp32/fp64); use 'loop' or 'auto'"
+        )
+    if requested == "grouped" and not grouped_mm_works(device_type, dtype):
+        raise ValueError(
+            f"model.expert_kernel = 'grouped': torch._grouped_mm does not run for {dtype} on "
+            f"{device_type} with this torch; use 'loop' or 'auto'"
+        )
+    if requested != "auto":
+        return requested, "set in the config"
+    if device_type == "cpu":
+        if batch_ok and blas_batch.worth_batching(local_experts, rows):
+            return (
+                "batched",
+                f"{local_experts} experts x ~{rows // max(local_experts, 1)} rows: one MKL batch call",
+            )
+        return "loop", "one GEMM per expert (CPU)"
+    if dtype == torch.bfloat16 and grouped_mm_works(device_type, dtype):
+        return "grouped", f"torch._grouped_mm in {dtype}"
+    return "loop", f"one GEMM per expert ({dtype}: no fast grouped GEMM here)"
 
 
-def _grouped_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, counts: torch.Tensor,
-                    kernel: str, expert_of_row: torch.Tensor | None = None) -> torch.Tensor:
+def _grouped_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    counts: torch.Tensor,
+    kernel: str,
+    expert_of_row: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [R, in] sorted by expert, w [E, in, out], b [E, out], counts [E] -> [R, out]; row r uses its expert's w, b.
 
-    kernel "expert_linear": one addmm per expert inside a custom op (the CPU path); "grouped_mm":
-    one grouped matmul (needs at least as many rows as experts, else the loop); "loop": one
-    matmul per expert that has rows (no kernel, or decoding a few tokens). The last two add the
-    bias through `expert_of_row` [R] (computed here when not given).
+    kernel "grouped": one torch._grouped_mm, the bias added per row through `expert_of_row` [R].
+    "loop" / "batched" on CPU: the custom op of expert_mm.py (one addmm per expert, or all of them
+    in one batched BLAS call); "loop" elsewhere: `_loop_linear`.
     """
-    if kernel == "expert_linear":
-        return expert_linear(x, w, b, counts)
-    if expert_of_row is None:
-        expert_of_row = _expert_of_row(counts, x.shape[0])
-    if kernel == "grouped_mm" and x.shape[0] >= counts.numel():
+    if kernel == "grouped":
+        if expert_of_row is None:
+            expert_of_row = _expert_of_row(counts, x.shape[0])
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E] end row of each expert
-        return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs)) + b[expert_of_row]
+        return _ContiguousGrad.apply(grouped_mm(x, w, offs)) + b[expert_of_row]
+    if x.device.type == "cpu":
+        return expert_linear(x, w, b, counts, kernel == "batched")
+    return _loop_linear(x, w, b, counts)
+
+
+def _loop_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """One matmul per expert that has rows, in plain torch ops (any device; syncs for the split sizes)."""
     chunks = torch.split(x, counts.tolist(), dim=0)  # host sync for the split sizes
     # unbind, not w[e]: its backward stacks the E gradients once instead of E full-size zero tensors
-    out = [c @ we if c.shape[0] else c.new_empty(0, w.shape[-1]) for c, we in zip(chunks, w.unbind(0))]
-    return torch.cat(out, dim=0) + b[expert_of_row]
+    out = [
+        c @ we + be if c.shape[0] else c.new_empty(0, w.shape[-1])
+        for c, we, be in zip(chunks, w.unbind(0), b.unbind(0))
+    ]
+    return torch.cat(out, dim=0)
 
 
 def _expert_of_row(counts: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """[R] the expert of each sorted row."""
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=n_rows)
+    """[R] the expert of each sorted row (output_size given: no host sync)."""
+    return torch.repeat_interleave(
+        torch.arange(counts.numel(), device=counts.device), counts, output_size=n_rows
+    )
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -118,6 +177,7 @@ class GroupedExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(E, I, H))  # [E, I, H]
         self.b_down = nn.Parameter(torch.empty(E, H))  # [E, H]
         self.limit, self.alpha = args.swiglu_limit, args.swiglu_alpha
+        self.kernel = "loop"  # works everywhere; Transformer.set_expert_kernel picks the fast one
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [R, H] rows sorted by expert; counts [E] rows per expert (sum R) -> [R, H]."""
@@ -126,15 +186,14 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm and the CPU op are not autocast-aware
             dt = torch.get_autocast_dtype(x.device.type)
             x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
-        kernel = _kernel(x)
-        rows = None if kernel == "expert_linear" else _expert_of_row(counts, x.shape[0])  # once for both
-        u = _grouped_linear(x, w1, b1, counts, kernel, rows)  # [R, 2I]
+        rows = _expert_of_row(counts, x.shape[0]) if self.kernel == "grouped" else None  # once for both GEMMs
+        u = _grouped_linear(x, w1, b1, counts, self.kernel, rows)  # [R, 2I]
         z = clamped_swiglu(u, self.limit, self.alpha)  # [R, I]
-        return _grouped_linear(z, w2, b2, counts, kernel, rows)  # [R, H]
+        return _grouped_linear(z, w2, b2, counts, self.kernel, rows)  # [R, H]
 
 
 class Router(nn.Module):
-    """Top-K of E linear logits; weights = softmax over the K chosen logits only."""
+    """Top-K of E linear logits; weights = softmax over the K chosen logits only (in fp32)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -148,11 +207,11 @@ class Router(nn.Module):
             self.expert_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [M, H] -> weights [M, K], experts [M, K], logits [M, E]."""
+        """x [M, H] -> weights [M, K] (fp32), experts [M, K], logits [M, E]."""
         logits = self.gate(x)  # [M, E]
         scores = logits if self.expert_bias is None else logits + self.expert_bias
         _, idx = torch.topk(scores, self.top_k, dim=-1)  # [M, K]
-        weights = torch.softmax(logits.gather(-1, idx), dim=-1)  # [M, K]
+        weights = torch.softmax(logits.gather(-1, idx).float(), dim=-1)  # [M, K]
         return weights, idx, logits
 
 
@@ -172,20 +231,35 @@ class MoE(nn.Module):
         prob_sum: column sums of the full softmax over E router logits (for the HF aux loss).
         """
         B, T, H = x.shape
+        K = self.router.top_k
         x = x.reshape(B * T, H)  # [M, H]
         weights, idx, logits = self.router(x)  # [M, K], [M, K], [M, E]
-        flat = idx.reshape(-1)  # [R]
+        flat = idx.reshape(-1)  # [R] expert of row r = token r // K, choice r % K
         order = torch.argsort(flat, stable=True)  # [R] rows sorted by expert
-        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
-        token_of_row = order // self.router.top_k  # [R] source token of each sorted row
-        y = self.experts(x[token_of_row], counts)  # [R, H]
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat)
+        )  # [E] (a bincount with a static shape and no host sync)
+        y = self.experts(x[order // K], counts)  # [R, H] in expert order
         y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)  # [R, H] weighted, bias included
-        out = torch.zeros_like(x, dtype=y.dtype).index_add_(0, token_of_row, y)  # [M, H]
+        # Back to (token, choice) order, then sum the K choices of each token in a fixed order:
+        # deterministic on every device (no atomics, unlike an index_add over tokens).
+        y = torch.zeros_like(y).index_copy(0, order, y)  # [R, H]
+        out = y.view(B * T, K, H).sum(1)  # [M, H]
         prob_sum = torch.softmax(logits.float(), dim=-1).sum(0) if need_probs else None  # [E]
         return out.reshape(B, T, H).to(x.dtype), counts, prob_sum
 
 
-def load_balancing_loss(counts: torch.Tensor, prob_sums: torch.Tensor, n_rows: int) -> torch.Tensor:
+@torch.no_grad()
+def update_expert_bias(routers: list[Router], counts: torch.Tensor, rate: float) -> None:
+    """Auxiliary-loss-free balancing, after an optimizer step: raise the bias of under-loaded
+    experts, lower over-loaded ones (counts [L, E]: the whole global batch's assignments)."""
+    for router, c in zip(routers, counts.float()):
+        router.expert_bias += rate * torch.sign(c.mean() - c)
+
+
+def load_balancing_loss(
+    counts: torch.Tensor, prob_sums: torch.Tensor, n_rows: int | torch.Tensor
+) -> torch.Tensor:
     """Hugging Face's aux loss, pooled over layers: E x sum_e(f_e x P_e).
 
     counts [L, E] top-k assignments, prob_sums [L, E] softmax column sums, n_rows tokens per layer.

@@ -16,9 +16,9 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from ..compat import checkpoint_wrapper
 from ..config import ActivationCheckpoint
 from ..metrics import logger
 
@@ -31,10 +31,19 @@ def unwrap(module: nn.Module) -> nn.Module:
 def _save_list() -> set:
     import gptoss_titan.model.attention  # noqa: F401  (registers gptoss_titan::flash_sink)
 
-    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-           torch.ops.gptoss_titan.flash_sink.default}
-    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention", "_grouped_mm"):
+    ops = {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.gptoss_titan.flash_sink.default,
+    }
+    for name in (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_grouped_mm",
+    ):
         if hasattr(torch.ops.aten, name):
             ops.add(getattr(torch.ops.aten, name).default)
     return ops

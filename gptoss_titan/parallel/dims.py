@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ..config import ConfigError, Parallelism
+from ..compat import unflatten_mesh
+from ..config import ConfigError, Parallelism, check_degrees
 
 
 @dataclass
@@ -30,13 +31,12 @@ class ParallelDims:
     @classmethod
     def from_config(cls, p: Parallelism, world_size: int, num_experts: int) -> ParallelDims:
         """Resolve -1 and check every degree against the world size and the experts."""
-        for name in ("data_parallel_replicate_degree", "expert_parallel_degree"):
-            if getattr(p, name) < 1:
-                raise ConfigError(f"parallelism.{name} = {getattr(p, name)} must be >= 1")
-        for name in ("tensor_parallel_degree", "pipeline_parallel_degree", "context_parallel_degree"):
-            if getattr(p, name) != 1:
-                raise ConfigError(f"parallelism.{name} = {getattr(p, name)} is not supported yet; set it to 1")
-        rep, shard, ep = p.data_parallel_replicate_degree, p.data_parallel_shard_degree, p.expert_parallel_degree
+        check_degrees(p, num_experts)
+        rep, shard, ep = (
+            p.data_parallel_replicate_degree,
+            p.data_parallel_shard_degree,
+            p.expert_parallel_degree,
+        )
         if shard == -1:
             if world_size % rep:
                 raise ConfigError(
@@ -44,8 +44,6 @@ class ParallelDims:
                     f"{rep}; choose a replicate degree that divides {world_size}"
                 )
             shard = world_size // rep
-        if shard < 1:
-            raise ConfigError(f"parallelism.data_parallel_shard_degree = {shard} must be -1 or >= 1")
         if rep * shard != world_size:
             raise ConfigError(
                 f"data_parallel_replicate_degree x data_parallel_shard_degree = {rep} x {shard} = {rep * shard} "
@@ -55,11 +53,6 @@ class ParallelDims:
             raise ConfigError(
                 f"parallelism.expert_parallel_degree = {ep} does not divide data_parallel_shard_degree = {shard} "
                 f"(expert parallelism borrows from the shard dimension); use a divisor of {shard}"
-            )
-        if num_experts % ep:
-            raise ConfigError(
-                f"parallelism.expert_parallel_degree = {ep} does not divide the {num_experts} experts; "
-                f"use a divisor of {num_experts}"
             )
         return cls(dp_replicate=rep, dp_shard=shard, ep=ep, world_size=world_size)
 
@@ -77,8 +70,10 @@ class ParallelDims:
         (replicate, efsdp, ep) views; all share the world as their root, as FSDP2 with
         expert-sharded DTensors requires."""
         world = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("dp",))
-        dense = world._unflatten(0, (self.dp_replicate, self.dp_shard), ("dp_replicate", "dp_shard"))
-        moe = world._unflatten(0, (self.dp_replicate, self.efsdp, self.ep), ("dp_replicate", "efsdp", "ep"))
+        dense = unflatten_mesh(world, 0, (self.dp_replicate, self.dp_shard), ("dp_replicate", "dp_shard"))
+        moe = unflatten_mesh(
+            world, 0, (self.dp_replicate, self.efsdp, self.ep), ("dp_replicate", "efsdp", "ep")
+        )
         rep = self.dp_replicate > 1
         return Meshes(
             world=world,
@@ -100,3 +95,12 @@ class Meshes:
     @property
     def loss(self) -> DeviceMesh:
         return self.dp
+
+    def groups(self) -> list:
+        """Every process group behind these meshes (once each)."""
+        out = []
+        for mesh in (self.world, self.dense, self.ep, self.efsdp, self.dp):
+            for g in mesh.get_all_groups():
+                if all(g is not h for h in out):
+                    out.append(g)
+        return out

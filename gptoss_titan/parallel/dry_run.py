@@ -17,8 +17,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from ..config import JobConfig
-from ..model import FLAVORS, Transformer
+from ..compat import fake_process_group, fsdp_mesh_size
+from ..config import JobConfig, model_args
+from ..model import Transformer
 from . import ParallelDims, parallelize
 
 GIB = 2**30
@@ -32,9 +33,8 @@ def _fsdp_groups(model: torch.nn.Module) -> list[tuple[str, int, int]]:
     """(module name, FSDP mesh size, local param elements) for every FSDP module's own params."""
     owner: dict[int, tuple[str, int]] = {}
     for name, m in model.named_modules():
-        group = m._get_fsdp_state()._fsdp_param_group if isinstance(m, FSDPModule) else None
-        if group is not None:
-            mesh_size = group.mesh_info.mesh.size()
+        mesh_size = fsdp_mesh_size(m) if isinstance(m, FSDPModule) else None
+        if mesh_size is not None:
             for p in m.parameters():
                 owner[id(p)] = (name or "<root>", mesh_size)  # inner modules come later and win
     sizes: dict[tuple[str, int], int] = {}
@@ -45,10 +45,8 @@ def _fsdp_groups(model: torch.nn.Module) -> list[tuple[str, int, int]]:
 
 
 def dry_run(cfg: JobConfig, world_size: int) -> None:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    args = FLAVORS[cfg.model.flavor]
+    fake_process_group(world_size)
+    args = model_args(cfg)
     dims = ParallelDims.from_config(cfg.parallelism, world_size, args.num_experts)
     meshes = dims.build_meshes("cpu")
     with torch.device("meta"):
@@ -61,8 +59,10 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     groups = _fsdp_groups(model)
     name, mesh, n = max(groups, key=lambda g: g[2] * g[1])
     rows = [("parameters (fp32)", 4), ("gradients (fp32)", 4), ("AdamW state (2 x fp32)", 8)]
-    print(f"dry run: {cfg.model.flavor} ({args.num_params():,} parameters) on {world_size} ranks: "
-          f"replicate {dims.dp_replicate} x shard {dims.dp_shard} (efsdp {dims.efsdp} x ep {dims.ep})")
+    print(
+        f"dry run: {cfg.model.flavor} ({args.num_params():,} parameters) on {world_size} ranks: "
+        f"replicate {dims.dp_replicate} x shard {dims.dp_shard} (efsdp {dims.efsdp} x ep {dims.ep})"
+    )
     print(f"{'per rank':<26}{'dense GiB':>12}{'experts GiB':>14}{'total GiB':>12}")
     total = 0.0
     for label, b in rows:
@@ -70,8 +70,10 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
         total += d + e
         print(f"{label:<26}{d:>12.3f}{e:>14.3f}{d + e:>12.3f}")
     print(f"{'sum':<26}{'':>12}{'':>14}{total:>12.3f}")
-    print(f"largest all-gather: {name} over {mesh} ranks, {n * mesh * pbytes / GIB:.3f} GiB "
-          f"({cfg.training.mixed_precision_param}); FSDP groups: {len(groups)}")
+    print(
+        f"largest all-gather: {name} over {mesh} ranks, {n * mesh * pbytes / GIB:.3f} GiB "
+        f"({cfg.training.mixed_precision_param}); FSDP groups: {len(groups)}"
+    )
     dist.destroy_process_group()
 
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+
+from ..compat import all_to_all_single_autograd
 
 
 class ExpertParallel:
@@ -49,7 +50,9 @@ class ExpertParallel:
         out_splits = recv_counts.sum(1).tolist()
         x_recv = all_to_all_single_autograd(x, out_splits, in_splits, group)  # [R', H] by source, then expert
         local_id = torch.arange(local_e, device=x.device).repeat(ep)  # [ep x El]
-        expert_of_row = torch.repeat_interleave(local_id, recv_counts.reshape(-1), output_size=sum(out_splits))
+        expert_of_row = torch.repeat_interleave(
+            local_id, recv_counts.reshape(-1), output_size=sum(out_splits)
+        )
         order = torch.argsort(expert_of_row, stable=True)  # [R'] regroup by local expert
         self._pending.append((order, in_splits, out_splits))
         return x_recv[order], recv_counts.sum(0)  # [R', H], [El]
@@ -65,5 +68,6 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     for block in model.layers:
         experts = block.moe.experts
         style = ExpertParallel(block.moe.num_experts)
-        distribute_module(experts, ep_mesh, partition_fn=style.partition, input_fn=style.dispatch,
-                          output_fn=style.combine)
+        distribute_module(
+            experts, ep_mesh, partition_fn=style.partition, input_fn=style.dispatch, output_fn=style.combine
+        )

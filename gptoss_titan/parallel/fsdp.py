@@ -3,27 +3,28 @@
 Where it sits: the last pass (parallel/__init__.py). Dense parameters shard over the dense mesh
 (HSDP when it has a replicate dimension); each block's experts shard over the efsdp mesh on top
 of their expert-parallel split. Gradients are summed, not averaged: the loss is already divided
-by the global number of target tokens (DESIGN.md, Numerics).
+by the global number of target tokens of the step (train.py), so the sum over ranks is the
+gradient of the whole global batch.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
 from ..config import JobConfig
+from ..dtypes import dtype_of
 from ..metrics import logger
 from .activation_checkpoint import unwrap
 from .dims import Meshes
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def apply_fsdp(model: nn.Module, meshes: Meshes, cfg: JobConfig) -> None:
     t = cfg.training
-    mp = MixedPrecisionPolicy(param_dtype=DTYPES[t.mixed_precision_param], reduce_dtype=DTYPES[t.mixed_precision_reduce])
+    mp = MixedPrecisionPolicy(
+        param_dtype=dtype_of(t.mixed_precision_param), reduce_dtype=dtype_of(t.mixed_precision_reduce)
+    )
     policy = cfg.parallelism.fsdp_reshard_after_forward
     reshard = {"always": True, "never": False, "default": True}[policy]
     local_experts = model.args.num_experts // meshes.ep.size()
@@ -37,18 +38,29 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, cfg: JobConfig) -> None:
 
     expert_dim = 1 if inside else 0
     for block in model.layers:
-        fully_shard(unwrap(block).moe.experts, mesh=meshes.efsdp, mp_policy=mp, reshard_after_forward=reshard,
-                    shard_placement_fn=expert_placement)
+        fully_shard(
+            unwrap(block).moe.experts,
+            mesh=meshes.efsdp,
+            mp_policy=mp,
+            reshard_after_forward=reshard,
+            shard_placement_fn=expert_placement,
+        )
         fully_shard(block, mesh=meshes.dense, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model.tok_embeddings, mesh=meshes.dense, mp_policy=mp, reshard_after_forward=reshard)
     # The last modules run first in backward: keeping them unsharded after forward saves an all-gather.
-    fully_shard([model.norm, model.output], mesh=meshes.dense, mp_policy=mp,
-                reshard_after_forward=reshard if policy != "default" else False)
+    fully_shard(
+        [model.norm, model.output],
+        mesh=meshes.dense,
+        mp_policy=mp,
+        reshard_after_forward=reshard if policy != "default" else False,
+    )
     fully_shard(model, mesh=meshes.dense, mp_policy=mp, reshard_after_forward=reshard)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
-    logger.info(f"FSDP2: dense over {meshes.dense.mesh_dim_names} {tuple(meshes.dense.shape)}, experts over "
-                f"{meshes.efsdp.mesh_dim_names} {tuple(meshes.efsdp.shape)} (expert dim {expert_dim}); params {t.mixed_precision_param}, "
-                f"reduce {t.mixed_precision_reduce}; reshard_after_forward={policy}")
+    logger.info(
+        f"FSDP2: dense over {meshes.dense.mesh_dim_names} {tuple(meshes.dense.shape)}, experts over "
+        f"{meshes.efsdp.mesh_dim_names} {tuple(meshes.efsdp.shape)} (expert dim {expert_dim}); params {t.mixed_precision_param}, "
+        f"reduce {t.mixed_precision_reduce}; reshard_after_forward={policy}"
+    )

@@ -10,8 +10,9 @@ from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float) -> float:
-    """Clip gradients in place to a global L2 norm of max_norm (0 or inf = no clipping); return the norm.
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """Clip gradients in place to a global L2 norm of max_norm (0 or inf = no clipping); return the
+    norm before clipping, as a 0-d fp64 tensor on the gradients' device (no host sync).
 
     Gradients are grouped by device mesh (dense and expert parameters live on different meshes);
     each group's norm is a DTensor reduction over its shards (replicas counted once), and the
@@ -22,15 +23,18 @@ def clip_grad_norm_(params, max_norm: float) -> float:
         if p.grad is not None:
             g = p.grad
             groups[(g.device_mesh, g.placements) if isinstance(g, DTensor) else None].append(g)
-    total_sq = 0.0
+    total_sq = None
     for grads in groups.values():
         n = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
         if isinstance(n, DTensor):
             n = n.full_tensor()
-        total_sq += float(n) ** 2
-    total = math.sqrt(total_sq)
-    if max_norm and math.isfinite(max_norm) and total > max_norm:
-        coef = max_norm / (total + 1e-6)
+        total_sq = n.double() ** 2 if total_sq is None else total_sq + n.double() ** 2
+    if total_sq is None:
+        return torch.zeros((), dtype=torch.float64)
+    total = total_sq.sqrt()
+    if max_norm and math.isfinite(max_norm):
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # 1 (no change) when the norm is within max_norm
         for grads in groups.values():
-            torch._foreach_mul_(grads, coef)
+            local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+            torch._foreach_mul_(local, coef.to(local[0].dtype))
     return total

@@ -13,7 +13,9 @@ def test_counts_match_spec():
 
 def test_spec_breakdown_20b():
     a = FLAVORS["20b"]
-    assert a.num_active_params() == 24 * (26_550_144 + 5_760 + 92_192 + 4 * 24_891_840) + 201_088 * 2_880 + 2_880
+    assert (
+        a.num_active_params() == 24 * (26_550_144 + 5_760 + 92_192 + 4 * 24_891_840) + 201_088 * 2_880 + 2_880
+    )
 
 
 def test_counts_equal_meta_model():
@@ -43,9 +45,11 @@ def test_flops_are_window_aware():
     # the embedding (biases are not matmuls), experts scaled by K / E
     with torch.device("meta"):
         m = Transformer(a)
-    w = sum(p.numel() * (a.top_k / a.num_experts if "experts.w_" in n else 1)
-            for n, p in m.named_parameters()
-            if (n.endswith(".weight") and p.dim() == 2 or "experts.w_" in n) and "tok_embeddings" not in n)
+    w = sum(
+        p.numel() * (a.top_k / a.num_experts if "experts.w_" in n else 1)
+        for n, p in m.named_parameters()
+        if (n.endswith(".weight") and p.dim() == 2 or "experts.w_" in n) and "tok_embeddings" not in n
+    )
     dense = 6 * w
     assert dense > 6 * a.vocab_size * a.dim  # the lm_head is in
     f = a.flops_per_token(4096)

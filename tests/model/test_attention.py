@@ -1,23 +1,27 @@
 """The fused attention paths equal the reference math (forward and backward, every input's gradient)."""
 
+import math
+
 import pytest
 import torch
 
 from gptoss_titan.model.attention import (
     _window_block_mask,
+    causal_mask,
     flash_sink_attention,
     flex_sink_attention,
+    position_mask,
     reference_attention,
     sink_attention,
 )
 
 SHAPES = [  # B, N, G, T, D, window
-    (2, 8, 2, 100, 32, None),   # GQA, full causal
-    (2, 8, 2, 100, 32, 16),     # sliding, T not a multiple of the window
-    (1, 4, 4, 37, 16, 8),       # MHA
-    (2, 4, 1, 64, 16, 128),     # MQA, window longer than T (plain causal)
-    (1, 4, 2, 129, 16, 64),     # one key past two blocks
-    (1, 2, 1, 256, 8, 32),      # exactly 8 blocks
+    (2, 8, 2, 100, 32, None),  # GQA, full causal
+    (2, 8, 2, 100, 32, 16),  # sliding, T not a multiple of the window
+    (1, 4, 4, 37, 16, 8),  # MHA
+    (2, 4, 1, 64, 16, 128),  # MQA, window longer than T (plain causal)
+    (1, 4, 2, 129, 16, 64),  # one key past two blocks
+    (1, 2, 1, 256, 8, 32),  # exactly 8 blocks
 ]
 
 
@@ -107,3 +111,49 @@ def test_flash_custom_op_registration(causal, dtype):
     q, k, v, sinks = (t.detach().to(dtype).requires_grad_() for t in inputs(2, 4, 2, 24, 16))
     mask = None if causal else torch.zeros(1, 1, 24, 24, dtype=dtype)
     torch.library.opcheck(flash_sink_op, (q, k, v, sinks, causal, mask, 0.25))
+
+
+def test_window_has_exactly_window_keys():
+    m = causal_mask(300, 300, 128, torch.device("cpu"))
+    assert m.sum(-1).tolist() == [min(i + 1, 128) for i in range(300)]
+    assert m[200, 200] and m[200, 73] and not m[200, 72] and not m[200, 201]
+    assert causal_mask(300, 300, None, torch.device("cpu")).sum(-1).tolist() == list(range(1, 301))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("G", [1, 2, 4])
+def test_sink_attention_matches_reference(window, G):
+    torch.manual_seed(0)
+    B, N, T, D = 2, 4, 12, 8
+    q = torch.randn(B, N, T, D, requires_grad=True)
+    k = torch.randn(B, G, T, D, requires_grad=True)
+    v = torch.randn(B, G, T, D, requires_grad=True)
+    sinks = torch.randn(N, requires_grad=True)
+    out = sink_attention(q, k, v, sinks, window)
+    ref = reference_attention(q, k, v, sinks, window)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q, k, v, sinks], g)
+    rgrads = torch.autograd.grad(ref, [q, k, v, sinks], g)
+    for a, b in zip(grads, rgrads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_sink_takes_its_share():
+    # one key, score s, sink S: kept weight = e^s / (e^s + e^S) = sigmoid(s - S)
+    q = torch.zeros(1, 1, 1, 4)
+    k = torch.zeros(1, 1, 1, 4)
+    v = torch.ones(1, 1, 1, 4)
+    sinks = torch.tensor([math.log(3.0)])  # p_sink = 3 / 4
+    out = sink_attention(q, k, v, sinks, None)
+    torch.testing.assert_close(out, torch.full_like(out, 0.25))
+
+
+def test_position_mask_hides_empty_slots_and_old_keys():
+    """KV-cache masks come from stored positions: -1 (an empty slot) is never visible, and on a
+    sliding layer only the last `window` positions are."""
+    k_pos = torch.tensor([8, 9, -1, 6, 7])  # a ring of 5 slots, one still empty
+    q_pos = torch.tensor([9])
+    assert position_mask(q_pos, k_pos, None).tolist() == [[True, True, False, True, True]]
+    assert position_mask(q_pos, k_pos, 3).tolist() == [[True, True, False, False, True]]
+    assert position_mask(torch.tensor([0]), torch.tensor([-1, 0]), 128).tolist() == [[False, True]]

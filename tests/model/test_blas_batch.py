@@ -11,7 +11,9 @@ import torch
 from gptoss_titan.model import FLAVORS, blas_batch
 from gptoss_titan.model.blas_batch import Mat, gemm_batch
 
-MKL_EXPECTED = platform.system() == "Linux" and platform.machine() == "x86_64" and torch.backends.mkl.is_available()
+MKL_EXPECTED = (
+    platform.system() == "Linux" and platform.machine() == "x86_64" and torch.backends.mkl.is_available()
+)
 
 
 def test_available_where_pytorch_links_mkl():
@@ -42,11 +44,22 @@ def test_gemm_batch_equals_mm(dtype):
     acc = torch.randn(4, 6, generator=g, dtype=dtype)
     want_acc = acc + torch.stack([x[0] * e for e in range(1, 5)])
     ones = torch.arange(1, 5, dtype=dtype)  # acc[e] += (e + 1) * x[0]: m = 1, k = 1
-    gemm_batch([(1, 6, 1, Mat(ones, torch.arange(4), 1, 1), Mat(x, torch.zeros(4, dtype=torch.int64), 6, 1),
-                 Mat(acc, torch.arange(4) * 6, 6, 1))], beta=1.0)
+    gemm_batch(
+        [
+            (
+                1,
+                6,
+                1,
+                Mat(ones, torch.arange(4), 1, 1),
+                Mat(x, torch.zeros(4, dtype=torch.int64), 6, 1),
+                Mat(acc, torch.arange(4) * 6, 6, 1),
+            )
+        ],
+        beta=1.0,
+    )
     for e, (r0, n) in enumerate(zip(first.tolist(), rows.tolist())):
-        torch.testing.assert_close(y[r0:r0 + n], x[r0:r0 + n] @ w[e].t())
-        torch.testing.assert_close(dw[e], x[r0:r0 + n].t() @ gy[r0:r0 + n])
+        torch.testing.assert_close(y[r0 : r0 + n], x[r0 : r0 + n] @ w[e].t())
+        torch.testing.assert_close(dw[e], x[r0 : r0 + n].t() @ gy[r0 : r0 + n])
     assert dw[1].eq(0).all()  # k = 0 with beta = 0: zeros, not the NaN that was there
     torch.testing.assert_close(acc, want_acc)
 
@@ -62,20 +75,15 @@ def test_bad_operands_are_refused():
         gemm_batch([(2, 2, 2, Mat(x, off, 4, 1), Mat(x.double(), off, 4, 1), Mat(x, off, 4, 1))])
 
 
-def test_experts_batch_when_many_and_small(monkeypatch):
-    """The bench shape that needs it (64 experts x ~64 rows) takes the batched call; 8 x ~512 keeps the
-    loop; and the whole MoE layer gives the same output and gradients either way."""
-    from gptoss_titan.model.expert_mm import _batched
-    from gptoss_titan.model.moe import MoE
+def test_auto_kernel_batches_many_small_experts():
+    """The bench shape that needs it (64 experts x ~64 rows) takes the batched call; 8 x ~512 keeps
+    the loop; and the whole MoE layer gives the same output and gradients either way."""
+    from gptoss_titan.model.moe import MoE, resolve_expert_kernel
 
     if not MKL_EXPECTED:
         pytest.skip("this PyTorch build has no MKL")
-    x, e64 = torch.randn(4096, 8), torch.zeros(64, dtype=torch.int64)
-    assert _batched(x, torch.float32, e64, 16)
-    assert not _batched(x, torch.float32, torch.zeros(8, dtype=torch.int64), 16)
-    assert not _batched(x.bfloat16(), torch.bfloat16, e64, 16)
-    assert not _batched(x[:0], torch.float32, e64, 16) and not _batched(x, torch.float32, e64, 1)
-
+    assert blas_batch.worth_batching(64, 64 * 64) and not blas_batch.worth_batching(8, 8 * 512)
+    assert resolve_expert_kernel("auto", "cpu", torch.float32, 64, 4096)[0] == "batched"
     args = dataclasses.replace(FLAVORS["debug"], dim=32, moe_inter_dim=16, num_experts=32, top_k=4)
     torch.manual_seed(0)
     moe = MoE(args)
@@ -83,8 +91,8 @@ def test_experts_batch_when_many_and_small(monkeypatch):
         torch.nn.init.normal_(p, std=0.2)
     h = torch.randn(2, 50, args.dim)
     results = []
-    for batched in (False, True):
-        monkeypatch.setattr(blas_batch, "worth_batching", lambda n_experts, n_rows, b=batched: b)
+    for kernel in ("loop", "batched"):
+        moe.experts.kernel = kernel
         out, counts, _ = moe(h)
         grads = torch.autograd.grad(out.square().sum(), list(moe.parameters()))
         results.append((out, grads))
@@ -92,16 +100,3 @@ def test_experts_batch_when_many_and_small(monkeypatch):
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b)
-
-
-def test_expert_op_without_rows():
-    """An expert-parallel rank can receive no tokens: output [0, out], zero weight and bias grads."""
-    from gptoss_titan.model.expert_mm import expert_linear
-
-    counts = torch.zeros(32, dtype=torch.int64)
-    x = torch.randn(0, 8, requires_grad=True)
-    w, b = torch.randn(32, 8, 4, requires_grad=True), torch.randn(32, 4, requires_grad=True)
-    y = expert_linear(x, w, b, counts)
-    y.sum().backward()
-    assert y.shape == (0, 4) and x.grad.shape == (0, 8)
-    assert w.grad.eq(0).all() and b.grad.eq(0).all()

@@ -30,7 +30,9 @@ def test_mapping_checks_names_and_shapes():
     assert set(from_hf(hf, args)) == set(sd)
     bad = dict(hf)
     bad["model.layers.0.self_attn.sinks"] = torch.zeros(3)
-    with pytest.raises(MappingError, match=r"model.layers.0.self_attn.sinks' has shape \[3\], expected \[4\]"):
+    with pytest.raises(
+        MappingError, match=r"model.layers.0.self_attn.sinks' has shape \[3\], expected \[4\]"
+    ):
         from_hf(bad, args)
     del bad["lm_head.weight"]
     with pytest.raises(MappingError, match="lm_head.weight' is missing"):

@@ -16,8 +16,17 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 SHAPES = {
     "gqa4_top2": dict(),
     "mha_top1": dict(n_kv_heads=4, top_k=1, num_experts=3),
-    "gqa_top3_odd": dict(dim=48, n_heads=6, n_kv_heads=2, head_dim=8, num_experts=5, top_k=3, moe_inter_dim=24,
-                         n_layers=3, sliding_window=5),
+    "gqa_top3_odd": dict(
+        dim=48,
+        n_heads=6,
+        n_kv_heads=2,
+        head_dim=8,
+        num_experts=5,
+        top_k=3,
+        moe_inter_dim=24,
+        n_layers=3,
+        sliding_window=5,
+    ),
     "mqa_big_head": dict(n_heads=2, n_kv_heads=1, head_dim=64, sliding_window=16, n_layers=3),
 }
 

@@ -12,7 +12,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from gptoss_titan.config import parse_args
-from gptoss_titan.distributed import shutdown
+from gptoss_titan.distributed import apply_process_settings, shutdown
 from gptoss_titan.train import Trainer
 
 
@@ -20,19 +20,30 @@ def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
     init_only = "--init-only" in argv
     argv = [a for a in argv if a != "--init-only"]
-    tr = Trainer(parse_args(argv))
+    cfg = parse_args(argv)
+    apply_process_settings(cfg)
+    tr = Trainer(cfg)
     if not init_only:
         tr.train()
+    # the checkpoint's own process group exists only when a run saves or loads checkpoints
+    assert tr.checkpoint._pg is None or cfg.checkpoint.enable or cfg.checkpoint.initial_load_path
     if tr.meshes is not None:
-        state = get_model_state_dict(tr.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(
+            tr.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     else:
         state = {k: v.detach().cpu() for k, v in tr.model.state_dict().items()}
     if tr.rank == 0:
         metrics = tr.dump / "metrics.jsonl"
         rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-        torch.save({"losses": [r["loss"] for r in rows if "loss" in r],
-                    "grad_norms": [r["grad_norm"] for r in rows if "grad_norm" in r],
-                    "state": state}, out)
+        torch.save(
+            {
+                "losses": [r["loss"] for r in rows if "loss" in r],
+                "grad_norms": [r["grad_norm"] for r in rows if "grad_norm" in r],
+                "state": state,
+            },
+            out,
+        )
     shutdown()
 
 

@@ -15,18 +15,29 @@ def test_resolves_shard_degree():
     assert (d.dp_shard, d.efsdp) == (64, 8)
 
 
-@pytest.mark.parametrize("world, kw, match", [
-    (4, dict(data_parallel_shard_degree=3), r"1 x 3 = 3 != world size 4"),
-    (6, dict(data_parallel_replicate_degree=4), "not divisible by parallelism.data_parallel_replicate_degree = 4"),
-    (6, dict(expert_parallel_degree=4), "expert_parallel_degree = 4 does not divide data_parallel_shard_degree = 6"),
-    (6, dict(expert_parallel_degree=3), "does not divide the 8 experts"),
-    (4, dict(data_parallel_replicate_degree=0), "must be >= 1"),
-    (4, dict(expert_parallel_degree=0), "must be >= 1"),
-    (4, dict(tensor_parallel_degree=2), "not supported yet"),
-    (4, dict(pipeline_parallel_degree=2), "not supported yet"),
-    (4, dict(context_parallel_degree=2), "not supported yet"),
-    (1, dict(expert_parallel_degree=2), "does not divide data_parallel_shard_degree = 1"),
-])
+@pytest.mark.parametrize(
+    "world, kw, match",
+    [
+        (4, dict(data_parallel_shard_degree=3), r"1 x 3 = 3 != world size 4"),
+        (
+            6,
+            dict(data_parallel_replicate_degree=4),
+            "not divisible by parallelism.data_parallel_replicate_degree = 4",
+        ),
+        (
+            6,
+            dict(expert_parallel_degree=4),
+            "expert_parallel_degree = 4 does not divide data_parallel_shard_degree = 6",
+        ),
+        (6, dict(expert_parallel_degree=3), "does not divide the 8 experts"),
+        (4, dict(data_parallel_replicate_degree=0), "must be >= 1"),
+        (4, dict(expert_parallel_degree=0), "must be >= 1"),
+        (4, dict(tensor_parallel_degree=2), "not supported yet"),
+        (4, dict(pipeline_parallel_degree=2), "not supported yet"),
+        (4, dict(context_parallel_degree=2), "not supported yet"),
+        (1, dict(expert_parallel_degree=2), "does not divide data_parallel_shard_degree = 1"),
+    ],
+)
 def test_mesh_errors(world, kw, match):
     with pytest.raises(ConfigError, match=match):
         dims(world, **kw)

@@ -1,0 +1,210 @@
+"""CheckpointManager: saves and loads a run's Stateful objects with DCP, in the background if
+asked, and keeps the newest k. It knows nothing of what it saves (train_state.py does).
+
+Layout (files.py): `<folder>/step-<N>/` holds the DCP files plus metadata files (the resolved
+config and the model args). A save is written to `step-<N>.tmp/` and renamed to `step-<N>/` by
+rank 0 only once DCP finished writing `.metadata` after every rank's shards: a crash mid-save
+leaves a `.tmp` folder that resume ignores and retention removes.
+
+Async saves (`async_mode = "async"`) stage the state into memory, return, and write in the
+background on their own gloo process group: on the training group, the writer's gloo collectives
+would interleave with training's and crash (measured with torch 2.13; docs/cpu_and_distributed.md).
+A new save waits for the previous one; `close()` waits for the last. The group is created at the
+first save or load, so a run without checkpoints creates none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+from ..compat import pinned_memory_stager
+from ..config import Checkpoint as CkptConfig
+from ..dtypes import dtype_of
+from ..metrics import logger
+from ..train_state import TrainState
+from .files import LOADABLE, CheckpointError, checkpoint_keys, complete_steps, step_dir
+
+
+class CheckpointManager:
+    def __init__(
+        self,
+        folder: Path,
+        cfg: CkptConfig,
+        states: TrainState,
+        metadata: dict[str, dict],
+        writer: Callable[[str], FileSystemWriter] = FileSystemWriter,
+    ):
+        """folder: where step-<N>/ go; metadata: file name -> JSON content written into every step;
+        writer: path -> DCP storage writer (tests inject a slow one)."""
+        self.folder, self.cfg, self.states, self.metadata, self.writer = folder, cfg, states, metadata, writer
+        self.distributed = dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self._pg = None
+        self._stager = None
+        self._future: Future | None = None
+        self._finalized = threading.Event()
+        self._finalized.set()
+        self.last_saved = -1
+        if cfg.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
+            logger.info("checkpoint.async_mode = async_with_pinned_mem needs CUDA; using plain async on CPU")
+
+    @property
+    def pg(self):
+        """The checkpoint's own gloo group (None on one process), created on first use."""
+        if self.distributed and self._pg is None:
+            self._pg = dist.new_group(backend="gloo")
+        return self._pg
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.pg)
+
+    # ----- saving ---------------------------------------------------------------------------
+    def _state_dicts(self, model_only: bool, dtype: torch.dtype | None) -> dict:
+        if model_only:
+            return {"model": self.states.model.state_dict(dtype)}
+        return {k: m.state_dict() for k, m in self.states.members(self.rank).items()}
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written and renamed into place."""
+        if self._future is not None:
+            self._future.result()
+            self._future = None
+        self._finalized.wait()
+
+    def maybe_save(self, step: int, last: bool) -> None:
+        if self.cfg.enable and (step % self.cfg.interval == 0 or last) and step != self.last_saved:
+            model_only = last and self.cfg.last_save_model_only
+            dtype = dtype_of(self.cfg.export_dtype) if model_only else None
+            self.save(step, model_only=model_only, export_dtype=dtype, blocking=last)
+
+    def save(
+        self,
+        step: int,
+        model_only: bool = False,
+        export_dtype: torch.dtype | None = None,
+        blocking: bool = False,
+    ) -> None:
+        self.wait()  # one save at a time
+        tmp = self.folder / f"step-{step}.tmp"
+        if self.rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            for name, content in self.metadata.items():
+                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        self._barrier()
+        state = self._state_dicts(model_only, export_dtype)
+        writer = self.writer(str(tmp))
+        t0 = time.perf_counter()
+        self._finalized.clear()
+        if self.cfg.async_mode == "disabled":
+            dcp.save(state, storage_writer=writer, process_group=self.pg, no_dist=not self.distributed)
+            self._finalize(step, t0)
+        else:
+            future = dcp.async_save(
+                state,
+                storage_writer=writer,
+                process_group=self.pg,
+                no_dist=not self.distributed,
+                async_stager=self._pinned_stager(),
+            )
+            if not isinstance(future, Future):  # newer torch returns a response with the upload future
+                future = future.upload_completion
+            future.add_done_callback(lambda f: self._finalize(step, t0, f))
+            self._future = future
+            logger.info(
+                f"checkpoint step {step}: staged in {time.perf_counter() - t0:.2f}s, writing in background"
+            )
+        self.last_saved = step
+        if blocking:
+            self.wait()
+
+    def _pinned_stager(self):
+        """One pinned-memory stager for the whole run (CUDA, async_with_pinned_mem), else None."""
+        if self.cfg.async_mode != "async_with_pinned_mem" or not torch.cuda.is_available():
+            return None
+        if self._stager is None:
+            self._stager = pinned_memory_stager()
+        return self._stager
+
+    def _finalize(self, step: int, t0: float, future: Future | None = None) -> None:
+        try:
+            if future is not None and future.exception() is not None:
+                logger.info(f"checkpoint step {step} failed: {future.exception()!r}")
+                return
+            if self.rank == 0:
+                final = step_dir(self.folder, step)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(self.folder / f"step-{step}.tmp", final)
+                self._retain(step)
+                logger.info(f"checkpoint step {step} complete in {time.perf_counter() - t0:.2f}s: {final}")
+        finally:
+            self._finalized.set()
+
+    def _retain(self, newest: int) -> None:
+        """Keep the newest keep_latest_k complete checkpoints; drop abandoned .tmp folders."""
+        for p in self.folder.glob("step-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+        k = self.cfg.keep_latest_k
+        if k > 0:
+            older = [s for s in complete_steps(self.folder) if s != newest]
+            for s in older[: max(len(older) + 1 - k, 0)]:  # the newest always stays
+                shutil.rmtree(step_dir(self.folder, s), ignore_errors=True)
+
+    # ----- loading --------------------------------------------------------------------------
+    def load(self, path: Path, model_only: bool) -> None:
+        """Load the members of the TrainState that `path` holds (the model alone if model_only)."""
+        keys = checkpoint_keys(path)
+        members = self.states.members(self.rank)
+        excluded = set(self.cfg.exclude_from_loading) | (
+            {k for k in LOADABLE if k != "model"} if model_only else set()
+        )
+        rng_key = f"rng_rank{self.rank}"
+        rng = members.pop(rng_key)
+        members = {k: m for k, m in members.items() if k not in excluded}
+        if "rng" not in excluded:
+            # Resharded to more ranks than saved: new ranks take rank 0's generator state.
+            saved_rng = next((k for k in (rng_key, "rng_rank0") if k in keys), None)
+            if saved_rng is not None:
+                members[saved_rng] = rng
+        missing = [k for k in members if k not in keys]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has no {missing[0]!r} state; "
+                "add it to checkpoint.exclude_from_loading or use a full checkpoint"
+            )
+        t0 = time.perf_counter()
+        state = {k: m.state_dict() for k, m in members.items()}
+        dcp.load(
+            state,
+            storage_reader=FileSystemReader(str(path)),
+            process_group=self.pg,
+            no_dist=not self.distributed,
+        )
+        for k, m in members.items():
+            m.load_state_dict(state[k])
+        what = "model" if model_only else ", ".join(k if not k.startswith("rng") else "rng" for k in members)
+        logger.info(f"loaded {what} from {path} in {time.perf_counter() - t0:.2f}s")
+
+    def close(self) -> None:
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        if self._pg is not None:
+            dist.destroy_process_group(self._pg)
+            self._pg = None

@@ -1,0 +1,88 @@
+"""Every private or version-dependent torch API the package uses, in one place.
+
+The floor is torch 2.10 (pyproject and README say so): `DeviceMesh._unflatten` arrived in 2.10;
+flex attention's `AuxRequest` and DCP's `DefaultStager` in 2.9; `torch._grouped_mm` on CPU in 2.9
+(CUDA 2.8); FSDP2's `set_force_sum_reduction_for_comms` and `mm(..., out_dtype=)` (CUDA) in 2.8.
+CI runs the pinned torch 2.13.0. When torch renames one of these, only this file changes.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed._functional_collectives import all_to_all_single_autograd  # noqa: F401 (re-export)
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper  # noqa: F401
+from torch.distributed.device_mesh import DeviceMesh
+
+TORCH_FLOOR = (2, 10)
+
+# The fused CPU flash-attention kernels (forward returns the log-sum-exp), private aten ops.
+FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+FLASH_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def unflatten_mesh(mesh: DeviceMesh, dim: int, sizes: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
+    """Split one mesh dimension into several named ones that share the mesh's root (torch >= 2.10)."""
+    return mesh._unflatten(dim, sizes, names)
+
+
+def set_pg_timeout(timeout: timedelta, groups: list) -> None:
+    """Change the timeout of the default process group and of `groups` (TorchTitan does this after
+    the first step; torch 2.13 has only the private `_set_pg_timeout`)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    for group in [None, *groups]:
+        _set_pg_timeout(timeout, group)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [R, in] @ w[e] [in, out] for the rows of each group e (offs: int32 end rows) -> [R, out]."""
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+def has_grouped_mm() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+def fake_process_group(world_size: int) -> None:
+    """A process group that pretends to be rank 0 of world_size (collectives do nothing)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+
+
+def fsdp_mesh_size(module: torch.nn.Module) -> int | None:
+    """The size of the mesh an FSDP2 module shards its own parameters over (None: it holds none)."""
+    group = module._get_fsdp_state()._fsdp_param_group
+    return None if group is None else group.mesh_info.mesh.size()
+
+
+def pinned_memory_stager():
+    """DCP's stager that copies state into reused pinned host buffers (CUDA; torch >= 2.9)."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    return DefaultStager(
+        StagingOptions(
+            use_pinned_memory=True,
+            use_shared_memory=False,
+            use_async_staging=False,
+            use_non_blocking_copy=True,
+        )
+    )
+
+
+def flex_attention_lse(compiled_flex, q, k, v, block_mask, scale: float, enable_gqa: bool):
+    """flex_attention's output and its log-sum-exp [B, N, T] (AuxRequest: torch >= 2.9)."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    out, aux = compiled_flex(
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_aux=AuxRequest(lse=True)
+    )
+    return out, aux.lse

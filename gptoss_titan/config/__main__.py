@@ -1,0 +1,34 @@
+"""`python -m gptoss_titan.config --config F [overrides]`: check a config before launching (the launch
+scripts run this first): one line and exit 2 for a bad value, nothing printed and exit 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .job_config import ConfigError
+from .loading import help_text, parse_args
+
+
+def check_main(argv: list[str] | None = None) -> int:
+    """`python -m gptoss_titan.config --config F [overrides]`: validate, print one line, exit 0 or 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return 0
+    try:
+        cfg = parse_args(argv)
+        if cfg.data.dataset_path and not (Path(cfg.data.dataset_path) / "train.bin").is_file():
+            raise ConfigError(
+                f"data.dataset_path = {cfg.data.dataset_path!r} has no train.bin; "
+                "create it with scripts/prepare_data.py --output <folder>"
+            )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(check_main())

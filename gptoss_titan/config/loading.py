@@ -1,0 +1,150 @@
+"""Loading a JobConfig from a TOML file plus `--section.field=value` overrides, and `--help`.
+
+Loading is strict: unknown sections or keys are errors that suggest the closest valid name, and
+every value is type-checked; `validate()` runs at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import types
+import typing
+from pathlib import Path
+
+from .job_config import ConfigError, JobConfig
+from .validation import closest, validate
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _field_types(cls) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(where: str, value, tp):
+    origin = typing.get_origin(tp)
+    if origin in (list,):
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list of {_type_name(item)}, got {value!r}")
+        return [_check_value(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"internal: unsupported union type for {where}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _parse_cli_value(where: str, text: str, tp):
+    """A command-line string -> a typed value (lists are comma separated)."""
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return [_parse_cli_value(where, t, item) for t in text.split(",") if t != ""]
+    try:
+        if tp is bool:
+            low = text.lower()
+            if low not in ("true", "false", "1", "0"):
+                raise ValueError
+            return low in ("true", "1")
+        return tp(text)
+    except ValueError:
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {text!r}") from None
+
+
+def _apply(cfg: JobConfig, section: str, key: str, value, from_cli: bool, origin: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(JobConfig)}
+    if section not in sections:
+        raise ConfigError(f"unknown section [{section}] in {origin}{closest(section, list(sections))}")
+    sub = getattr(cfg, section)
+    types_ = _field_types(type(sub))
+    if key not in types_:
+        raise ConfigError(f"unknown key {section}.{key} in {origin}{closest(key, list(types_))}")
+    where = f"{section}.{key}"
+    tp = types_[key]
+    typed = _parse_cli_value(where, value, tp) if from_cli else _check_value(where, value, tp)
+    setattr(sub, key, typed)
+
+
+def load_toml(cfg: JobConfig, path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file {path!r} not found; pass an existing TOML file, e.g. train_configs/debug_model.toml"
+        )
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"config file {path!r} is not valid TOML ({e}); fix the syntax at that place"
+        ) from None
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"top-level key {section!r} in {path} must be a [section] table")
+        for key, value in table.items():
+            _apply(cfg, section, key, value, from_cli=False, origin=path)
+    cfg.job.config_file = str(p)
+
+
+def help_text() -> str:
+    lines = ["usage: train [--config FILE.toml] [--section.field=value ...]", "", "options (default):"]
+    for sec in dataclasses.fields(JobConfig):
+        cls = type(getattr(JobConfig(), sec.name))
+        src = _field_comments(cls)
+        lines.append(f"  [{sec.name}]")
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            lines.append(f"    --{sec.name}.{f.name}={default!r}  {src.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """Field name -> its trailing '# comment' in this file (the docs live in one place)."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        s = line.strip()
+        if ":" in s and "#" in s and not s.startswith(("#", "class", '"')):
+            out[s.split(":", 1)[0].strip()] = s.split("#", 1)[1].strip()
+    return out
+
+
+def parse_args(argv: list[str]) -> JobConfig:
+    """`--config F` (or `--job.config_file F`) then `--section.field=value` overrides, in order."""
+    cfg = JobConfig()
+    overrides: list[tuple[str, str]] = []
+    config_file = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --section.field=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"option --{name} needs a value: --{name}=VALUE")
+            value, i = argv[i + 1], i + 1
+        if name in ("config", "job.config_file"):
+            config_file = value
+        elif "." not in name:
+            raise ConfigError(f"option --{name} is not of the form --section.field; see --help")
+        else:
+            overrides.append((name, value))
+        i += 1
+    if config_file:
+        load_toml(cfg, config_file)
+    for name, value in overrides:
+        section, _, key = name.partition(".")
+        _apply(cfg, section, key, value, from_cli=True, origin="command line")
+    validate(cfg)
+    return cfg

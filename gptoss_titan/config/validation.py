@@ -1,0 +1,161 @@
+"""Every cross-field check of a JobConfig, in one place, and the rules other modules share
+(parallel degrees, the batch layout, the model's args).
+
+World-size-dependent checks follow in ParallelDims.from_config, which calls `check_degrees` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+from ..checkpoint.files import LOADABLE
+from ..dtypes import DTYPE_NAMES
+from ..model import FLAVORS, ModelArgs
+from ..model.moe import EXPERT_KERNELS
+from .job_config import ConfigError, JobConfig, Parallelism, Training
+
+
+def closest(name: str, options: list[str]) -> str:
+    m = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"; did you mean {m[0]!r}?" if m else f"; valid: {', '.join(options)}"
+
+
+def _choice(where: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(
+            f"{where} = {value!r} is not one of {', '.join(options)}{closest(value, list(options))}"
+        )
+
+
+def model_args(cfg: JobConfig) -> ModelArgs:
+    """The ModelArgs of this run: the flavor's, with the config's model switches applied."""
+    return dataclasses.replace(FLAVORS[cfg.model.flavor], load_balance_bias=cfg.model.load_balance_bias)
+
+
+def check_degrees(p: Parallelism, num_experts: int) -> None:
+    """The checks of each parallel degree on its own; ParallelDims.from_config adds those that need
+    the world size (products, divisibility)."""
+    for name in ("tensor_parallel_degree", "pipeline_parallel_degree", "context_parallel_degree"):
+        if getattr(p, name) != 1:
+            raise ConfigError(f"parallelism.{name} = {getattr(p, name)} is not supported yet; set it to 1")
+    for name in ("data_parallel_replicate_degree", "expert_parallel_degree"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallelism.{name} = {getattr(p, name)} must be >= 1")
+    if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
+        raise ConfigError(
+            f"parallelism.data_parallel_shard_degree = {p.data_parallel_shard_degree} must be -1 or >= 1"
+        )
+    if num_experts % p.expert_parallel_degree:
+        raise ConfigError(
+            f"parallelism.expert_parallel_degree = {p.expert_parallel_degree} does not divide the "
+            f"{num_experts} experts; use a divisor of {num_experts}"
+        )
+
+
+def batch_layout(t: Training, dp_degree: int) -> tuple[int, int]:
+    """(global batch in sequences, gradient accumulation steps) for this data-parallel degree.
+
+    The one rule: global = local x dp x accumulation, so the global batch must be a multiple of
+    local_batch_size x dp (-1 = exactly local x dp)."""
+    per_micro = t.local_batch_size * dp_degree
+    if t.global_batch_size == -1:
+        return per_micro, 1
+    if t.global_batch_size < 1 or t.global_batch_size % per_micro:
+        raise ConfigError(
+            f"training.global_batch_size = {t.global_batch_size} must be -1 or a positive multiple of "
+            f"training.local_batch_size x data-parallel degree = {t.local_batch_size} x {dp_degree}; change one of them"
+        )
+    return t.global_batch_size, t.global_batch_size // per_micro
+
+
+def validate(cfg: JobConfig) -> None:
+    """Every cross-field check, in one place. World-size-dependent checks live in ParallelDims."""
+    t, o, s, p, c = cfg.training, cfg.optimizer, cfg.lr_scheduler, cfg.parallelism, cfg.checkpoint
+    if cfg.model.name != "gpt_oss":
+        raise ConfigError(f"model.name = {cfg.model.name!r} is not supported; use 'gpt_oss'")
+    if cfg.model.flavor not in FLAVORS:
+        raise ConfigError(
+            f"unknown model.flavor {cfg.model.flavor!r}{closest(cfg.model.flavor, list(FLAVORS))}"
+        )
+    args = FLAVORS[cfg.model.flavor]
+    positives = {
+        "training.steps": t.steps,
+        "training.seq_len": t.seq_len,
+        "training.local_batch_size": t.local_batch_size,
+        "metrics.log_freq": cfg.metrics.log_freq,
+        "validation.freq": cfg.validation.freq,
+        "validation.steps": cfg.validation.steps,
+        "checkpoint.interval": c.interval,
+        "profiling.profile_freq": cfg.profiling.profile_freq,
+        "profiling.profiler_active": cfg.profiling.profiler_active,
+    }
+    for name, v in positives.items():
+        if v < 1:
+            raise ConfigError(f"{name} = {v} must be >= 1")
+    if not o.lr > 0:
+        raise ConfigError(f"optimizer.lr = {o.lr} must be > 0 (e.g. 3e-4)")
+    for name, v in {
+        "optimizer.weight_decay": o.weight_decay,
+        "training.max_norm": t.max_norm,
+        "model.aux_loss_coef": cfg.model.aux_loss_coef,
+        "lr_scheduler.warmup_steps": s.warmup_steps,
+        "checkpoint.keep_latest_k": c.keep_latest_k,
+    }.items():
+        if v < 0:
+            raise ConfigError(f"{name} = {v} must be >= 0")
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        raise ConfigError(f"optimizer betas ({o.beta1}, {o.beta2}) must be in [0, 1)")
+    pr = cfg.profiling
+    if pr.profiler_warmup < 0 or pr.profiler_warmup + pr.profiler_active > pr.profile_freq:
+        raise ConfigError(
+            f"profiling.profiler_warmup + profiler_active = {pr.profiler_warmup} + {pr.profiler_active} must be "
+            f"between 1 and profiling.profile_freq = {pr.profile_freq}; raise profile_freq or lower the others"
+        )
+    if cfg.metrics.peak_tflops < 0:
+        raise ConfigError(f"metrics.peak_tflops = {cfg.metrics.peak_tflops} must be >= 0 (0 = automatic)")
+    if not 0 <= s.min_lr_factor <= 1:
+        raise ConfigError(f"lr_scheduler.min_lr_factor = {s.min_lr_factor} must be in [0, 1]")
+    if t.seq_len > args.max_seq_len:
+        raise ConfigError(
+            f"training.seq_len = {t.seq_len} exceeds the {cfg.model.flavor} model's limit {args.max_seq_len}; "
+            f"use --training.seq_len={args.max_seq_len} or less"
+        )
+    batch_layout(t, dp_degree=1)
+    _choice("training.mixed_precision_param", t.mixed_precision_param, DTYPE_NAMES)
+    _choice("training.mixed_precision_reduce", t.mixed_precision_reduce, DTYPE_NAMES)
+    _choice("optimizer.name", o.name, ("AdamW",))
+    _choice("optimizer.implementation", o.implementation, ("foreach", "fused", "for-loop"))
+    _choice("lr_scheduler.decay_type", s.decay_type, ("cosine", "linear"))
+    _choice(
+        "parallelism.fsdp_reshard_after_forward", p.fsdp_reshard_after_forward, ("default", "always", "never")
+    )
+    _choice("checkpoint.async_mode", c.async_mode, ("disabled", "async", "async_with_pinned_mem"))
+    _choice("checkpoint.initial_load_format", c.initial_load_format, ("dcp", "hf"))
+    _choice("checkpoint.export_dtype", c.export_dtype, DTYPE_NAMES)
+    _choice("activation_checkpoint.mode", cfg.activation_checkpoint.mode, ("none", "full", "selective"))
+    sel = cfg.activation_checkpoint.selective_ac_option
+    if sel != "op" and not (sel.isdigit() and int(sel) >= 1):
+        raise ConfigError(
+            f"activation_checkpoint.selective_ac_option = {sel!r} must be 'op' or a positive integer"
+        )
+    check_degrees(p, args.num_experts)  # the world-size checks follow in ParallelDims.from_config
+    _choice("model.expert_kernel", cfg.model.expert_kernel, EXPERT_KERNELS)
+    for item in cfg.compile.components:
+        _choice("compile.components", item, ("model",))
+    for item in c.exclude_from_loading:
+        _choice("checkpoint.exclude_from_loading", item, LOADABLE)
+    if cfg.comm.init_timeout_seconds < 1 or cfg.comm.train_timeout_seconds < 1:
+        raise ConfigError(
+            f"comm timeouts ({cfg.comm.init_timeout_seconds}, {cfg.comm.train_timeout_seconds}) "
+            "must be >= 1 second"
+        )
+    if cfg.metrics.sample_freq > 0 and args.vocab_size < 201088:
+        raise ConfigError(
+            f"metrics.sample_freq = {cfg.metrics.sample_freq} needs the o200k_harmony vocabulary, but flavor "
+            f"{cfg.model.flavor} has {args.vocab_size} tokens; set --metrics.sample_freq=0"
+        )
+    if not cfg.data.dataset and not cfg.data.dataset_path:
+        raise ConfigError(
+            "set data.dataset (e.g. 'kjv') or data.dataset_path (a folder from scripts/prepare_data.py)"
+        )

@@ -1,0 +1,15 @@
+"""The base of every error a user can cause (a bad config value, path, file or flag).
+
+Entry points catch `UserError`, print it as one line (`error: ...`) and exit with code 2; each
+subclass lives beside the code that raises it (ConfigError in config.py, DataError in data/,
+CheckpointError in checkpoint/, ConvertError in convert.py, ...). Anything else is a bug and keeps
+its traceback.
+"""
+
+
+class UserError(ValueError):
+    """A problem the user can fix; the message names the bad value and the fix."""
+
+
+class DataError(UserError):
+    """A data problem: missing or malformed files, token ids outside the vocabulary, a bad tokenizer."""

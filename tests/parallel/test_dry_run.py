@@ -1,0 +1,38 @@
+"""The fake-backend dry run at scale (parallel/dry_run.py) through scripts/run_train.sh."""
+
+import pytest
+
+from ..conftest import run_train_sh
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "config, ep, params", [("gpt_oss_120b", 8, "116,829,156,672"), ("gpt_oss_20b", 8, "20,914,757,184")]
+)
+def test_fake_backend_dry_run_at_scale(config, ep, params):
+    r = run_train_sh(
+        {"COMM_MODE": "fake_backend", "NGPU": "64", "CONFIG_FILE": f"train_configs/{config}.toml"},
+        f"--parallelism.expert_parallel_degree={ep}",
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = r.stdout
+    assert f"({params} parameters) on 64 ranks" in out and "efsdp 8 x ep 8" in out
+    for row in ("parameters (fp32)", "gradients (fp32)", "AdamW state (2 x fp32)", "largest all-gather"):
+        assert row in out
+    # experts per rank: all expert params / 64 ranks, in GiB of fp32
+    line = next(x for x in out.splitlines() if x.startswith("parameters (fp32)"))
+    experts_gib = float(line.split()[3])
+    from gptoss_titan.model import FLAVORS
+
+    a = FLAVORS[config.split("_")[-1]]
+    expected = a.n_layers * a.num_experts * a._expert_params() * 4 / 64 / 2**30
+    assert abs(experts_gib - expected) < 2e-3
+
+
+def test_dry_run_rejects_bad_mesh():
+    r = run_train_sh(
+        {"COMM_MODE": "fake_backend", "NGPU": "64", "CONFIG_FILE": "train_configs/gpt_oss_120b.toml"},
+        "--parallelism.expert_parallel_degree=3",
+    )
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
