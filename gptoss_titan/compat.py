@@ -23,6 +23,18 @@ FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 FLASH_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+def set_cuda_allocator_settings(settings: str) -> None:
+    """CUDA caching allocator options (as PYTORCH_CUDA_ALLOC_CONF), settable after import."""
+    torch.cuda.memory._set_allocator_settings(settings)
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """Let dynamo keep up to `limit` graphs per code object (default 8) before it gives up."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+
+
 def torch_version() -> tuple[int, int]:
     major, minor = torch.__version__.split(".")[:2]
     return int(major), int(minor)
@@ -51,11 +63,11 @@ def has_grouped_mm() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
-def fake_process_group(world_size: int) -> None:
-    """A process group that pretends to be rank 0 of world_size (collectives do nothing)."""
+def fake_process_group(world_size: int, rank: int = 0) -> None:
+    """A process group that pretends to be `rank` of world_size (collectives do nothing)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
 
 
 def fsdp_mesh_size(module: torch.nn.Module) -> int | None:
@@ -86,3 +98,51 @@ def flex_attention_lse(compiled_flex, q, k, v, block_mask, scale: float, enable_
         q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_aux=AuxRequest(lse=True)
     )
     return out, aux.lse
+
+
+def mm_fp32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out (fp32) = a @ b. fp32 inputs: a plain GEMM. bf16/fp16 inputs on CUDA: one low-precision
+    GEMM with an fp32 output (`out_dtype`, torch >= 2.8 on CUDA); elsewhere the product rounded to
+    the input dtype, then copied."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    elif a.is_cuda:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        out.copy_(a @ b)
+
+
+def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with fp32 accumulation; low-precision a, b stay low precision on CUDA
+    (one GEMM with an fp32 output) instead of an fp32 GEMM at a fraction of the speed."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        acc.add_((a @ b).float())
+
+
+def attention_save_ops(traced: bool) -> set:
+    """Higher-order ops that carry attention in compiled code, for per-op activation checkpointing.
+    traced=True (the checkpoint region is compiled): flex_attention as traced inside it. Else the
+    separately compiled flex region as an eager region sees it: `inductor_compiled_code`, with
+    `wrap_inductor_compiled_regions` (where this torch has it; Dynamo cannot trace a policy that
+    names it, hence the two sets)."""
+    import torch._higher_order_ops.wrap  # noqa: F401  (registers inductor_compiled_code where it exists)
+
+    if traced:
+        return {torch.ops.higher_order.flex_attention}
+    return {getattr(torch.ops.higher_order, "inductor_compiled_code", torch.ops.higher_order.flex_attention)}
+
+
+def flex_compile_options() -> dict:
+    """inductor options for the separately compiled flex kernel: run it as one visible region, so an
+    eager per-op checkpoint policy can save its output instead of recomputing it."""
+    import torch._inductor.config as inductor_config
+
+    return (
+        {"wrap_inductor_compiled_regions": True}
+        if hasattr(inductor_config, "wrap_inductor_compiled_regions")
+        else {}
+    )

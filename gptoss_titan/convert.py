@@ -196,16 +196,59 @@ class HFFolder:
         return None
 
     def load(self, name: str) -> torch.Tensor:
+        """The whole (dequantized) tensor `name`."""
+        return self.load_part(name, None, None)
+
+    def load_part(
+        self, name: str, rows: tuple[int, int] | None, cols: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """Rows [r0, r1) and columns [c0, c1) (dims 0 and 1; None = all) of the (dequantized) tensor
+        `name`, reading only those bytes (MXFP4: the 32-value blocks that cover the columns)."""
         from .model.hf import dequantize_mxfp4
 
+        r = slice(*rows) if rows else slice(None)
+        c = slice(*cols) if cols else slice(None)
         if name in self.weight_map:
             with self._open(name) as f:
-                return f.get_tensor(name).clone()  # own memory: do not keep the file mapping alive
+                part = f.get_slice(name)
+                t = part[r] if len(part.get_shape()) == 1 else part[r, c]
+                return t.clone()  # own memory: do not keep the file mapping alive
+        # MXFP4: blocks [E, out, in/32, 16], scales [E, out, in/32]; native columns are `in`
+        b = slice(cols[0] // 32, -(-cols[1] // 32)) if cols else slice(None)
         with self._open(f"{name}_blocks") as f:
-            blocks = f.get_tensor(f"{name}_blocks")
+            blocks = f.get_slice(f"{name}_blocks")[r, :, b]
         with self._open(f"{name}_scales") as f:
-            scales = f.get_tensor(f"{name}_scales")
-        return dequantize_mxfp4(blocks, scales, torch.float32)
+            scales = f.get_slice(f"{name}_scales")[r, :, b]
+        value = dequantize_mxfp4(blocks, scales, torch.float32)  # [E', in', out]
+        return value[:, cols[0] - b.start * 32 : cols[1] - b.start * 32] if cols else value
+
+
+@torch.no_grad()
+def load_hf_into(model: torch.nn.Module, folder: HFFolder, args: ModelArgs) -> None:
+    """Copy a Hugging Face folder's weights into a (possibly sharded) model: each process reads only
+    the rows and columns of each tensor it holds, and casts them to the parameter's dtype."""
+    from torch.distributed.tensor import DTensor
+
+    from .model.init import global_indices
+
+    params = dict(model.named_parameters())
+    for native, hf, shape in name_pairs(args):
+        got = folder.shape(hf)
+        if got != shape:
+            raise ConvertError(
+                f"tensor {hf!r} has shape {list(got) if got else None}, expected {list(shape)}"
+            )
+        p = params[native]
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if local.numel() == 0:
+            continue
+        idx = global_indices(p)  # dim -> global indices held here (contiguous chunks)
+        span = {d: (int(i.min()), int(i.max()) + 1) for d, i in idx.items()}
+        value = folder.load_part(hf, span.get(0), span.get(1))
+        for d, i in idx.items():
+            if len(i) != value.shape[d]:  # not one contiguous chunk: pick the indices
+                value = value.index_select(d, (i - span[d][0]).cpu())
+        local.copy_(value.to(local.dtype))
 
 
 class _LazySavePlanner(dcp.DefaultSavePlanner):

@@ -14,12 +14,21 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .compat import TORCH_FLOOR, raise_recompile_limit, set_cuda_allocator_settings, torch_version
 from .config import JobConfig
+from .errors import UserError
 
 
 def device_type() -> str:
     """CUDA when present, else CPU (gloo). The one place the device type is chosen."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def local_device() -> torch.device:
+    """This process's device: its GPU (set by init_distributed from LOCAL_RANK), else the CPU."""
+    return (
+        torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
+    )
 
 
 def world_size() -> int:
@@ -52,11 +61,22 @@ def quiet_single_process_warnings() -> None:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
+def check_torch_version() -> None:
+    """One line instead of an AttributeError deep inside a pass when torch is older than the floor."""
+    if torch_version() < TORCH_FLOOR:
+        floor = ".".join(map(str, TORCH_FLOOR))
+        raise UserError(
+            f"torch {torch.__version__} is older than {floor}, the oldest this package runs on; "
+            f"pip install 'torch>={floor}'"
+        )
+
+
 def apply_process_settings(cfg: JobConfig) -> list[str]:
     """Settings that hold for the whole process, from the config, applied once by the entry point
     before any model or tensor exists. Returns one line per setting for the log."""
     t = cfg.training
     done = []
+    check_torch_version()
     quiet_single_process_warnings()
     if t.deterministic:
         # cuBLAS reads this when CUDA initializes: it must be set before the first CUDA call.
@@ -65,7 +85,20 @@ def apply_process_settings(cfg: JobConfig) -> list[str]:
             f"deterministic algorithms (CUBLAS_WORKSPACE_CONFIG={os.environ['CUBLAS_WORKSPACE_CONFIG']})"
         )
     torch.use_deterministic_algorithms(t.deterministic)
-    if device_type() == "cpu" and t.cpu_keep_freed_memory:
+    torch.backends.cudnn.deterministic = t.deterministic
+    torch.backends.cudnn.benchmark = False
+    if cfg.compile.enable:
+        # One code object (Attention.forward) serves sliding and full layers, training and
+        # evaluation, and the samples' prefill and decode: about 8 graphs, dynamo's default limit.
+        raise_recompile_limit(64)
+        done.append("torch.compile: recompile limit 64 per code object")
+    if device_type() == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.allow_tf32
+        done.append(f"TF32 for fp32 matmuls: {'on' if t.allow_tf32 else 'off'}")
+        if t.cuda_expandable_segments:
+            set_cuda_allocator_settings("expandable_segments:True")
+            done.append("CUDA allocator: expandable segments")
+    elif t.cpu_keep_freed_memory:
         done.append(
             "glibc malloc keeps freed memory"
             if keep_freed_cpu_memory()

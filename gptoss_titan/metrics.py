@@ -8,9 +8,12 @@ import math
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .config import Metrics as MetricsConfig
 
 logger = logging.getLogger("gptoss_titan")
 
@@ -35,13 +38,30 @@ def init_logging(rank: int = 0) -> None:
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
-    """Peak memory in GiB: CUDA max allocated / reserved, or the process's peak RSS on CPU."""
+    """Peak memory in GiB since the last `reset_peak_memory`: CUDA max allocated / reserved, or the
+    process's peak resident size on CPU (VmHWM on Linux, else the whole run's ru_maxrss)."""
     if device.type == "cuda":
         return {
             "mem_max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "mem_max_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
         }
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return {"mem_peak_rss_gib": int(line.split()[1]) / 2**20}  # kB
     return {"mem_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new window for the peak-memory metrics (called after each log line)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pass
 
 
 def gpu_peak_tflops(name: str, dtype: str, tf32: bool) -> float | None:
@@ -111,20 +131,39 @@ def expert_load_stats(counts: torch.Tensor) -> dict[str, list[float] | float]:
     }
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step measured, as device tensors (read only on log steps)."""
+
+    loss: torch.Tensor  # mean cross-entropy over the global batch's target tokens
+    lr: float  # the learning rate the step used
+    grad_norm: torch.Tensor  # global L2 norm before clipping
+    expert_counts: torch.Tensor  # [L, E] assignments over the global batch
+    aux_loss: torch.Tensor | None
+    data_time: float  # seconds spent waiting for batches
+
+    def stats(self) -> dict:
+        out = {"loss": float(self.loss), "lr": self.lr, "grad_norm": float(self.grad_norm)}
+        if self.aux_loss is not None:
+            out["aux_loss"] = float(self.aux_loss)
+        out.update(expert_load_stats(self.expert_counts))  # [L, E] tokens per expert, whole global batch
+        return out
+
+
 class MetricsLogger:
     """Writes what the trainer measured; rank 0 writes files unless told every rank should."""
 
-    def __init__(self, dump_folder: Path, tb_folder: str, enable_tb: bool, rank: int, write_files: bool):
+    def __init__(self, dump_folder: Path, cfg: MetricsConfig, rank: int):
         self.rank = rank
         self.jsonl = None
         self.tb = None
-        if write_files:
+        if rank == 0 or not cfg.rank_0_only:
             name = "metrics.jsonl" if rank == 0 else f"metrics_rank_{rank}.jsonl"
             self.jsonl = open(dump_folder / name, "a", buffering=1)
-            if enable_tb:
+            if cfg.enable_tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                sub = dump_folder / tb_folder / (f"rank_{rank}" if rank else "")
+                sub = dump_folder / cfg.save_tb_folder / (f"rank_{rank}" if rank else "")
                 self.tb = SummaryWriter(log_dir=str(sub))
 
     def log(self, step: int, values: dict, prefix: str = "") -> None:

@@ -15,16 +15,25 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from .checkpoint import read_model_args, resolve_step_dir
 from .config import JobConfig
-from .convert import HFFolder, args_from_hf_config
+from .convert import HFFolder, args_from_hf_config, load_hf_into
 from .data.tokenizer import get_tokenizer
-from .distributed import device_type, init_distributed, quiet_single_process_warnings, shutdown, world_size
+from .distributed import (
+    check_torch_version,
+    device_type,
+    init_distributed,
+    quiet_single_process_warnings,
+    shutdown,
+    world_size,
+)
+from .dtypes import DTYPE_NAMES, dtype_of
 from .errors import UserError
 from .generate import generate
-from .model import Transformer
-from .model.hf import from_hf, name_pairs
+from .model import FLAVORS, ModelArgs, Transformer
 from .model.moe import resolve_expert_kernel
 from .parallel import ParallelDims, parallelize
 from .tokens import CHAT_SPECIALS, STOP_IDS, chat_prompt
@@ -40,7 +49,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     src.add_argument("--checkpoint", help="DCP step-<N> folder, or a run folder (latest complete step)")
     src.add_argument("--hf", help="Hugging Face gpt-oss folder (bf16/fp32 or MXFP4)")
     p.add_argument("--config", help="training TOML (optional: the checkpoint carries its model args)")
-    text = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--flavor", help="a named model shape (20b, 120b, ...), with --plan only")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the memory one of NGPU ranks needs (weights, KV cache at the full context) and exit",
+    )
+    text = p.add_mutually_exclusive_group()
     text.add_argument("--prompt")
     text.add_argument("--prompt_file")
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -52,53 +67,113 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the harmony chat format")
     p.add_argument("--output_json", help="also write the generated token ids here")
     p.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default=None,
+        help="weights and compute dtype (default: bfloat16 on GPUs, float32 on CPUs)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the decode step (one process): a one-time compile, then a faster step",
     )
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.dtype = a.dtype or default_dtype()
+    return a
+
+
+def default_dtype() -> str:
+    """bf16 on GPUs (the released weights' dtype); fp32 on CPUs (bf16 matmuls are slow on many)."""
+    return "bfloat16" if device_type() == "cuda" else "float32"
+
+
+def build_model(args: ModelArgs, dtype: str, rows: int, world: int) -> Transformer:
+    """The model on the meta device in `dtype`, with its expert kernel, sharded over the world by
+    `parallelize()` with the training defaults (FSDP2 over every rank) when there are several."""
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype_of(dtype))
+    kernel, _ = resolve_expert_kernel("auto", device_type(), dtype_of(dtype), args.num_experts, rows)
+    model.set_expert_kernel(kernel)
+    if world > 1:
+        cfg = JobConfig()
+        cfg.training.mixed_precision_param = dtype  # parameters are stored and gathered in this dtype
+        dims = ParallelDims.from_config(cfg.parallelism, world, args.num_experts)
+        parallelize(model, dims, dims.build_meshes(device_type()), cfg)
+    return model
 
 
 def load_model(a: argparse.Namespace) -> Transformer:
-    """The model on this rank: whole on one process; over several, sharded by `parallelize()` with
-    the training defaults (FSDP2 over every rank, as a training run on that many processes)."""
+    """The model on this rank, every rank reading only its own part of the weights (DCP shards, or
+    the rows of each safetensors tensor it holds), in --dtype."""
     if a.hf:
         folder = HFFolder(a.hf)
         args = args_from_hf_config(folder.config)
     else:
         step = resolve_step_dir(a.checkpoint)
         args = read_model_args(step)
-    with torch.device("meta"):
-        model = Transformer(args)
-    kernel, _ = resolve_expert_kernel(
-        "auto", device_type(), torch.float32, args.num_experts, a.num_samples * args.top_k
-    )
-    model.set_expert_kernel(kernel)
-    world = world_size()
-    if world > 1:
-        cfg = JobConfig()
-        dims = ParallelDims.from_config(cfg.parallelism, world, args.num_experts)
-        parallelize(model, dims, dims.build_meshes(device_type()), cfg)
+    model = build_model(args, a.dtype, a.num_samples * args.top_k, world_size())
     model.to_empty(device=device_type())
     model.init_buffers()
     if a.hf:
-        sd = from_hf({hf: folder.load(hf).float() for _, hf, _ in name_pairs(args)}, args)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(
-            model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        )
+        load_hf_into(model, folder, args)
     else:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, storage_reader=dcp.FileSystemReader(str(step)), no_dist=world == 1)
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(step)), no_dist=world_size() == 1)
         set_model_state_dict(model, state["model"])
     return model.eval()
 
 
+def memory_plan(args: ModelArgs, world: int, dtype: str, batch: int, context: int) -> dict[str, float]:
+    """Bytes one rank holds to sample from `args` on `world` processes, counted on the meta device
+    with the real sharding (a fake process group, so no GPU is needed): the weights (this rank's
+    shard), the largest FSDP unit gathered at once, and the KV cache for `batch` sequences of
+    `context` tokens (every rank holds the whole cache). GiB."""
+    from torch.distributed.tensor import DTensor
+
+    from .compat import fake_process_group
+
+    if world > 1:
+        fake_process_group(world)
+    try:
+        model = build_model(args, dtype, batch * args.top_k, world)
+        size = dtype_of(dtype).itemsize
+        local = {
+            n: (p.to_local() if isinstance(p, DTensor) else p).numel() for n, p in model.named_parameters()
+        }
+        units = [m for m in model.modules() if hasattr(m, "unshard")] or [model]
+        largest = max(
+            sum(p.numel() for p in u.parameters()) for u in units[1:] or units
+        )  # blocks, not the root
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    kv = sum(
+        2
+        * batch
+        * args.n_kv_heads
+        * args.head_dim
+        * size
+        * (min(args.sliding_window, context) if args.is_sliding(i) else context)
+        for i in range(args.n_layers)
+    )
+    gib = 2**30
+    weights = sum(local.values()) * size / gib
+    gathered = largest * size / gib if world > 1 else 0.0
+    return {
+        "weights_gib": weights,
+        "largest_gather_gib": gathered,
+        "kv_cache_gib": kv / gib,
+        "total_gib": weights + gathered + kv / gib,
+    }
+
+
 def check(a: argparse.Namespace) -> None:
+    if a.flavor:
+        raise SampleError(
+            "--flavor describes a shape without weights: use it with --plan, or pass --checkpoint/--hf"
+        )
+    if a.prompt is None and a.prompt_file is None:
+        raise SampleError("pass --prompt TEXT or --prompt_file FILE")
     if a.temperature < 0:
         raise SampleError(f"--temperature {a.temperature} must be >= 0 (0 = greedy)")
     if not 0 < a.top_p <= 1:
@@ -122,9 +197,43 @@ def prompt_ids(a: argparse.Namespace) -> list[int]:
     return enc.encode_ordinary(text)
 
 
+def plan(a: argparse.Namespace) -> None:
+    """--plan: the memory of one rank of WORLD_SIZE (scripts/generate.sh sets it from NGPU)."""
+    if a.flavor:
+        if a.flavor not in FLAVORS:
+            raise SampleError(f"--flavor {a.flavor!r} is not one of {', '.join(FLAVORS)}")
+        args = FLAVORS[a.flavor]
+    else:
+        args = (
+            args_from_hf_config(HFFolder(a.hf).config)
+            if a.hf
+            else read_model_args(resolve_step_dir(a.checkpoint))
+        )
+    world = world_size()
+    p = memory_plan(args, world, a.dtype, a.num_samples, args.max_seq_len)
+    print(
+        f"sampling plan: {args.num_params():,} parameters in {a.dtype} on {world} rank(s), {a.num_samples} "
+        f"sequence(s) of up to {args.max_seq_len} tokens; per rank: weights {p['weights_gib']:.2f} GiB + "
+        f"largest FSDP unit gathered {p['largest_gather_gib']:.2f} GiB + KV cache {p['kv_cache_gib']:.2f} GiB "
+        f"= {p['total_gib']:.2f} GiB"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        check_torch_version()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     quiet_single_process_warnings()
+    if a.plan:
+        try:
+            plan(a)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     rank, _ = init_distributed()
     try:
         check(a)

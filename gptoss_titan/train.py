@@ -1,7 +1,9 @@
 """The trainer: read top to bottom, one step at a time. Entry point: `python -m gptoss_titan.train`.
 
-Flow: config -> devices -> data -> model on meta -> to_empty + init_weights -> optimizer and LR
-schedule -> loop (micro-batches, backward, clip, step, metrics, validation, samples).
+Flow (docs/package_map.md): config -> process settings (main) -> devices and meshes -> data ->
+what to resume from -> model on meta, expert kernel, parallel passes -> to_empty + init (skipped
+when a checkpoint loads every weight) -> optimizer, LR schedule, TrainState -> run folder, load ->
+loop (micro-batches, backward, clip, step; metrics, validation, samples, checkpoints).
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import dataclasses
 import json
 import math
 import sys
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemWriter
@@ -26,17 +28,18 @@ from .compat import set_pg_timeout
 from .config import ConfigError, JobConfig, batch_layout, help_text, model_args, parse_args
 from .convert import ConvertError, import_for_training
 from .data import TokenLoader, get_tokenizer, open_split, resolve_dataset
-from .distributed import apply_process_settings, device_type, init_distributed, shutdown, world_size
+from .distributed import apply_process_settings, init_distributed, local_device, shutdown, world_size
 from .errors import UserError
 from .generate import generate
 from .metrics import (
     MetricsLogger,
+    StepResult,
     Timer,
-    expert_load_stats,
     init_logging,
     logger,
     memory_stats,
     peak_tflops,
+    reset_peak_memory,
     warn_slow_cpu_bf16,
 )
 from .model import Transformer
@@ -51,39 +54,16 @@ from .tokens import STOP_IDS
 from .train_state import TrainState
 
 
-@dataclass
-class StepResult:
-    """What one optimizer step measured, as device tensors (read only on log steps)."""
-
-    loss: torch.Tensor  # mean cross-entropy over the global batch's target tokens
-    lr: float  # the learning rate the step used
-    grad_norm: torch.Tensor  # global L2 norm before clipping
-    expert_counts: torch.Tensor  # [L, E] assignments over the global batch
-    aux_loss: torch.Tensor | None
-    data_time: float  # seconds spent waiting for batches
-
-    def stats(self) -> dict:
-        out = {"loss": float(self.loss), "lr": self.lr, "grad_norm": float(self.grad_norm)}
-        if self.aux_loss is not None:
-            out["aux_loss"] = float(self.aux_loss)
-        out.update(expert_load_stats(self.expert_counts))  # [L, E] tokens per expert, whole global batch
-        return out
-
-
 class Trainer:
-    def __init__(self, cfg: JobConfig, checkpoint_writer=FileSystemWriter):
-        """checkpoint_writer: path -> DCP storage writer (tests inject a slow one)."""
+    def __init__(self, cfg: JobConfig, checkpoint_writer=FileSystemWriter, checkpoint_stager=None):
+        """checkpoint_writer / checkpoint_stager: see CheckpointManager (tests inject their own)."""
         self.cfg = cfg
         t = cfg.training
         self.model_args = model_args(cfg)
         # Checks that need the world size, before any process group exists.
         self.dims = ParallelDims.from_config(cfg.parallelism, world_size(), self.model_args.num_experts)
         self.rank, self.world_size = init_distributed(cfg.comm.init_timeout_seconds)
-        self.device = (
-            torch.device(device_type(), torch.cuda.current_device())
-            if device_type() == "cuda"
-            else torch.device("cpu")
-        )
+        self.device = local_device()
         self.meshes = self.dims.build_meshes(self.device.type) if self.world_size > 1 else None
         self.dp_rank = self.meshes.dp.get_local_rank() if self.meshes else 0
         self.dp_degree = self.dims.dp_degree
@@ -107,13 +87,24 @@ class Trainer:
             else None
         )
 
-        # Model: meta -> expert kernel -> parallel passes -> to_empty -> init_weights (same values at any sharding).
+        # What to resume from (reads metadata only; errors here still leave nothing written).
+        self.dump = Path(cfg.job.dump_folder)
+        ckpt_folder = self.dump / cfg.checkpoint.folder
+        resume = choose_resume(cfg.checkpoint, ckpt_folder, self.model_args)
+
+        # Model: meta -> expert kernel -> parallel passes -> to_empty -> init (same values at any
+        # sharding; skipped when a checkpoint will overwrite every parameter).
         with torch.device("meta"):
             model = Transformer(self.model_args)
         self._choose_expert_kernel(model)
         parallelize(model, self.dims, self.meshes, cfg)
         model.to_empty(device=self.device)
-        model.init_weights(seed=t.seed)
+        if resume is not None and "model" not in cfg.checkpoint.exclude_from_loading:
+            model.init_buffers()
+        else:
+            init_timer = Timer()
+            model.init_weights(seed=t.seed)
+            logger.info(f"initialized the weights in {init_timer.lap():.2f} s")
         self.model = model
         self.optimizer = build_optimizer(model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, t.steps, cfg.lr_scheduler)
@@ -123,10 +114,7 @@ class Trainer:
             torch.bfloat16 if t.mixed_precision_param == "bfloat16" and self.meshes is None else None
         )
 
-        # What to resume from (errors here still leave nothing written), then the run folder.
-        self.dump = Path(cfg.job.dump_folder)
-        ckpt_folder = self.dump / cfg.checkpoint.folder
-        resume = choose_resume(cfg.checkpoint, ckpt_folder, self.model_args)
+        # The run folder.
         if self.rank == 0:
             self.dump.mkdir(parents=True, exist_ok=True)
             cfg.write(self.dump / "config.json")
@@ -138,14 +126,9 @@ class Trainer:
             self.state,
             metadata={"config.json": cfg.to_dict(), "model_args.json": self.model_args.to_dict()},
             writer=checkpoint_writer,
+            stager=checkpoint_stager,
         )
-        self.metrics = MetricsLogger(
-            self.dump,
-            cfg.metrics.save_tb_folder,
-            cfg.metrics.enable_tensorboard,
-            self.rank,
-            write_files=self.rank == 0 or not cfg.metrics.rank_0_only,
-        )
+        self.metrics = MetricsLogger(self.dump, cfg.metrics, self.rank)
         if resume is not None and resume.format == "hf":
             resume = self._import_hf(resume, ckpt_folder / "hf-import")
         if resume is not None:
@@ -208,7 +191,7 @@ class Trainer:
         data_timer = Timer()
         batches = [self.train_loader.next_batch() for _ in range(self.accum_steps)]
         data_time = data_timer.lap()
-        local_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)  # CPU tensors: no sync
+        local_targets = sum(int(np.count_nonzero(y.numpy() != IGNORE_INDEX)) for _, y in batches)  # host data
         n_targets = self.all_reduce(torch.tensor(local_targets, device=self.device))  # the global count
         ce_total = torch.zeros((), device=self.device)
         aux_total = torch.zeros((), device=self.device)
@@ -332,6 +315,7 @@ class Trainer:
                 if not math.isfinite(stats["loss"]):
                     raise FloatingPointError(f"loss is {stats['loss']} at step {self.step}")
                 self.metrics.log(self.step, stats)
+                reset_peak_memory(self.device)  # each log line reports the peak of its own window
             if self.val_tokens is not None and (self.step % cfg.validation.freq == 0 or last):
                 self.metrics.log(self.step, {"val_loss": self.validate()})
                 timer.lap()

@@ -91,6 +91,30 @@ def trained(tmp_path_factory):
     return tmp
 
 
+@pytest.fixture(scope="session")
+def trained_hf(trained):
+    """That checkpoint exported as a Hugging Face folder (fp32, shards of at most 40 MB)."""
+    out = trained / "hf32"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/convert_dcp_to_safetensors.py"),
+            "--checkpoint",
+            str(trained / "run"),
+            "--output",
+            str(out),
+            "--dtype",
+            "float32",
+            "--max-shard-size",
+            "40MB",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -147,3 +171,57 @@ def one_line_error(stderr: str) -> str:
     err = stderr.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     return err
+
+
+# ~400 MB in fp32: big enough that holding it twice shows in a process's peak memory
+BIG_ARGS = ModelArgs(
+    dim=512,
+    n_layers=8,
+    n_heads=8,
+    n_kv_heads=2,
+    head_dim=64,
+    vocab_size=1024,
+    num_experts=16,
+    top_k=2,
+    moe_inter_dim=512,
+    sliding_window=128,
+    max_seq_len=1024,
+)
+
+
+def write_random_hf(folder: Path, args: ModelArgs) -> Path:
+    """A Hugging Face folder (fp32, shards of ~60 MB, with an index) of random weights for args."""
+    from safetensors.torch import save_file
+
+    from gptoss_titan.model.hf import hf_config, name_pairs
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(hf_config(args, "float32")))
+    shard, weight_map, n = {}, {}, 0
+    for _, name, shape in name_pairs(args):
+        shard[name] = torch.randn(shape) * 0.02
+        if sum(t.numel() for t in shard.values()) * 4 > 60e6:
+            save_file(shard, str(folder / f"part{n}.safetensors"))
+            weight_map.update({k: f"part{n}.safetensors" for k in shard})
+            shard, n = {}, n + 1
+    save_file(shard, str(folder / f"part{n}.safetensors"))
+    weight_map.update({k: f"part{n}.safetensors" for k in shard})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def peak_rss(cmd: list[str], env: dict | None = None) -> int:
+    """The largest peak resident size (bytes) of any process cmd starts (torchrun: of any rank)."""
+    code = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *cmd],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        cwd=ROOT,
+    )
+    return int(out.stdout.split()[-1])

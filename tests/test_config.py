@@ -79,6 +79,38 @@ def test_missing_and_malformed_file(tmp_path):
         parse_args(["--config", write(tmp_path, "[training\nsteps = 3")])
 
 
+def test_model_args_table_sets_any_model_field(tmp_path):
+    from gptoss_titan.config import model_args
+
+    f = write(
+        tmp_path, "[model]\nflavor = 'debug'\n[model.args]\nn_layers = 2\ndim = 128\nrope_theta = 10000\n"
+    )
+    cfg = parse_args(["--config", f, "--model.args.num_experts=4", "--model.args.top_k=1"])
+    assert cfg.model.args == {"n_layers": 2, "dim": 128, "rope_theta": 10000.0, "num_experts": 4, "top_k": 1}
+    a = model_args(cfg)
+    assert (a.n_layers, a.dim, a.num_experts, a.top_k, a.vocab_size) == (2, 128, 4, 1, 201088)
+    assert cfg.to_dict()["model"]["args"]["n_layers"] == 2  # recorded in the run's config.json
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--model.args.n_layres=2"], "unknown key model.args.n_layres .* did you mean 'n_layers'"),
+        (["--model.args.n_layers=two"], "model.args.n_layers must be int, got 'two'"),
+        (["--model.args.top_k=9"], r"model.args \(top_k=9\) on flavor debug: ModelArgs: top_k must be in"),
+        (["--model.args.n_kv_heads=3"], "n_heads must be a multiple of n_kv_heads"),
+        (["--model.args=3"], "model.args is a table"),
+        (["--model.args.load_balance_bias=true"], "set model.load_balance_bias instead"),
+    ],
+)
+def test_bad_model_args(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_args(["--data.dataset=kjv", *argv])
+
+
+UNDOCUMENTED = {"beta1", "beta2", "eps"}  # AdamW's own names
+
+
 def test_help_lists_every_option():
     text = help_text()
     cfg = JobConfig()
@@ -86,3 +118,15 @@ def test_help_lists_every_option():
         for key in fields:
             assert f"--{section}.{key}=" in text
     assert "peak learning rate" in text
+    # every option carries its one-line doc (a formatter that wraps a long line would drop it)
+    import dataclasses
+
+    from gptoss_titan.config.loading import _field_comments
+
+    for section in dataclasses.fields(cfg):
+        cls = type(getattr(cfg, section.name))
+        docs = _field_comments(cls)
+        missing = [
+            f.name for f in dataclasses.fields(cls) if f.name not in docs and f.name not in UNDOCUMENTED
+        ]
+        assert not missing, (section.name, missing)

@@ -14,7 +14,7 @@ from gptoss_titan.model import Transformer
 from gptoss_titan.train import main
 
 from .checkpoint.test_manager import weights
-from .conftest import ROOT, synthetic_data
+from .conftest import BIG_ARGS, ROOT, peak_rss, synthetic_data, write_random_hf
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -39,19 +39,8 @@ def ours_from(step_dir: Path) -> Transformer:
     return m.eval()
 
 
-def test_transformers_loads_export_and_matches(trained):
-    out = trained / "hf32"
-    r = convert(
-        "--checkpoint",
-        str(trained / "run"),
-        "--output",
-        str(out),
-        "--dtype",
-        "float32",
-        "--max-shard-size",
-        "40MB",
-    )
-    assert r.returncode == 0, r.stderr
+def test_transformers_loads_export_and_matches(trained, trained_hf):
+    out = trained_hf  # exported with --max-shard-size 40MB
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -131,15 +120,8 @@ def test_round_trip_is_bit_exact(trained):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_trainer_starts_from_hf_folder(trained, tmp_path, capsys):
-    hf_dir = trained / "hf32"  # written by the first test of this module
-    if not hf_dir.exists():
-        assert (
-            convert(
-                "--checkpoint", str(trained / "run"), "--output", str(hf_dir), "--dtype", "float32"
-            ).returncode
-            == 0
-        )
+def test_trainer_starts_from_hf_folder(trained, trained_hf, tmp_path, capsys):
+    hf_dir = trained_hf
     argv = [
         "--model.flavor=debug",
         f"--data.dataset_path={trained / 'data'}",
@@ -195,19 +177,12 @@ def quantize_folder(src: Path, dst: Path) -> dict:
     return packed
 
 
-def test_mxfp4_import_matches_transformers_dequantization(trained):
+def test_mxfp4_import_matches_transformers_dequantization(trained, trained_hf):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     from gptoss_titan.model.hf import FP4_VALUES
 
-    src = trained / "hf32"
-    if not src.exists():
-        assert (
-            convert(
-                "--checkpoint", str(trained / "run"), "--output", str(src), "--dtype", "float32"
-            ).returncode
-            == 0
-        )
+    src = trained_hf
     q = trained / "mxfp4"
     packed = quantize_folder(src, q)
     r = import_("--hf", str(q), "--output", str(trained / "mxfp4_dcp"))
@@ -225,15 +200,8 @@ def test_mxfp4_import_matches_transformers_dequantization(trained):
         torch.testing.assert_close(got[native][0, :32, 0], ref, rtol=0, atol=0)
 
 
-def test_import_errors(trained, tmp_path):
-    src = trained / "hf32"
-    if not src.exists():
-        assert (
-            convert(
-                "--checkpoint", str(trained / "run"), "--output", str(src), "--dtype", "float32"
-            ).returncode
-            == 0
-        )
+def test_import_errors(trained, trained_hf, tmp_path):
+    src = trained_hf
     empty, broken = tmp_path / "empty", tmp_path / "broken"
     for d in (empty, broken):
         d.mkdir()
@@ -261,48 +229,9 @@ def test_import_errors(trained, tmp_path):
 
 def test_export_streams_under_memory_budget(tmp_path):
     """A ~400 MB checkpoint exports with peak RSS well below its size (measured in subprocesses)."""
-    from gptoss_titan.model import ModelArgs
-    from gptoss_titan.model.hf import hf_config, name_pairs
-
-    args = ModelArgs(
-        dim=512,
-        n_layers=8,
-        n_heads=8,
-        n_kv_heads=2,
-        head_dim=64,
-        vocab_size=1024,
-        num_experts=16,
-        top_k=2,
-        moe_inter_dim=512,
-        sliding_window=128,
-        max_seq_len=1024,
-    )
-    size = args.num_params() * 4
-    assert size > 350e6
-    hf = tmp_path / "big_hf"
-    hf.mkdir()
-    (hf / "config.json").write_text(json.dumps(hf_config(args, "float32")))
-    from safetensors.torch import save_file
-
-    shard, weight_map, n = {}, {}, 0
-    for _, name, shape in name_pairs(args):
-        shard[name] = torch.randn(shape)
-        if sum(t.numel() for t in shard.values()) * 4 > 60e6:
-            save_file(shard, str(hf / f"part{n}.safetensors"))
-            weight_map.update({k: f"part{n}.safetensors" for k in shard})
-            shard, n = {}, n + 1
-    save_file(shard, str(hf / f"part{n}.safetensors"))
-    weight_map.update({k: f"part{n}.safetensors" for k in shard})
-    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    del shard
-
-    def peak_rss(cmd: list[str]) -> int:
-        code = (
-            "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
-        )
-        out = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
+    args = BIG_ARGS
+    assert args.num_params() * 4 > 350e6
+    hf = write_random_hf(tmp_path / "big_hf", args)
 
     baseline = peak_rss([sys.executable, "-c", "import gptoss_titan.convert, safetensors.torch"])
     imported = peak_rss(
@@ -335,3 +264,53 @@ def test_export_streams_under_memory_budget(tmp_path):
     assert exported < budget, (exported - baseline) / 1e6
     assert imported < budget, (imported - baseline) / 1e6
     assert len(list((tmp_path / "out").glob("*.safetensors"))) >= 8
+
+
+def check_rank_reads_its_part(folder_path: str, rank: int) -> None:
+    """load_hf_into on rank `rank` of a fake world of 4 (one rank per process: DTensor caches assume
+    a process's rank never changes): every local shard equals that part of the whole tensor."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from gptoss_titan.compat import fake_process_group
+    from gptoss_titan.convert import HFFolder, args_from_hf_config, load_hf_into
+    from gptoss_titan.model.hf import name_pairs
+
+    folder = HFFolder(folder_path)
+    args = args_from_hf_config(folder.config)
+    fake_process_group(4, rank)
+    mesh = init_device_mesh("cpu", (4,))
+    model = Transformer(args)
+    placement = {}
+    for native, _, _ in name_pairs(args):
+        mod_name, _, pname = native.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        placement[native] = [Shard(1) if "experts.w_" in native else Shard(0)]
+        dt = distribute_tensor(
+            torch.empty_like(getattr(mod, pname)), mesh, placement[native], src_data_rank=None
+        )
+        setattr(mod, pname, nn.Parameter(dt))
+    load_hf_into(model, folder, args)
+    params = dict(model.named_parameters())
+    for native, hf, _ in name_pairs(args):
+        want = distribute_tensor(folder.load(hf), mesh, placement[native], src_data_rank=None).to_local()
+        assert torch.equal(params[native].to_local(), want), (folder_path, rank, native)
+    dist.destroy_process_group()
+
+
+def test_each_rank_reads_only_its_part_of_a_hf_folder(tmp_path):
+    """The sampler's loader (load_hf_into) on each rank of a fake world of 4: plain tensors split by
+    rows, MXFP4 experts split inside (dim 1, 16 columns per rank: half a 32-value block)."""
+    from .conftest import tiny_args, write_random_hf
+
+    src = write_random_hf(tmp_path / "hf", tiny_args(dim=64, n_layers=2, num_experts=4))
+    quantize_folder(src, tmp_path / "mxfp4")
+    for folder in (src, tmp_path / "mxfp4"):
+        for rank in range(4):
+            code = (
+                f"from tests.test_convert import check_rank_reads_its_part as f; f({str(folder)!r}, {rank})"
+            )
+            r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-3000:]

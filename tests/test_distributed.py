@@ -103,3 +103,53 @@ def test_keep_freed_cpu_memory_keeps_big_blocks_in_the_heap():
         ]  # [MiB mmapped while alive, MiB free in the heap after]
     assert got["default"][0] >= 64 and got["default"][1] < 64, got
     assert got["keep"][0] < 64 and got["keep"][1] >= 64, got
+
+
+def test_cuda_settings_are_applied_before_cuda_starts(monkeypatch):
+    """The CUDA branch of the entry point's settings, forced here: TF32 for fp32 matmuls (a config
+    switch, default on) and expandable allocator segments; compile raises dynamo's recompile limit."""
+    import torch._dynamo.config as dynamo_config
+
+    import gptoss_titan.distributed as distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "device_type", lambda: "cuda")
+    monkeypatch.setattr(distributed, "set_cuda_allocator_settings", calls.append)
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        dynamo_config.recompile_limit,
+    )
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        dynamo_config.recompile_limit = 8
+        lines = apply_process_settings(parse_args(["--data.dataset=kjv", "--compile.enable=true"]))
+        assert torch.backends.cuda.matmul.allow_tf32 and calls == ["expandable_segments:True"]
+        assert dynamo_config.recompile_limit == 64 and any("TF32" in x for x in lines)
+        apply_process_settings(
+            parse_args(
+                [
+                    "--data.dataset=kjv",
+                    "--training.allow_tf32=false",
+                    "--training.cuda_expandable_segments=false",
+                ]
+            )
+        )
+        assert not torch.backends.cuda.matmul.allow_tf32 and len(calls) == 1
+    finally:
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            dynamo_config.recompile_limit,
+        ) = saved
+
+
+def test_torch_older_than_the_floor_is_one_line(monkeypatch):
+    import gptoss_titan.distributed as distributed
+    from gptoss_titan.errors import UserError
+
+    monkeypatch.setattr(distributed, "torch_version", lambda: (2, 9))
+    with pytest.raises(
+        UserError, match=r"older than 2.10, the oldest this package runs on; pip install 'torch>=2.10'"
+    ):
+        distributed.check_torch_version()

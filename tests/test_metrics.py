@@ -125,3 +125,24 @@ def test_slow_cpu_bf16_warning(monkeypatch, caplog):
     assert "mixed_precision_param=float32 is faster" in caplog.text
     rates[torch.bfloat16] = 0.3  # native bf16: no warning
     assert not train.warn_slow_cpu_bf16(torch.device("cpu"))
+
+
+def test_peak_memory_is_per_log_window():
+    """The trainer resets the peak after each log line: a large, freed allocation shows in the window
+    that made it and not in the next one (a fresh process: glibc's defaults return the block)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from gptoss_titan.metrics import memory_stats, reset_peak_memory\n"
+        "cpu = torch.device('cpu')\n"
+        "reset_peak_memory(cpu); base = memory_stats(cpu)['mem_peak_rss_gib']\n"
+        "x = torch.ones(64 * 2**20); del x\n"
+        "high = memory_stats(cpu)['mem_peak_rss_gib']\n"
+        "reset_peak_memory(cpu); low = memory_stats(cpu)['mem_peak_rss_gib']\n"
+        "print(base, high, low)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    base, high, low = map(float, r.stdout.split())
+    assert high - base > 0.2 and low < high - 0.2, (base, high, low)

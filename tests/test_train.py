@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from gptoss_titan.config import parse_args
+from gptoss_titan.distributed import apply_process_settings
 from gptoss_titan.train import Trainer, main
 
 from .conftest import build, read_metrics, synthetic_data, tiny_args
@@ -179,3 +181,197 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
     assert list(tmp_path.iterdir()) == []
     h = subprocess.run([sys.executable, "-m", "gptoss_titan.train", "--help"], capture_output=True, text=True)
     assert h.returncode == 0 and "--training.local_batch_size" in h.stdout
+
+
+# ----- the GPU code paths, checked on the CPU ---------------------------------------------------
+SYNC_OPS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "bincount",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_consecutive",
+    "masked_select",
+    "item",
+}
+GEMMS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "linear", "matmul"}
+
+
+def _device_to_host(name: str, args, kwargs) -> bool:
+    if name == "_to_copy":
+        dst = kwargs.get("device")
+        return args[0].device.type != "cpu" and dst is not None and torch.device(dst).type == "cpu"
+    return args[0].device.type == "cpu" and args[1].device.type != "cpu"  # copy_(dst, src)
+
+
+class HostSyncAudit:
+    """Records, during a block, every op that makes a GPU wait for the host (a scalar read, a
+    data-dependent shape, Tensor.tolist) and every GEMM on fp32 operands (when compute is bf16)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        audit = self
+        self.syncs, self.fp32_gemms = [], []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = func.overloadpacket.__name__
+                if name in SYNC_OPS:
+                    audit.syncs.append(str(func))
+                if name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+                    audit.syncs.append("boolean-mask indexing")
+                if name == "repeat_interleave" and kwargs.get("output_size") is None:
+                    audit.syncs.append("repeat_interleave without output_size")
+                if name in ("_to_copy", "copy_") and _device_to_host(name, args, kwargs):
+                    audit.syncs.append(f"{func}: device -> host copy")
+                if name in GEMMS and any(
+                    isinstance(a, torch.Tensor) and a.dim() >= 2 and a.dtype == torch.float32
+                    for a in args[:3]
+                ):
+                    audit.fp32_gemms.append(
+                        f"{func} {[tuple(a.shape) for a in args[:3] if isinstance(a, torch.Tensor)]}"
+                    )
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        audit = self
+
+        def tolist(t):
+            audit.syncs.append("Tensor.tolist")
+            return audit._tolist(t)
+
+        torch.Tensor.tolist = tolist
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        torch.Tensor.tolist = self._tolist
+
+
+def test_train_step_on_the_gpu_paths_never_waits_for_the_host(tmp_path, monkeypatch):
+    """One whole training step (forward, loss, backward, clipping, AdamW, LR, expert bias, aux
+    loss) forced onto the GPU code paths - grouped-mm experts, the accelerator loss branch, bf16
+    compute - runs no op that syncs with the host and no fp32 GEMM."""
+    import gptoss_titan.model.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "loss_path", lambda device: "accel")
+    tr = Trainer(
+        parse_args(
+            argv_for(
+                tmp_path,
+                "--model.expert_kernel=grouped",
+                "--training.mixed_precision_param=bfloat16",
+                "--model.aux_loss_coef=0.01",
+                "--model.load_balance_bias=true",
+                "--training.global_batch_size=4",
+                "--validation.enable=false",
+            )
+        )
+    )
+    assert tr.accum_steps == 2 and tr.model.layers[0].moe.experts.kernel == "grouped"
+    tr.train_step()  # AdamW creates its state in the first step
+    with HostSyncAudit() as audit:
+        result = tr.train_step()
+    assert audit.syncs == [] and audit.fp32_gemms == [], (audit.syncs, audit.fp32_gemms[:5])
+    assert math.isfinite(result.stats()["loss"])  # reading the results is where the host waits
+
+
+def test_the_audit_catches_syncs_and_fp32_gemms():
+    with HostSyncAudit() as audit:
+        t = torch.arange(6)
+        int(t.sum()), t.tolist(), torch.bincount(t), t[t > 2], torch.repeat_interleave(t, t)
+        torch.randn(4, 4) @ torch.randn(4, 4)
+    assert len(audit.syncs) == 5 and len(audit.fp32_gemms) == 1, audit.syncs
+
+
+@pytest.mark.slow
+def test_compile_with_periodic_samples(tmp_path):
+    """torch.compile (attention fullgraph) and samples every few steps: the KV-cached sampling path
+    runs through the compiled attention (prefill and decode) without data-dependent guards."""
+    argv = argv_for(
+        tmp_path,
+        "--model.flavor=debug",
+        "--compile.enable=true",
+        "--metrics.sample_freq=2",
+        "--metrics.sample_tokens=5",
+        "--training.seq_len=160",
+    )
+    data = synthetic_data(tmp_path / "data201k", vocab=201088)
+    argv = [a for a in argv if not a.startswith("--data.dataset_path")] + [f"--data.dataset_path={data}"]
+    cfg = parse_args(argv)
+    apply_process_settings(cfg)  # as the entry point does: the compile limit is process-wide
+    tr = Trainer(cfg)
+    samples = []
+    tr.sample_text = lambda real=tr.sample_text: samples.append(real()) or samples[-1]
+    tr.train()
+    assert len(samples) == 2 and all(isinstance(s, str) and s for s in samples)
+    assert [r["step"] for r in read_metrics(tr.dump) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_custom_model_shape_trains(tmp_path):
+    """[model.args] on top of a flavor: the run builds, trains and records that shape."""
+    argv = argv_for(
+        tmp_path,
+        "--training.steps=2",
+        "--model.args.n_layers=2",
+        "--model.args.num_experts=4",
+        "--model.args.top_k=1",
+        "--model.args.moe_inter_dim=64",
+        "--validation.enable=false",
+    )
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "run" / "model_args.json").read_text())
+    assert (saved["n_layers"], saved["num_experts"], saved["top_k"], saved["moe_inter_dim"]) == (2, 4, 1, 64)
+    assert len(read_metrics(tmp_path / "run")[-1]["expert_load_max"]) == 2  # two layers' loads
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_train_step_on_cuda_never_waits_for_the_host(tmp_path):
+    """The same audit on real CUDA: bf16, the kernel auto picks for this GPU, the accelerator loss."""
+    tr = Trainer(
+        parse_args(
+            argv_for(
+                tmp_path,
+                "--training.mixed_precision_param=bfloat16",
+                "--model.aux_loss_coef=0.01",
+                "--model.load_balance_bias=true",
+                "--validation.enable=false",
+            )
+        )
+    )
+    assert tr.device.type == "cuda"
+    tr.train_step()
+    with HostSyncAudit() as audit:
+        result = tr.train_step()
+    assert audit.syncs == [] and audit.fp32_gemms == [], (audit.syncs, audit.fp32_gemms[:5])
+    assert math.isfinite(result.stats()["loss"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_deterministic_mode_on_cuda_is_bitwise_repeatable(tmp_path):
+    """training.deterministic on CUDA: cuBLAS gets its workspace setting before CUDA starts (a fresh
+    process), and two runs give the same losses bit for bit (the MoE combine has no atomics)."""
+    runs = []
+    for name in ("a", "b"):
+        argv = argv_for(
+            tmp_path,
+            "--training.deterministic=true",
+            "--training.mixed_precision_param=bfloat16",
+            "--training.steps=3",
+            f"--job.dump_folder={tmp_path / name}",
+        )
+        r = subprocess.run(
+            [sys.executable, "-m", "gptoss_titan.train", *argv], capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append([x["loss"] for x in read_metrics(tmp_path / name) if "loss" in x])
+    assert runs[0] == runs[1]

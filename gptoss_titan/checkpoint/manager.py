@@ -45,10 +45,14 @@ class CheckpointManager:
         states: TrainState,
         metadata: dict[str, dict],
         writer: Callable[[str], FileSystemWriter] = FileSystemWriter,
+        stager: Callable[[], object] | None = None,
     ):
         """folder: where step-<N>/ go; metadata: file name -> JSON content written into every step;
-        writer: path -> DCP storage writer (tests inject a slow one)."""
+        writer: path -> DCP storage writer (tests inject a slow one); stager: makes the stager of
+        async_with_pinned_mem, once per run (default: pinned host memory, CUDA only)."""
         self.folder, self.cfg, self.states, self.metadata, self.writer = folder, cfg, states, metadata, writer
+        pinned = cfg.async_mode == "async_with_pinned_mem"
+        self.make_stager = stager or (pinned_memory_stager if pinned and torch.cuda.is_available() else None)
         self.distributed = dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self._pg = None
@@ -57,7 +61,7 @@ class CheckpointManager:
         self._finalized = threading.Event()
         self._finalized.set()
         self.last_saved = -1
-        if cfg.async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
+        if pinned and self.make_stager is None:
             logger.info("checkpoint.async_mode = async_with_pinned_mem needs CUDA; using plain async on CPU")
 
     @property
@@ -133,11 +137,12 @@ class CheckpointManager:
             self.wait()
 
     def _pinned_stager(self):
-        """One pinned-memory stager for the whole run (CUDA, async_with_pinned_mem), else None."""
-        if self.cfg.async_mode != "async_with_pinned_mem" or not torch.cuda.is_available():
+        """One stager for the whole run, built at the first save (async_with_pinned_mem), else None:
+        its pinned buffers are allocated once and reused by every save."""
+        if self.cfg.async_mode != "async_with_pinned_mem" or self.make_stager is None:
             return None
         if self._stager is None:
-            self._stager = pinned_memory_stager()
+            self._stager = self.make_stager()
         return self._stager
 
     def _finalize(self, step: int, t0: float, future: Future | None = None) -> None:

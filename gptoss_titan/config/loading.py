@@ -13,6 +13,7 @@ import types
 import typing
 from pathlib import Path
 
+from ..model.args import ModelArgs
 from .job_config import ConfigError, JobConfig
 from .validation import closest, validate
 
@@ -20,6 +21,10 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+# Table fields: (section, field) -> the dataclass whose fields its entries set.
+TABLES = {"model": {"args": ModelArgs}}
 
 
 def _field_types(cls) -> dict[str, object]:
@@ -63,12 +68,39 @@ def _parse_cli_value(where: str, text: str, tp):
         raise ConfigError(f"{where} must be {_type_name(tp)}, got {text!r}") from None
 
 
+def _apply_table(table: dict, where: str, schema, key: str, value, from_cli: bool, origin: str) -> None:
+    """One entry of a table field (`[model.args]` / --model.args.n_layers=4), typed by `schema`'s fields."""
+    types_ = _field_types(schema)
+    if key not in types_:
+        raise ConfigError(f"unknown key {where}.{key} in {origin}{closest(key, list(types_))}")
+    tp = types_[key]
+    table[key] = (
+        _parse_cli_value(f"{where}.{key}", value, tp)
+        if from_cli
+        else _check_value(f"{where}.{key}", value, tp)
+    )
+
+
 def _apply(cfg: JobConfig, section: str, key: str, value, from_cli: bool, origin: str) -> None:
     sections = {f.name: f for f in dataclasses.fields(JobConfig)}
     if section not in sections:
         raise ConfigError(f"unknown section [{section}] in {origin}{closest(section, list(sections))}")
     sub = getattr(cfg, section)
     types_ = _field_types(type(sub))
+    name, _, item = key.partition(".")
+    if name in TABLES.get(section, {}):  # a table field: --section.table.item=value, or [section.table]
+        table, schema = getattr(sub, name), TABLES[section][name]
+        if item:
+            _apply_table(table, f"{section}.{name}", schema, item, value, from_cli, origin)
+        elif from_cli or not isinstance(value, dict):
+            raise ConfigError(
+                f"{section}.{name} is a table: set its entries as --{section}.{name}.FIELD=VALUE "
+                f"or in a [{section}.{name}] table"
+            )
+        else:
+            for k, v in value.items():
+                _apply_table(table, f"{section}.{name}", schema, k, v, from_cli, origin)
+        return
     if key not in types_:
         raise ConfigError(f"unknown key {section}.{key} in {origin}{closest(key, list(types_))}")
     where = f"{section}.{key}"

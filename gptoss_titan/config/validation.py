@@ -29,8 +29,16 @@ def _choice(where: str, value: str, options: tuple[str, ...]) -> None:
 
 
 def model_args(cfg: JobConfig) -> ModelArgs:
-    """The ModelArgs of this run: the flavor's, with the config's model switches applied."""
-    return dataclasses.replace(FLAVORS[cfg.model.flavor], load_balance_bias=cfg.model.load_balance_bias)
+    """The ModelArgs of this run: the flavor's, with `[model.args]` and the balancing switch on top."""
+    if "load_balance_bias" in cfg.model.args:
+        raise ConfigError("model.args.load_balance_bias: set model.load_balance_bias instead")
+    try:
+        return dataclasses.replace(
+            FLAVORS[cfg.model.flavor], **cfg.model.args, load_balance_bias=cfg.model.load_balance_bias
+        )
+    except ValueError as e:  # ModelArgs' own checks (heads vs kv heads, top_k <= experts, ...)
+        overrides = ", ".join(f"{k}={v}" for k, v in cfg.model.args.items())
+        raise ConfigError(f"model.args ({overrides}) on flavor {cfg.model.flavor}: {e}") from None
 
 
 def check_degrees(p: Parallelism, num_experts: int) -> None:
@@ -78,7 +86,7 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(
             f"unknown model.flavor {cfg.model.flavor!r}{closest(cfg.model.flavor, list(FLAVORS))}"
         )
-    args = FLAVORS[cfg.model.flavor]
+    args = model_args(cfg)
     positives = {
         "training.steps": t.steps,
         "training.seq_len": t.seq_len,

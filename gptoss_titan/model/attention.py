@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..compat import FLASH_CPU, FLASH_CPU_BWD, flex_attention_lse
+from ..compat import FLASH_CPU, FLASH_CPU_BWD, flex_attention_lse, flex_compile_options
 
 
 def causal_mask(T: int, S: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -261,7 +261,9 @@ def _flex_kernel(device_type: str):
     """flex_attention compiled on GPU (its fused kernel); eager elsewhere (CPU forward, for tests)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+    if device_type != "cuda":
+        return flex_attention
+    return torch.compile(flex_attention, dynamic=False, options=flex_compile_options())
 
 
 def flex_sink_attention(

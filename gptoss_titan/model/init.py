@@ -1,46 +1,92 @@
-"""Parameter initialization that gives the same values however the model is sharded.
+"""Parameter initialization that gives the same values however the model is sharded, drawing only
+the part this process holds, on its own device.
 
-Each parameter is drawn whole from its own generator, seeded by (base seed, parameter name), then
-the part this process holds is copied in. For a plain tensor that is everything; for a DTensor
-(a shard made by the parallel passes) it is the local slice of the full tensor. So a model
-initialized on 1 process, or sharded over 64, holds the same numbers, and the result does not
-depend on parameter order. (CPU DTensor random ops cannot be used for this: every rank would
-draw the same values.) Peak extra memory is one full parameter on the CPU.
+Each parameter is cut along its first dimension into fixed blocks of rows (about 4M elements
+each, independent of any sharding); block b of parameter `name` is drawn from its own generator
+seeded by (base seed, name, b), on the parameter's device. A process draws the blocks that
+overlap its shard and keeps the rows and columns it holds, so one process and any sharding (FSDP,
+expert parallel, both, uneven) hold the same numbers, and the cost per process falls with the
+number of processes. (CPU DTensor random ops cannot be used for this: every rank would draw the
+same values.) Values depend on the device type's generator: a CPU and a CUDA run differ, two
+CUDA runs at any sharding agree.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 from torch import nn
 
+BLOCK_ELEMS = 1 << 22  # elements per generator block (rows are never split)
 
-def param_seed(base_seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"{base_seed}:{name}".encode()).digest()
+
+def param_seed(base_seed: int, name: str, block: int = 0) -> int:
+    digest = hashlib.sha256(f"{base_seed}:{name}:{block}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _full_value(shape: torch.Size, kind: str, std: float, seed: int) -> torch.Tensor:
-    if kind == "zeros":
-        return torch.zeros(shape)
-    if kind == "ones":
-        return torch.ones(shape)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.empty(shape).normal_(0.0, std, generator=gen)
+def global_indices(param: torch.Tensor) -> dict[int, torch.Tensor]:
+    """For a DTensor: sharded dim -> the global indices [n] of the local positions along it (the
+    same chunking DTensor and FSDP use, also for several mesh dimensions on one tensor dim)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return {}
+    out = {}
+    for d in sorted({p.dim for p in param.placements if p.is_shard()}):
+        shape = [1] * param.ndim
+        shape[d] = param.shape[d]
+        index = torch.arange(param.shape[d], device=param.to_local().device).view(shape)
+        local = distribute_tensor(index, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        out[d] = local.reshape(-1)
+    return out
 
 
 @torch.no_grad()
 def init_param(param: torch.Tensor, name: str, kind: str, std: float, base_seed: int) -> None:
-    """Fill `param` (plain or DTensor) with its slice of the full tensor named `name`."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    """Fill `param` (plain or DTensor) with its part of the parameter named `name`: zeros, ones, or
+    N(0, std) drawn block by block (see the module docstring)."""
+    from torch.distributed.tensor import DTensor
 
-    full = _full_value(param.shape, kind, std, param_seed(base_seed, name))
-    if isinstance(param, DTensor):
-        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-        param.to_local().copy_(local)
-    else:
-        param.copy_(full)
+    local = param.to_local() if isinstance(param, DTensor) else param
+    if kind in ("zeros", "ones"):
+        local.fill_(0.0 if kind == "zeros" else 1.0)
+        return
+    if local.numel() == 0:
+        return
+    shape = tuple(param.shape)
+    idx = global_indices(param)
+    rows = idx.get(0, torch.arange(shape[0], device=local.device))  # [n] global rows held here
+    row_elems = math.prod(shape[1:])
+    per_block = max(1, BLOCK_ELEMS // max(row_elems, 1))
+    r0, r1 = int(rows.min()), int(rows.max()) + 1
+    if set(idx) <= {0} and r1 - r0 == rows.numel():  # one contiguous run of whole rows: draw in place
+        for b in range(r0 // per_block, (r1 - 1) // per_block + 1):
+            b0, b1 = b * per_block, min((b + 1) * per_block, shape[0])
+            lo, hi = max(b0, r0), min(b1, r1)
+            gen = torch.Generator(device=local.device).manual_seed(param_seed(base_seed, name, b))
+            if (lo, hi) == (b0, b1):  # the whole block is here: the same numbers as a block drawn alone
+                local[lo - r0 : hi - r0].normal_(0.0, std, generator=gen)
+            else:
+                block = torch.empty((b1 - b0, *shape[1:]), device=local.device).normal_(
+                    0.0, std, generator=gen
+                )
+                local[lo - r0 : hi - r0].copy_(block[lo - b0 : hi - b0])
+        return
+    first, last = r0 // per_block, (r1 - 1) // per_block
+    parts = []
+    for b in range(first, last + 1):  # every block overlapping the rows held here
+        b0, b1 = b * per_block, min((b + 1) * per_block, shape[0])
+        gen = torch.Generator(device=local.device).manual_seed(param_seed(base_seed, name, b))
+        parts.append(torch.empty((b1 - b0, *shape[1:]), device=local.device).normal_(0.0, std, generator=gen))
+    value = torch.cat(parts) if len(parts) > 1 else parts[0]
+    value = value.index_select(0, rows - first * per_block)
+    for d, index in idx.items():  # the columns held here of the other sharded dims
+        if d > 0:
+            value = value.index_select(d, index)
+    local.copy_(value)
 
 
 def init_spec(name: str, param: nn.Parameter, std: float) -> tuple[str, float]:

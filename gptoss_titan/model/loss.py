@@ -8,34 +8,56 @@ logits are computed, reduced to its loss, and - when gradients are needed - turn
 gradients right away (softmax - onehot), which are kept for backward. Peak extra memory is one
 chunk of logits plus one gradient the size of the inputs. Matmul work equals the unfused version
 (one forward, two gradient matmuls); backward only scales the stored gradients.
+
+Two paths (`loss_path`): on CPU every GEMM is fp32; on GPUs the GEMMs run in the compute dtype
+(bf16) with fp32 outputs and accumulation, in chunks of thousands of rows.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..compat import addmm_fp32_, mm_fp32_out
+
 IGNORE_INDEX = -100
+CPU_CHUNK_ELEMS = 1 << 25  # 128 MiB of fp32 logits: ~166 rows at V = 201088
+ACCEL_CHUNK_ELEMS = 1 << 29  # 2 GiB: ~2670 rows at V = 201088, so the [V, H] weight is read few times
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """Autocast's dtype on accelerators; fp32 on CPU, where bf16 GEMMs of these shapes (K = hidden,
-    or M = vocab) run 10-80x slower than fp32 in current builds (measured: torch 2.13 CPU)."""
+def loss_path(device: torch.device) -> str:
+    """ "cpu": fp32 GEMMs (bf16 GEMMs of these shapes run 10-80x slower than fp32 on CPUs, measured
+    with torch 2.13), small chunks. "accel" (GPUs): GEMMs in the compute dtype with fp32
+    accumulation, large chunks."""
+    return "cpu" if device.type == "cpu" else "accel"
+
+
+def _compute_dtype(t: torch.Tensor, path: str) -> torch.dtype:
+    """fp32 on the CPU path; elsewhere autocast's dtype, or the inputs' (bf16 under FSDP)."""
+    if path == "cpu":
+        return torch.float32
     dev = t.device.type
-    if dev != "cpu" and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return torch.float32 if dev == "cpu" else t.dtype
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk_elems: int):
-        """h [M, H], w [V, H], targets [M] (IGNORE_INDEX = skip) -> summed loss (fp32 scalar)."""
-        dt = _compute_dtype(h)
+    def forward(
+        ctx,
+        h: torch.Tensor,
+        w: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_elems: int | None,
+        path: str | None,
+    ):
+        """h [M, H], w [V, H], targets [M] (IGNORE_INDEX = skip) -> summed loss (fp32 scalar).
+        No host synchronization: ignored rows get a zero gradient by arithmetic, not by a branch."""
+        path = path or loss_path(h.device)
+        dt = _compute_dtype(h, path)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dt), w.to(dt)
             M, V = h.shape[0], w.shape[0]
-            rows = max(1, chunk_elems // V)
+            rows = max(1, (chunk_elems or (CPU_CHUNK_ELEMS if path == "cpu" else ACCEL_CHUNK_ELEMS)) // V)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
             grad_w = (
@@ -51,25 +73,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 valid = t != IGNORE_INDEX  # [C]
                 safe_t = t.clamp(min=0).unsqueeze(1)  # [C, 1]
                 logits = buf[:c]  # [C, V]
-                if dt == torch.float32:
-                    torch.mm(hc[s : s + c], wc.T, out=logits)
-                else:
-                    logits.copy_(hc[s : s + c] @ wc.T)
+                mm_fp32_out(hc[s : s + c], wc.T, logits)  # fp32 logits (fp32 accumulation for bf16)
                 picked = logits.gather(1, safe_t).squeeze(1)  # [C]
                 mx = logits.amax(dim=1, keepdim=True)  # [C, 1]
                 sumexp = logits.sub_(mx).exp_().sum(dim=1, keepdim=True)  # [C, 1]; logits now exp(l - max)
                 lse = mx.squeeze(1) + sumexp.squeeze(1).log()  # [C]
                 total += ((lse - picked) * valid).sum()
                 if need_grad:
-                    g = logits.div_(sumexp)  # softmax [C, V]
-                    g.scatter_add_(1, safe_t, torch.full_like(safe_t, -1, dtype=g.dtype))
-                    if not bool(valid.all()):
-                        g.mul_(valid.unsqueeze(1))
+                    # softmax - onehot; an ignored row divides by inf and subtracts 0: a zero row
+                    g = logits.div_(sumexp.masked_fill(~valid.unsqueeze(1), float("inf")))  # [C, V]
+                    g.scatter_add_(1, safe_t, -valid.unsqueeze(1).to(g.dtype))
                     g = g.to(dt)
                     if grad_h is not None:
                         grad_h[s : s + c] = (g @ wc).to(h.dtype)  # [C, H]
                     if grad_w is not None:
-                        grad_w.addmm_(g.T.float(), hc[s : s + c].float())  # [V, H]
+                        addmm_fp32_(grad_w, g.T, hc[s : s + c])  # [V, H] += g^T h, accumulated in fp32
         ctx.save_for_backward(grad_h, grad_w.to(w.dtype) if grad_w is not None else None)
         return total
 
@@ -78,11 +96,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def fused_linear_cross_entropy(
-    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 1 << 25
+    h: torch.Tensor,
+    w: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_elems: int | None = None,
+    path: str | None = None,
 ) -> torch.Tensor:
-    """Sum over rows of cross_entropy(h @ w.T, targets), skipping IGNORE_INDEX; h [M, H], w [V, H]."""
-    return _FusedLinearCrossEntropy.apply(h, w, targets, chunk_elems)
+    """Sum over rows of cross_entropy(h @ w.T, targets), skipping IGNORE_INDEX; h [M, H], w [V, H].
+
+    chunk_elems: logits per chunk (default by path); path: "cpu" or "accel" (default: `loss_path`
+    of the device; tests force the accelerator path on the CPU)."""
+    return _FusedLinearCrossEntropy.apply(h, w, targets, chunk_elems, path)

@@ -194,8 +194,10 @@ class Transformer(nn.Module):
     def init_weights(self, buffer_device: torch.device | str | None = None, seed: int | None = None) -> None:
         """Set every parameter and buffer: N(0, std) weights, zero biases, unit norms, RoPE tables.
 
-        Each parameter comes from its own generator seeded by (seed, name), so the values do not
-        depend on how the model is sharded (see init.py). seed None draws one from torch's RNG.
+        Each process draws only the part of each parameter it holds, on its device, from
+        generators seeded by (seed, name, block), so the values do not depend on how the model is
+        sharded (see init.py). seed None draws one from torch's RNG. A run that loads every
+        parameter from a checkpoint calls `init_buffers()` alone.
         """
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -203,16 +205,17 @@ class Transformer(nn.Module):
             name = name.replace("_checkpoint_wrapped_module.", "")  # stable under activation checkpointing
             kind, std = init_spec(name, p, self.args.init_std)
             init_param(p, name, kind, std, seed)
-        for layer in self.layers:
-            if layer.moe.router.expert_bias is not None:
-                layer.moe.router.expert_bias.zero_()
         self.init_buffers(buffer_device)
 
     @torch.no_grad()
     def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """The buffers: RoPE tables (derived, never saved) and the balancing biases (zero)."""
         device = device or self.rope_cos.device
         cos, sin = rope_tables(self.args, device)
         self.rope_cos, self.rope_sin = cos, sin
+        for layer in self.layers:
+            if layer.moe.router.expert_bias is not None:
+                layer.moe.router.expert_bias.zero_()
 
     def set_expert_kernel(self, kernel: str) -> None:
         """How every MoE layer runs its expert GEMMs: "loop", "batched" or "grouped" (moe.py;

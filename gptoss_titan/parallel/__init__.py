@@ -23,8 +23,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, cfg
     if dims.ep > 1:
         apply_expert_parallel(model, meshes.ep)
         logger.info(f"expert parallelism: {dims.ep} groups of {model.args.num_experts // dims.ep} experts")
-    apply_activation_checkpointing(model, cfg.activation_checkpoint)
-    if cfg.compile.enable and "model" in cfg.compile.components:
+    compiled = cfg.compile.enable and "model" in cfg.compile.components
+    apply_activation_checkpointing(model, cfg.activation_checkpoint, compiled)
+    if compiled:
         apply_compile(model)
     if meshes is not None:
         apply_fsdp(model, meshes, cfg)

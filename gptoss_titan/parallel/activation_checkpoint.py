@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from ..compat import checkpoint_wrapper
+from ..compat import attention_save_ops, checkpoint_wrapper
 from ..config import ActivationCheckpoint
 from ..metrics import logger
 
@@ -28,7 +28,10 @@ def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "_checkpoint_wrapped_module", module)
 
 
-def _save_list() -> set:
+def save_list(compiled: bool) -> set:
+    """Ops whose outputs per-op checkpointing keeps: matmuls and the attention kernel of every device
+    path (CPU: the gptoss_titan::flash_sink custom op; CUDA: flex_attention, traced into the block's
+    graph when compiled, else its separately compiled region; SDPA variants elsewhere)."""
     import gptoss_titan.model.attention  # noqa: F401  (registers gptoss_titan::flash_sink)
 
     ops = {
@@ -36,6 +39,7 @@ def _save_list() -> set:
         torch.ops.aten.addmm.default,
         torch.ops.aten.bmm.default,
         torch.ops.gptoss_titan.flash_sink.default,
+        *attention_save_ops(traced=compiled),
     }
     for name in (
         "_scaled_dot_product_flash_attention_for_cpu",
@@ -53,12 +57,15 @@ def _op_policy(save: set, ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(model: nn.Module, cfg: ActivationCheckpoint) -> None:
+def apply_activation_checkpointing(
+    model: nn.Module, cfg: ActivationCheckpoint, compiled: bool = False
+) -> None:
+    """compiled: the compile pass follows (the checkpoint regions are then traced by Dynamo)."""
     if cfg.mode == "none":
         return
     every = int(cfg.selective_ac_option) if cfg.mode == "selective" and cfg.selective_ac_option != "op" else 1
     per_op = cfg.mode == "selective" and cfg.selective_ac_option == "op"
-    save = _save_list()
+    save = save_list(compiled)
     wrapped = 0
     for i, block in enumerate(model.layers):
         if i % every:

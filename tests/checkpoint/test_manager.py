@@ -223,3 +223,51 @@ def test_exclude_from_loading_and_model_only_last_save(tmp_path):
     assert main(base_args(tmp_path, "ex", "--checkpoint.exclude_from_loading=dataloader,optimizer")) == 0
     rows = [json.loads(x) for x in (tmp_path / "ex/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_one_pinned_stager_per_run_closed_at_the_end(tmp_path):
+    """async_with_pinned_mem builds its stager (pinned buffers) once and reuses it for every save;
+    the run closes it. (The pinned one needs CUDA; a plain DefaultStager stands in here.)"""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    from gptoss_titan.config import parse_args
+    from gptoss_titan.train import Trainer
+
+    made = []
+
+    class Stager(DefaultStager):
+        closed = False
+
+        def close(self):
+            Stager.closed = True
+            super().close()
+
+    def make():
+        made.append(Stager(StagingOptions(False, False, False, False)))
+        return made[-1]
+
+    cfg = parse_args(
+        base_args(tmp_path, "run", "--checkpoint.interval=1", "--checkpoint.async_mode=async_with_pinned_mem")
+    )
+    Trainer(cfg, checkpoint_stager=make).train()
+    assert len(made) == 1 and Stager.closed
+    assert sorted(p.name for p in (tmp_path / "run/checkpoint").iterdir()) == [
+        f"step-{i}" for i in range(1, 7)
+    ]
+
+
+def test_a_resumed_run_does_not_draw_weights_it_will_load(tmp_path, monkeypatch):
+    """Initialization is skipped when a checkpoint overwrites every parameter (it would cost minutes
+    per rank at 120b), and happens when the model is excluded from loading."""
+    import gptoss_titan.model.model as model_module
+
+    assert main(base_args(tmp_path, "run", "--training.steps=3")) == 0
+    drawn = []
+    real = model_module.init_param
+    monkeypatch.setattr(model_module, "init_param", lambda *a: drawn.append(a[1]) or real(*a))
+    assert main(base_args(tmp_path, "run", "--training.steps=4")) == 0
+    assert drawn == []
+    assert (
+        main(base_args(tmp_path, "run", "--training.steps=5", "--checkpoint.exclude_from_loading=model")) == 0
+    )
+    assert "tok_embeddings.weight" in drawn

@@ -87,6 +87,7 @@ def test_flex_path_matches_reference_forward():
             assert (flex_sink_attention(*x, W) - reference_attention(*x, W)).abs().max() < 2e-6
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention backward runs on CUDA only")
 def test_flex_path_backward_on_cuda():
     x = [t.detach().float().cuda().requires_grad_() for t in inputs(2, 8, 2, 256, 64)]
@@ -157,3 +158,21 @@ def test_position_mask_hides_empty_slots_and_old_keys():
     assert position_mask(q_pos, k_pos, None).tolist() == [[True, True, False, True, True]]
     assert position_mask(q_pos, k_pos, 3).tolist() == [[True, True, False, False, True]]
     assert position_mask(torch.tensor([0]), torch.tensor([-1, 0]), 128).tolist() == [[False, True]]
+
+
+def test_flex_path_under_compile_takes_its_mask_from_outside():
+    """The CUDA attention under torch.compile(fullgraph=True) (eager backend here: flex's CPU forward)
+    equals the reference with the block mask passed in, which is built once per shape outside the
+    compiled region (the model's forward builds it; lru_cache does not work inside a graph)."""
+    from gptoss_titan.model import attention
+
+    attention._flex_block_mask.cache_clear()
+    fn = torch.compile(flex_sink_attention, fullgraph=True, backend="eager")
+    x = [t.detach().float() for t in inputs(2, 4, 2, 64, 16)]
+    with torch.no_grad():
+        for _ in range(2):
+            for W in (None, 16):
+                mask = attention._flex_block_mask(64, W, "cpu")
+                assert (fn(*x, W, mask) - reference_attention(*x, W)).abs().max() < 2e-6
+    info = attention._flex_block_mask.cache_info()
+    assert (info.misses, info.hits) == (2, 2)  # built once per (shape, window), reused after

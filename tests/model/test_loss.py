@@ -20,3 +20,55 @@ def test_fused_cross_entropy(chunk):
     gh, gw = torch.autograd.grad(2.5 * ref, [h, w])
     torch.testing.assert_close(h.grad, gh)
     torch.testing.assert_close(w.grad, gw)
+
+
+def test_accelerator_path_in_bf16_with_ignored_rows():
+    """The GPU branch (bf16 GEMMs, fp32 logits and accumulation, large chunks), forced here on the
+    CPU: close to the fp32 reference, and ignored rows get exactly zero gradient."""
+    torch.manual_seed(0)
+    h = torch.randn(50, 32, requires_grad=True)
+    w = torch.randn(300, 32, requires_grad=True)
+    t = torch.randint(0, 300, (50,))
+    t[[3, 17, 49]] = IGNORE_INDEX
+    ref = torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum", ignore_index=IGNORE_INDEX)
+    gh, gw = torch.autograd.grad(ref, [h, w])
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    for chunk in (None, 300 * 7):  # one chunk, and several
+        loss = fused_linear_cross_entropy(hb, wb, t, chunk, path="accel")
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, ref.detach(), rtol=2e-2, atol=0.5)
+        ghb, gwb = torch.autograd.grad(loss, [hb, wb])
+        assert ghb.dtype == wb.dtype == torch.bfloat16
+        assert ghb[[3, 17, 49]].eq(0).all()
+        torch.testing.assert_close(ghb.float(), gh, rtol=5e-2, atol=5e-2)
+        torch.testing.assert_close(gwb.float(), gw, rtol=5e-2, atol=5e-2)
+
+
+def test_paths_by_device():
+    from gptoss_titan.model.loss import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS, loss_path
+
+    assert loss_path(torch.device("cpu")) == "cpu" and loss_path(torch.device("cuda")) == "accel"
+    assert (
+        ACCEL_CHUNK_ELEMS // 201088 >= 2048 and CPU_CHUNK_ELEMS // 201088 < 256
+    )  # rows per chunk, 20b vocab
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_accelerator_path_on_cuda_matches_fp32():
+    """On CUDA the loss runs bf16 GEMMs with fp32 outputs (`out_dtype`): logits, loss and both
+    gradients stay within bf16 rounding of the fp32 reference at the real vocabulary."""
+    torch.manual_seed(0)
+    h = torch.randn(3000, 256, device="cuda") * 0.5
+    w = torch.randn(201088, 256, device="cuda") * 0.02
+    t = torch.randint(0, 201088, (3000,), device="cuda")
+    t[::7] = IGNORE_INDEX
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(hr @ wr.T, t, reduction="sum", ignore_index=IGNORE_INDEX)
+    gh, gw = torch.autograd.grad(ref, [hr, wr])
+    hb, wb = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    loss = fused_linear_cross_entropy(hb, wb, t)
+    torch.testing.assert_close(loss, ref.detach(), rtol=5e-3, atol=1.0)
+    ghb, gwb = torch.autograd.grad(loss, [hb, wb])
+    torch.testing.assert_close(ghb.float(), gh, rtol=5e-2, atol=2e-3)
+    torch.testing.assert_close(gwb.float(), gw, rtol=5e-2, atol=2e-3)

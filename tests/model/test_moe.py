@@ -188,3 +188,35 @@ def test_expert_bias_changes_choice_not_weights():
     assert sorted(i1[0].tolist()) == [0, 1]
     torch.testing.assert_close(w1, torch.softmax(logits.gather(-1, i1), -1))
     assert "moe.router.expert_bias" in "".join(build(args).state_dict())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize(
+    "rows", [4096, 12]
+)  # a training micro-batch; a decode step (fewer rows than experts)
+def test_grouped_mm_matches_loop_at_20b_expert_shapes_on_cuda(rows):
+    """torch._grouped_mm in bf16 at 20b's expert shapes (32 experts, 2880 x 5760), with an empty
+    expert, equals one GEMM per expert: forward and every gradient."""
+    torch.manual_seed(0)
+    dev, E, H, I2 = "cuda", 32, 2880, 5760
+    counts = torch.multinomial(torch.ones(E), rows, replacement=True).bincount(minlength=E)
+    counts[3] = 0
+    counts[0] += rows - int(counts.sum())
+    counts = counts.to(dev)
+    x = (torch.randn(rows, H, device=dev) * 0.1).bfloat16().requires_grad_()
+    w = (torch.randn(E, H, I2, device=dev) * 0.02).bfloat16().requires_grad_()
+    b = (torch.randn(E, I2, device=dev) * 0.02).bfloat16().requires_grad_()
+    g = torch.randn(rows, I2, device=dev).bfloat16()
+    outs = {}
+    for name, fn in (
+        ("grouped", lambda: _grouped_linear(x, w, b, counts, "grouped")),
+        ("loop", lambda: _loop_linear(x, w, b, counts)),
+    ):
+        out = fn()
+        outs[name] = (out, torch.autograd.grad(out, [x, w, b], g))
+    (a, ga), (r, gr) = outs["grouped"], outs["loop"]
+    torch.testing.assert_close(a.float(), r.float(), rtol=2e-2, atol=2e-2)
+    for p, q in zip(ga, gr):
+        torch.testing.assert_close(p.float(), q.float(), rtol=2e-2, atol=5e-2)
+    assert ga[1][3].eq(0).all() and ga[2][3].eq(0).all()  # the empty expert's gradients

@@ -79,6 +79,8 @@ CASES = {
     "fsdp4_ep2": (4, ["--parallelism.expert_parallel_degree=2"]),
     "ep4": (4, ["--parallelism.expert_parallel_degree=4"]),
     "full_ac": (2, ["--activation_checkpoint.mode=full"]),
+    # the 20b/120b layout: full AC, experts split over EP 2 and sharded over FSDP 2
+    "full_ac_fsdp2_ep2": (4, ["--activation_checkpoint.mode=full", "--parallelism.expert_parallel_degree=2"]),
     "selective_op_ac_ep2": (
         2,
         ["--activation_checkpoint.mode=selective", "--parallelism.expert_parallel_degree=2"],
