@@ -20,6 +20,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .checkpoint.files import CheckpointError, read_model_args, resolve_step_dir
+from .checkpoint.integrity import verify as verify_integrity
 from .dtypes import DTYPES
 from .errors import UserError
 from .model import ModelArgs
@@ -70,6 +71,9 @@ def dcp_to_hf(
     limit = parse_size(max_shard_size)
     step_dir = resolve_step_dir(checkpoint)
     args = read_model_args(step_dir)
+    damage = verify_integrity(step_dir)
+    if damage:
+        raise CheckpointError(f"checkpoint {str(step_dir)!r} is damaged ({damage}); export another step")
     try:
         meta = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
     except Exception as e:
@@ -172,17 +176,23 @@ class HFFolder:
         if index.is_file():
             self.weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.folder / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(self.folder / "model.safetensors"), "pt") as f:
+            self.weight_map = {"": "model.safetensors"}
+            with self._open("") as f:
                 self.weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             raise ConvertError(f"{folder!r} has no model.safetensors.index.json and no model.safetensors")
 
     def _open(self, name: str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        return safe_open(str(self.folder / self.weight_map[name]), "pt")
+        path = self.folder / self.weight_map[name]
+        try:
+            return safe_open(str(path), "pt")
+        except (SafetensorError, OSError) as e:
+            raise ConvertError(
+                f"safetensors file {path.name} in {str(self.folder)!r} is damaged or unreadable "
+                f"({e}); download or export it again"
+            ) from None
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         """Shape of the (dequantized) tensor `name`, or None if absent."""

@@ -8,6 +8,7 @@ import ctypes
 import gc
 import os
 import platform
+import signal
 import warnings
 from datetime import timedelta
 
@@ -55,6 +56,25 @@ def keep_freed_cpu_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
+def die_with_launcher() -> bool:
+    """A worker started by torchrun ends when its launcher dies (Linux PR_SET_PDEATHSIG with
+    SIGKILL), so a killed job leaves no orphan that keeps training and writing checkpoints into the
+    run folder. Returns True when armed (under torchrun on Linux)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or platform.system() != "Linux":
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return False
+    pr_set_pdeathsig = 1  # linux/prctl.h
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # the launcher died before the call: nobody would deliver the signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
 def quiet_single_process_warnings() -> None:
     """DCP warns "torch.distributed is disabled ... assuming a single process" on every call
     without a process group; on one process that is expected."""
@@ -77,7 +97,11 @@ def apply_process_settings(cfg: JobConfig) -> list[str]:
     t = cfg.training
     done = []
     check_torch_version()
+    if die_with_launcher():
+        done.append("ends with its launcher (PR_SET_PDEATHSIG)")
     quiet_single_process_warnings()
+    if hasattr(signal, "SIGXFSZ"):  # a write beyond the file-size limit fails (EFBIG, one line), not kills
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if t.deterministic:
         # cuBLAS reads this when CUDA initializes: it must be set before the first CUDA call.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -13,3 +13,10 @@ class UserError(ValueError):
 
 class DataError(UserError):
     """A data problem: missing or malformed files, token ids outside the vocabulary, a bad tokenizer."""
+
+
+class TrainingStopped(Exception):
+    """The run stopped itself on purpose (too many skipped steps, a failed checkpoint save): one
+    line, naming the last intact checkpoint; exit code 3."""
+
+    exit_code = 3

@@ -3,8 +3,9 @@
   python -m gptoss_titan.launch --nproc N [--port P] [--host H]
 
 Exit 2 with one line when N processes per node ask for more GPUs than this node has, or when
-the rendezvous port is already taken (checked only where it will be opened: the local host or
-the head node). Prints nothing and exits 0 otherwise.
+the rendezvous port is already taken by a listening socket (checked only where it will be opened:
+the local host or the head node; connections of a crashed run left in TIME_WAIT do not count).
+Prints nothing and exits 0 otherwise.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def check_port(port: int, host: str = "") -> None:
     if not 0 < port < 65536:
         raise LaunchError(f"port {port} is not a TCP port; pick one in 1024-65535")
     with socket.socket() as s:
+        # SO_REUSEADDR: a port whose last connections are in TIME_WAIT (a run that just crashed)
+        # binds; only a socket that still listens makes the port busy. The rendezvous store binds
+        # the same way.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:

@@ -102,6 +102,29 @@ def peak_tflops(device: torch.device, dtype: str, configured: float = 0.0) -> tu
     return measure_matmul_tflops(device, tdtype), f"measured {tdtype} matmul on {device.type}"
 
 
+def throughput_stats(
+    tokens: int,
+    seconds: float,
+    flops_per_token: float,
+    world: int,
+    peak_tflops: float,
+    data_time: float,
+    steps: int,
+) -> dict[str, float]:
+    """Tokens/s (global and per device), achieved TFLOP/s and MFU per device, and the share of the
+    time spent waiting for data, over a log window of `steps` steps and `seconds`."""
+    tps = tokens / seconds
+    tflops = flops_per_token * tps / world / 1e12
+    return {
+        "tokens_per_s": tps,
+        "tokens_per_s_per_device": tps / world,
+        "tflops_per_device": tflops,
+        "mfu_pct": 100 * tflops / peak_tflops,
+        "data_time_s": data_time / steps,
+        "data_time_pct": 100 * data_time / seconds,
+    }
+
+
 def warn_slow_cpu_bf16(device: torch.device) -> bool:
     """Warn (and return True) when bf16 matmuls are much slower than fp32 here: CPUs without native
     bf16 (AVX2 only) fall back to ~1 GFLOP/s. Small matrices keep the check cheap even then."""
@@ -141,9 +164,15 @@ class StepResult:
     expert_counts: torch.Tensor  # [L, E] assignments over the global batch
     aux_loss: torch.Tensor | None
     data_time: float  # seconds spent waiting for batches
+    skipped: torch.Tensor  # 1.0 if the update was skipped (loss or grad norm not finite, a spike)
 
     def stats(self) -> dict:
-        out = {"loss": float(self.loss), "lr": self.lr, "grad_norm": float(self.grad_norm)}
+        out = {
+            "loss": float(self.loss),
+            "lr": self.lr,
+            "grad_norm": float(self.grad_norm),
+            "skipped": float(self.skipped),
+        }
         if self.aux_loss is not None:
             out["aux_loss"] = float(self.aux_loss)
         out.update(expert_load_stats(self.expert_counts))  # [L, E] tokens per expert, whole global batch

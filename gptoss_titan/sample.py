@@ -19,12 +19,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from .checkpoint import read_model_args, resolve_step_dir
+from .checkpoint.integrity import verify as verify_integrity
 from .config import JobConfig
 from .convert import HFFolder, args_from_hf_config, load_hf_into
 from .data.tokenizer import get_tokenizer
 from .distributed import (
     check_torch_version,
     device_type,
+    die_with_launcher,
     init_distributed,
     quiet_single_process_warnings,
     shutdown,
@@ -111,6 +113,9 @@ def load_model(a: argparse.Namespace) -> Transformer:
     else:
         step = resolve_step_dir(a.checkpoint)
         args = read_model_args(step)
+        damage = verify_integrity(step)
+        if damage:
+            raise SampleError(f"checkpoint {str(step)!r} is damaged ({damage}); pass another step")
     model = build_model(args, a.dtype, a.num_samples * args.top_k, world_size())
     model.to_empty(device=device_type())
     model.init_buffers()
@@ -223,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(sys.argv[1:] if argv is None else argv)
     try:
         check_torch_version()
+        die_with_launcher()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

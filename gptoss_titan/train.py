@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
-import math
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -19,18 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemWriter
 
 from .checkpoint.files import CheckpointError
-from .checkpoint.manager import CheckpointManager
+from .checkpoint.integrity import IntegrityWriter
+from .checkpoint.manager import CheckpointManager, CheckpointSaveError
 from .checkpoint.resume import Resume, choose_resume
 from .compat import set_pg_timeout
 from .config import ConfigError, JobConfig, batch_layout, help_text, model_args, parse_args
 from .convert import ConvertError, import_for_training
-from .data import TokenLoader, get_tokenizer, open_split, resolve_dataset
+from .data import open_data
 from .distributed import apply_process_settings, init_distributed, local_device, shutdown, world_size
-from .errors import UserError
-from .generate import generate
+from .errors import TrainingStopped, UserError
+from .evaluate import greedy_sample, validation_loss
+from .guard import StepGuard
 from .metrics import (
     MetricsLogger,
     StepResult,
@@ -40,6 +41,7 @@ from .metrics import (
     memory_stats,
     peak_tflops,
     reset_peak_memory,
+    throughput_stats,
     warn_slow_cpu_bf16,
 )
 from .model import Transformer
@@ -50,12 +52,12 @@ from .parallel import ParallelDims, parallelize
 from .parallel.dry_run import dry_run, is_dry_run
 from .parallel.grad import clip_grad_norm_
 from .profiling import Profiler
-from .tokens import STOP_IDS
+from .runlock import claim_run_folder
 from .train_state import TrainState
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, checkpoint_writer=FileSystemWriter, checkpoint_stager=None):
+    def __init__(self, cfg: JobConfig, checkpoint_writer=None, checkpoint_stager=None):
         """checkpoint_writer / checkpoint_stager: see CheckpointManager (tests inject their own)."""
         self.cfg = cfg
         t = cfg.training
@@ -70,21 +72,11 @@ class Trainer:
         init_logging(self.rank)
         if cfg.job.description:
             logger.info(f"job: {cfg.job.description}")
-        self.global_bs, self.accum_steps = batch_layout(
-            t, self.dp_degree
-        )  # global = local x dp x accumulation
-
+        # global batch = local x dp x accumulation steps
+        self.global_bs, self.accum_steps = batch_layout(t, self.dp_degree)
         # Data (all checks happen before anything is written to the run folder).
-        d = cfg.data
-        folder = resolve_dataset(d.dataset, d.dataset_path, d.tokenizer, d.cache_dir)
-        train_tokens = open_split(folder, "train", self.model_args.vocab_size, t.seq_len)
-        self.train_loader = TokenLoader(
-            train_tokens, t.seq_len, t.local_batch_size, self.dp_rank, self.dp_degree, seed=t.seed
-        )
-        self.val_tokens = (
-            open_split(folder, "val", self.model_args.vocab_size, t.seq_len)
-            if cfg.validation.enable
-            else None
+        self.train_loader, self.val_tokens = open_data(
+            cfg, self.model_args.vocab_size, self.dp_rank, self.dp_degree
         )
 
         # What to resume from (reads metadata only; errors here still leave nothing written).
@@ -108,27 +100,37 @@ class Trainer:
         self.model = model
         self.optimizer = build_optimizer(model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, t.steps, cfg.lr_scheduler)
-        self.state = TrainState.build(model, self.optimizer, self.lr_scheduler, self.train_loader)
+        self.guard = StepGuard(t, self.device)
+        self.state = TrainState.build(model, self.optimizer, self.lr_scheduler, self.train_loader, self.guard)
         # Without FSDP, bf16 compute is autocast; with FSDP it is the MixedPrecisionPolicy.
         self.autocast_dtype = (
             torch.bfloat16 if t.mixed_precision_param == "bfloat16" and self.meshes is None else None
         )
 
-        # The run folder.
+        # The run folder: one run at a time (rank 0 holds its lock until the run ends).
+        self.run_lock = claim_run_folder(self.dump, self.rank, self.world_size)
+        try:
+            self._finish_init(resume, ckpt_folder, checkpoint_writer, checkpoint_stager)
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    def _finish_init(
+        self, resume: Resume | None, ckpt_folder: Path, checkpoint_writer, checkpoint_stager
+    ) -> None:
+        cfg, t = self.cfg, self.cfg.training
         if self.rank == 0:
-            self.dump.mkdir(parents=True, exist_ok=True)
             cfg.write(self.dump / "config.json")
             (self.dump / "model_args.json").write_text(json.dumps(self.model_args.to_dict(), indent=2) + "\n")
         self.barrier()
+        meta = {"config.json": cfg.to_dict(), "model_args.json": self.model_args.to_dict()}
+        writer = checkpoint_writer or IntegrityWriter
         self.checkpoint = CheckpointManager(
-            ckpt_folder,
-            cfg.checkpoint,
-            self.state,
-            metadata={"config.json": cfg.to_dict(), "model_args.json": self.model_args.to_dict()},
-            writer=checkpoint_writer,
-            stager=checkpoint_stager,
+            ckpt_folder, cfg.checkpoint, self.state, meta, writer, checkpoint_stager
         )
         self.metrics = MetricsLogger(self.dump, cfg.metrics, self.rank)
+        for warning in resume.warnings if resume is not None else ():
+            logger.info(f"warning: {warning}")
         if resume is not None and resume.format == "hf":
             resume = self._import_hf(resume, ckpt_folder / "hf-import")
         if resume is not None:
@@ -212,58 +214,68 @@ class Trainer:
             loss.backward()
             ce_total += ce_sum.detach()
             counts_total = counts if counts_total is None else counts_total + counts
-        grad_norm = clip_grad_norm_(self.model.parameters(), cfg.training.max_norm)
+        grad_norm = self.clip_gradients()
+        loss = self.all_reduce(ce_total).double() / n_targets  # global: every rank decides alike
+        self.settle()  # the previous step's skip decision (its copy arrived meanwhile): the LR schedule
+        skip = self.guard.check(loss, grad_norm, self.step)  # 1.0: skip this update (see guard.py)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.lr_scheduler.step()
+        if cfg.optimizer.implementation == "fused":
+            self.optimizer.found_inf = skip  # the fused kernel leaves everything as it is when set
+            self.optimizer.step()
+        elif not bool(skip):  # the other implementations decide on the host (one sync)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.all_reduce(ce_total)
         self.all_reduce(counts_total)  # expert loads over the whole batch
         if self.model_args.load_balance_bias:
-            update_expert_bias(
-                [layer.moe.router for layer in self.model.layers],
-                counts_total,
-                cfg.model.load_balance_bias_rate,
-            )
+            routers = [layer.moe.router for layer in self.model.layers]
+            update_expert_bias(routers, counts_total, cfg.model.load_balance_bias_rate * (1 - skip))
         if coef > 0:
             self.all_reduce(aux_total)
-        loss = ce_total.double() / n_targets
-        return StepResult(loss, lr, grad_norm, counts_total, aux_total if coef > 0 else None, data_time)
+        aux = aux_total if coef > 0 else None
+        return StepResult(loss, lr, grad_norm, counts_total, aux, data_time, skip)
 
-    @torch.no_grad()
+    def clip_gradients(self) -> torch.Tensor:
+        """The global gradient norm, clipped to training.max_norm (tests inject bad gradients here)."""
+        return clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
+
+    def settle(self) -> None:
+        """Account for the last step's skip decision on the host: advance the LR schedule if it was
+        applied; stop the run (exit 3) after training.max_skipped_steps skips in a row."""
+        skipped = self.guard.settle()
+        if skipped is None:
+            return
+        if not skipped:
+            self.lr_scheduler.step()
+        else:
+            logger.info(
+                f"step {self.guard.last_step} skipped: loss or gradient norm not finite"
+                f"{', or a loss spike' if self.guard.sigma else ''} ({self.guard.skipped_in_a_row} in a row, "
+                f"{self.guard.skipped_total} in all)"
+            )
+        if self.guard.must_stop:
+            raise TrainingStopped(
+                f"{self.guard.skipped_in_a_row} steps in a row were skipped (loss or gradient norm not finite"
+                f"{', or a loss spike' if self.guard.sigma else ''}), the last at step {self.guard.last_step}; the last intact "
+                f"checkpoint is {self.checkpoint.last_intact()}: resume from it with a lower optimizer.lr, or check the data"
+            )
+
     def validate(self) -> float:
-        v = self.cfg.validation
-        loader = TokenLoader(
+        return validation_loss(
+            self.model,
             self.val_tokens,
-            self.cfg.training.seq_len,
-            self.cfg.training.local_batch_size,
+            self.cfg,
             self.dp_rank,
             self.dp_degree,
-            shuffle=False,
+            self.device,
+            self.autocast,
+            self.all_reduce,
         )
-        steps = min(v.steps, max(loader.num_samples // (loader.b * loader.dp_degree), 1))
-        self.model.eval()
-        total, count = 0.0, 0
-        for _ in range(steps):
-            x, y = loader.next_batch()
-            with self.autocast():
-                ce_sum, _, _ = self.model(x.to(self.device), y.to(self.device))
-            total += float(ce_sum)
-            count += int((y != IGNORE_INDEX).sum())
-        self.model.train()
-        sums = self.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=self.device))
-        return float(sums[0] / sums[1])
 
-    @torch.no_grad()
     def sample_text(self) -> str:
         m = self.cfg.metrics
-        enc = get_tokenizer(self.cfg.data.tokenizer)
-        prompt = torch.tensor([enc.encode_ordinary(m.sample_prompt)], device=self.device)
-        self.model.eval()
-        with self.autocast():
-            out = generate(self.model, prompt, m.sample_tokens, temperature=0.0, stop_ids=STOP_IDS)
-        self.model.train()
-        return enc.decode(out[0, prompt.shape[1] :].tolist())
+        return greedy_sample(
+            self.model, m.sample_prompt, m.sample_tokens, self.cfg.data.tokenizer, self.device, self.autocast
+        )
 
     def train(self) -> None:
         cfg, t = self.cfg, self.cfg.training
@@ -279,8 +291,32 @@ class Trainer:
         )
         if self.device.type == "cpu" and t.mixed_precision_param == "bfloat16":
             warn_slow_cpu_bf16(self.device)
-        progress = self.state.progress
         profiler = Profiler(cfg.profiling, self.dump, self.rank, self.step, self.device)
+        try:
+            self._loop(flops_per_token, peak, profiler)
+            self.settle()
+            self._save_guarded(self.checkpoint.wait)  # the save in flight
+        finally:
+            profiler.close()
+            self.checkpoint.close()
+            self.metrics.close()
+            self.run_lock.release()
+
+    def _save_guarded(self, save) -> None:
+        """Run a checkpoint save (or the wait for one); a failed save stops the run (exit 3) or, with
+        checkpoint.on_save_error = continue, is logged and training goes on."""
+        try:
+            save()
+        except CheckpointSaveError as e:
+            if self.cfg.checkpoint.on_save_error == "stop":
+                raise TrainingStopped(
+                    f"{e}; the last intact checkpoint is {self.checkpoint.last_intact()}"
+                ) from None
+            logger.info(f"warning: {e}; training goes on (checkpoint.on_save_error = continue)")
+
+    def _loop(self, flops_per_token: float, peak: float, profiler: Profiler) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        progress = self.state.progress
         timer = Timer()
         tokens_since, steps_since, data_time = 0, 0, 0.0
         first_step = self.step + 1
@@ -297,23 +333,22 @@ class Trainer:
             data_time += result.data_time
             last = self.step == t.steps
             if self.step == 1 or self.step % cfg.metrics.log_freq == 0 or last:
-                stats = result.stats()  # reads the step's results from the device
-                dt = timer.lap()
-                tps = tokens_since / dt
-                tflops = flops_per_token * tps / self.world_size / 1e12
+                self.settle()  # the step's results are read from the device here anyway
+                stats = result.stats()
+                stats["skipped_steps"] = self.guard.skipped_total
                 stats.update(
-                    tokens_per_s=tps,
-                    tokens_per_s_per_device=tps / self.world_size,
-                    tflops_per_device=tflops,
-                    mfu_pct=100 * tflops / peak,
-                    data_time_s=data_time / steps_since,
-                    data_time_pct=100 * data_time / dt,
-                    tokens_seen=progress.tokens_seen,
-                    **memory_stats(self.device),
+                    throughput_stats(
+                        tokens_since,
+                        timer.lap(),
+                        flops_per_token,
+                        self.world_size,
+                        peak,
+                        data_time,
+                        steps_since,
+                    )
                 )
+                stats.update(tokens_seen=progress.tokens_seen, **memory_stats(self.device))
                 tokens_since, steps_since, data_time = 0, 0, 0.0
-                if not math.isfinite(stats["loss"]):
-                    raise FloatingPointError(f"loss is {stats['loss']} at step {self.step}")
                 self.metrics.log(self.step, stats)
                 reset_peak_memory(self.device)  # each log line reports the peak of its own window
             if self.val_tokens is not None and (self.step % cfg.validation.freq == 0 or last):
@@ -322,10 +357,9 @@ class Trainer:
             if cfg.metrics.sample_freq and (self.step % cfg.metrics.sample_freq == 0 or last):
                 logger.info(f"sample at step {self.step}: {self.sample_text()!r}")
                 timer.lap()
-            self.checkpoint.maybe_save(self.step, last)
-        profiler.close()
-        self.checkpoint.close()  # waits for the save in flight
-        self.metrics.close()
+            if self.checkpoint.due(self.step, last):
+                self.settle()  # the checkpoint holds the schedule and counters after this step
+                self._save_guarded(functools.partial(self.checkpoint.maybe_save, self.step, last))
 
     def _set_train_timeout(self) -> None:
         """From the second step on, a collective that waits longer than comm.train_timeout_seconds
@@ -338,6 +372,7 @@ class Trainer:
         """Step 0 model only, so later runs at any world size start from the same weights."""
         self.checkpoint.save(0, model_only=True, blocking=True)
         self.checkpoint.close()
+        self.run_lock.release()
         logger.info(f"seed checkpoint written to {self.checkpoint.folder / 'step-0'}")
 
 
@@ -353,7 +388,9 @@ def seed_checkpoint_config(cfg: JobConfig) -> JobConfig:
     return dataclasses.replace(cfg, parallelism=p, checkpoint=c)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) -> int:
+    """The command line; exit 0, 2 (a user error, one line) or 3 (the run stopped itself, one line).
+    trainer_cls: tests run their fault-injecting subclasses through the same entry point."""
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(help_text())
@@ -369,16 +406,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("checkpoint.create_seed_checkpoint runs on one process; use NGPU=1")
             cfg = seed_checkpoint_config(cfg)
         settings = apply_process_settings(cfg)
-        trainer = Trainer(cfg)
+        trainer = trainer_cls(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for line in settings:
         logger.info(f"process: {line}")
-    if seed_only:
-        trainer.save_seed_checkpoint()
-    else:
-        trainer.train()
+    try:
+        if seed_only:
+            trainer.save_seed_checkpoint()
+        else:
+            trainer.train()
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     shutdown()
     return 0
 

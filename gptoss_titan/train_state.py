@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .data import TokenLoader
+from .guard import StepGuard
 
 
 @dataclass
@@ -106,10 +107,19 @@ class TrainState:
     lr_scheduler: LRSchedulerState
     dataloader: TokenLoader
     rng: RNGState
+    guard: StepGuard | None = None
+
+    # Members a checkpoint may lack (saved before they existed): loading leaves them as they are.
+    OPTIONAL = ("step_guard",)
 
     @classmethod
     def build(
-        cls, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler, dataloader: TokenLoader
+        cls,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler,
+        dataloader: TokenLoader,
+        guard: StepGuard | None = None,
     ) -> TrainState:
         return cls(
             Progress(),
@@ -118,11 +128,12 @@ class TrainState:
             LRSchedulerState(lr_scheduler),
             dataloader,
             RNGState(),
+            guard,
         )
 
     def members(self, rank: int) -> dict[str, object]:
         """Checkpoint key -> Stateful. RNG states are per rank (`rng_rank<r>`); the rest is global."""
-        return {
+        out = {
             "model": self.model,
             "optimizer": self.optimizer,
             "lr_scheduler": self.lr_scheduler,
@@ -130,3 +141,6 @@ class TrainState:
             "train_state": self.progress,
             f"rng_rank{rank}": self.rng,
         }
+        if self.guard is not None:
+            out["step_guard"] = self.guard
+        return out

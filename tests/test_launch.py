@@ -63,3 +63,24 @@ def test_ngpu_larger_than_gpus(monkeypatch):
         check_nproc(8)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     check_nproc(8)  # CPU: NGPU is a process count
+
+
+def test_a_port_in_time_wait_is_free_for_a_restart():
+    """The rendezvous port of a run that just crashed has its connections in TIME_WAIT: a restart at
+    once must not be refused (only a listening socket makes the port busy)."""
+    from gptoss_titan.launch import check_port
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()  # the server side closes first: its end of the connection enters TIME_WAIT
+    server.close()
+    client.close()
+    with pytest.raises(OSError):  # what the old check did: a plain bind fails
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    check_port(port, "127.0.0.1")  # passes

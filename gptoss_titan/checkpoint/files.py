@@ -31,6 +31,13 @@ def step_dir(folder: Path, step: int) -> Path:
     return folder / f"step-{step}"
 
 
+def step_folders(folder: Path) -> list[int]:
+    """Steps with a step-<N> folder (renamed: its save finished, intact or not), ascending."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
+
+
 def complete_steps(folder: Path) -> list[int]:
     """Steps with a finished checkpoint in folder (renamed from .tmp, DCP metadata present), ascending."""
     if not folder.is_dir():
@@ -50,6 +57,8 @@ def resolve_step_dir(path: str) -> Path:
         raise CheckpointError(f"checkpoint {path!r} does not exist; pass a step-<N> folder or a run folder")
     if (p / ".metadata").is_file():
         return p
+    if STEP_DIR.match(p.name):  # a finished save's folder without its metadata
+        raise CheckpointError(f"checkpoint {path!r} is damaged (its .metadata is missing); pass another step")
     for folder in (p, p / "checkpoint"):
         steps = complete_steps(folder)
         if steps:
@@ -63,7 +72,10 @@ def read_model_args(path: Path) -> ModelArgs:
     f = path / MODEL_ARGS_FILE
     if not f.is_file():
         raise CheckpointError(f"{str(path)!r} has no {MODEL_ARGS_FILE}; it is not a gptoss-titan checkpoint")
-    return ModelArgs.from_dict(json.loads(f.read_text()))
+    try:
+        return ModelArgs.from_dict(json.loads(f.read_text()))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{str(path)!r} has an unreadable {MODEL_ARGS_FILE} ({e})") from None
 
 
 def check_model_args(path: Path, args: ModelArgs) -> None:
@@ -73,7 +85,10 @@ def check_model_args(path: Path, args: ModelArgs) -> None:
         raise CheckpointError(
             f"checkpoint {str(path)!r} has no {MODEL_ARGS_FILE}; it is not a gptoss-titan checkpoint"
         )
-    saved = json.loads(saved_file.read_text())
+    try:
+        saved = json.loads(saved_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable {MODEL_ARGS_FILE} ({e})") from None
     for k, v in args.to_dict().items():
         if k in saved and saved[k] != v:
             raise CheckpointError(

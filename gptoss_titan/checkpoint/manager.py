@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..compat import pinned_memory_stager
 from ..config import Checkpoint as CkptConfig
@@ -35,6 +36,39 @@ from ..dtypes import dtype_of
 from ..metrics import logger
 from ..train_state import TrainState
 from .files import LOADABLE, CheckpointError, checkpoint_keys, complete_steps, step_dir
+from .integrity import IntegrityWriter
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed (disk full, a write error); its step folder was removed, older ones are intact."""
+
+
+def one_line(error: BaseException) -> str:
+    """The root cause of an error in one line (DCP wraps each rank's exception with its traceback)."""
+    failures = getattr(error, "failures", None)  # CheckpointException: rank -> (exception, traceback)
+    if failures:
+        error = next(iter(failures.values()))
+        error = error[0] if isinstance(error, tuple) else error
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def storage_hint(folder: Path) -> str:
+    """What limits writing here (writers report a short write obscurely: torch's zip writer says
+    'unexpected pos'): the free space, and the file-size limit when there is one."""
+    import resource
+
+    parts = []
+    try:
+        parts.append(f"{shutil.disk_usage(folder).free / 1e9:.1f} GB free in {folder}")
+    except OSError:
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        parts.append(f"files are limited to {limit} bytes (ulimit -f)")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 class CheckpointManager:
@@ -44,7 +78,7 @@ class CheckpointManager:
         cfg: CkptConfig,
         states: TrainState,
         metadata: dict[str, dict],
-        writer: Callable[[str], FileSystemWriter] = FileSystemWriter,
+        writer: Callable[[str], FileSystemWriter] = IntegrityWriter,
         stager: Callable[[], object] | None = None,
     ):
         """folder: where step-<N>/ go; metadata: file name -> JSON content written into every step;
@@ -60,6 +94,7 @@ class CheckpointManager:
         self._future: Future | None = None
         self._finalized = threading.Event()
         self._finalized.set()
+        self._failure: str | None = None
         self.last_saved = -1
         if pinned and self.make_stager is None:
             logger.info("checkpoint.async_mode = async_with_pinned_mem needs CUDA; using plain async on CPU")
@@ -82,14 +117,25 @@ class CheckpointManager:
         return {k: m.state_dict() for k, m in self.states.members(self.rank).items()}
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is written and renamed into place."""
+        """Block until the save in flight (if any) is written and renamed into place; raise
+        CheckpointSaveError if it failed (its step folder was removed, older ones are intact)."""
         if self._future is not None:
-            self._future.result()
+            try:
+                self._future.result()
+            except (Exception, CheckpointException):  # reported by _finalize, raised below
+                pass
             self._future = None
         self._finalized.wait()
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise CheckpointSaveError(failure)
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether `maybe_save(step, last)` saves."""
+        return self.cfg.enable and (step % self.cfg.interval == 0 or last) and step != self.last_saved
 
     def maybe_save(self, step: int, last: bool) -> None:
-        if self.cfg.enable and (step % self.cfg.interval == 0 or last) and step != self.last_saved:
+        if self.due(step, last):
             model_only = last and self.cfg.last_save_model_only
             dtype = dtype_of(self.cfg.export_dtype) if model_only else None
             self.save(step, model_only=model_only, export_dtype=dtype, blocking=last)
@@ -114,27 +160,30 @@ class CheckpointManager:
         writer = self.writer(str(tmp))
         t0 = time.perf_counter()
         self._finalized.clear()
-        if self.cfg.async_mode == "disabled":
-            dcp.save(state, storage_writer=writer, process_group=self.pg, no_dist=not self.distributed)
-            self._finalize(step, t0)
-        else:
-            future = dcp.async_save(
-                state,
-                storage_writer=writer,
-                process_group=self.pg,
-                no_dist=not self.distributed,
-                async_stager=self._pinned_stager(),
-            )
-            if not isinstance(future, Future):  # newer torch returns a response with the upload future
-                future = future.upload_completion
-            future.add_done_callback(lambda f: self._finalize(step, t0, f))
-            self._future = future
-            logger.info(
-                f"checkpoint step {step}: staged in {time.perf_counter() - t0:.2f}s, writing in background"
-            )
         self.last_saved = step
-        if blocking:
-            self.wait()
+        try:
+            if self.cfg.async_mode == "disabled":
+                dcp.save(state, storage_writer=writer, process_group=self.pg, no_dist=not self.distributed)
+                self._finalize(step, t0)
+            else:
+                future = dcp.async_save(
+                    state,
+                    storage_writer=writer,
+                    process_group=self.pg,
+                    no_dist=not self.distributed,
+                    async_stager=self._pinned_stager(),
+                )
+                if not isinstance(future, Future):  # newer torch returns a response with the upload future
+                    future = future.upload_completion
+                future.add_done_callback(lambda f: self._finalize(step, t0, f))
+                self._future = future
+                logger.info(
+                    f"checkpoint step {step}: staged in {time.perf_counter() - t0:.2f}s, writing in background"
+                )
+        except (Exception, CheckpointException) as e:  # disk full, a write error (DCP's is a BaseException)
+            self._finalize(step, t0, error=e)
+        if blocking or self._failure is not None:
+            self.wait()  # raises CheckpointSaveError for a failed save
 
     def _pinned_stager(self):
         """One stager for the whole run, built at the first save (async_with_pinned_mem), else None:
@@ -145,10 +194,19 @@ class CheckpointManager:
             self._stager = self.make_stager()
         return self._stager
 
-    def _finalize(self, step: int, t0: float, future: Future | None = None) -> None:
+    def _finalize(
+        self, step: int, t0: float, future: Future | None = None, error: Exception | None = None
+    ) -> None:
+        """Rename step-<N>.tmp into place (rank 0), or, when the save failed, remove it and keep the
+        failure for `wait()` to raise."""
         try:
-            if future is not None and future.exception() is not None:
-                logger.info(f"checkpoint step {step} failed: {future.exception()!r}")
+            error = error or (future.exception() if future is not None else None)
+            if error is not None:
+                if self.rank == 0:
+                    shutil.rmtree(self.folder / f"step-{step}.tmp", ignore_errors=True)
+                hint = storage_hint(self.folder)
+                self._failure = f"checkpoint step {step} failed and was removed ({one_line(error)}{hint})"
+                logger.info(self._failure)
                 return
             if self.rank == 0:
                 final = step_dir(self.folder, step)
@@ -159,6 +217,11 @@ class CheckpointManager:
                 logger.info(f"checkpoint step {step} complete in {time.perf_counter() - t0:.2f}s: {final}")
         finally:
             self._finalized.set()
+
+    def last_intact(self) -> str:
+        """The newest complete step folder, for messages."""
+        steps = complete_steps(self.folder)
+        return str(step_dir(self.folder, steps[-1])) if steps else "none (no checkpoint was saved)"
 
     def _retain(self, newest: int) -> None:
         """Keep the newest keep_latest_k complete checkpoints; drop abandoned .tmp folders."""
@@ -186,6 +249,7 @@ class CheckpointManager:
             saved_rng = next((k for k in (rng_key, "rng_rank0") if k in keys), None)
             if saved_rng is not None:
                 members[saved_rng] = rng
+        members = {k: m for k, m in members.items() if k in keys or k not in self.states.OPTIONAL}
         missing = [k for k in members if k not in keys]
         if missing:
             raise CheckpointError(
@@ -206,7 +270,12 @@ class CheckpointManager:
         logger.info(f"loaded {what} from {path} in {time.perf_counter() - t0:.2f}s")
 
     def close(self) -> None:
-        self.wait()
+        """Wait for the save in flight and free the stager and the group (a failure of that save was
+        logged when it happened; the trainer raises it through wait() before closing)."""
+        try:
+            self.wait()
+        except CheckpointSaveError:
+            pass
         if self._stager is not None:
             self._stager.close()
             self._stager = None

@@ -5,40 +5,71 @@ and raises CheckpointError (one line) for a bad request, before the run writes a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Checkpoint as CkptConfig
 from ..convert import ConvertError, check_hf_matches
 from ..model import ModelArgs
-from .files import CheckpointError, check_model_args, checkpoint_keys, complete_steps, step_dir
+from .files import CheckpointError, check_model_args, checkpoint_keys, complete_steps, step_dir, step_folders
+from .integrity import verify as verify_integrity
 
 
 @dataclass(frozen=True)
 class Resume:
-    """Load `path`: a DCP step folder (format "dcp") or a Hugging Face folder to import ("hf")."""
+    """Load `path`: a DCP step folder (format "dcp") or a Hugging Face folder to import ("hf").
+    warnings: damaged newer checkpoints that were passed over, one line each."""
 
     path: Path
     model_only: bool
     format: str = "dcp"
+    warnings: tuple[str, ...] = ()
 
 
-def choose_resume(cfg: CkptConfig, folder: Path, model_args: ModelArgs) -> Resume | None:
-    """The run's own checkpoints win (latest complete, or checkpoint.load_step); else
-    checkpoint.initial_load_path (a step folder, a run folder, or an HF folder); else None."""
+def choose_resume(
+    cfg: CkptConfig,
+    folder: Path,
+    model_args: ModelArgs,
+    verify: Callable[[Path], str | None] = verify_integrity,
+) -> Resume | None:
+    """The run's own checkpoints win (the newest intact one, or checkpoint.load_step); else
+    checkpoint.initial_load_path (a step folder, a run folder, or an HF folder); else None.
+
+    verify(path) -> the damage of a step folder or None (checksums, split over the ranks). A
+    damaged newest step is passed over with a warning; a damaged step asked for by load_step or
+    initial_load_path is a CheckpointError, as is a run whose every checkpoint is damaged."""
     if not cfg.enable and not cfg.initial_load_path:
         return None
-    steps = complete_steps(folder) if cfg.enable else []
+    steps = step_folders(folder) if cfg.enable else []
     if cfg.enable and cfg.load_step >= 0:
         if cfg.load_step not in steps:
-            have = ", ".join(map(str, steps)) or "none"
+            have = ", ".join(map(str, complete_steps(folder))) or "none"
             raise CheckpointError(
                 f"checkpoint.load_step = {cfg.load_step} not found in {str(folder)!r} "
                 f"(complete steps: {have}); use one of them or -1 for the latest"
             )
-        return _own(step_dir(folder, cfg.load_step), model_args)
-    if steps:
-        return _own(step_dir(folder, steps[-1]), model_args)
+        path = step_dir(folder, cfg.load_step)
+        damage = verify(path)
+        if damage:
+            raise CheckpointError(
+                f"checkpoint.load_step = {cfg.load_step}: {str(path)!r} is damaged ({damage}); "
+                "choose another step, or -1 for the newest intact one"
+            )
+        return _own(path, model_args)
+    passed_over = []
+    for step in reversed(steps):
+        path = step_dir(folder, step)
+        damage = verify(path)
+        if damage is None:
+            own = _own(path, model_args)
+            return Resume(own.path, own.model_only, warnings=tuple(passed_over))
+        passed_over.append(f"checkpoint {str(path)!r} is damaged ({damage}); passing over it")
+    if passed_over:
+        raise CheckpointError(
+            f"every checkpoint in {str(folder)!r} is damaged (newest: {passed_over[0]}); "
+            "delete them to start over, or set checkpoint.initial_load_path"
+        )
     if not cfg.initial_load_path:
         return None
     if cfg.initial_load_format == "hf":
@@ -62,6 +93,11 @@ def choose_resume(cfg: CkptConfig, folder: Path, model_args: ModelArgs) -> Resum
             )
         path = step_dir(path, found[-1])
     check_model_args(path, model_args)
+    damage = verify(path)
+    if damage:
+        raise CheckpointError(
+            f"checkpoint.initial_load_path {str(path)!r} is damaged ({damage}); pass another"
+        )
     checkpoint_keys(path)
     return Resume(path, model_only=cfg.initial_load_model_only)
 

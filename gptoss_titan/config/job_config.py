@@ -57,6 +57,9 @@ class Training:
     mixed_precision_param: str = "float32"  # compute dtype: float32 or bfloat16 (master weights stay fp32)
     mixed_precision_reduce: str = "float32"  # gradient reduction dtype across ranks
     cpu_keep_freed_memory: bool = True  # CPU: malloc keeps freed memory for reuse (no page faults per step)
+    max_skipped_steps: int = 5  # steps skipped in a row (loss/grad norm not finite, or a spike): then exit 3
+    loss_spike_sigma: float = 0.0  # also skip a step whose loss > mean + this x std of recent ones (0 = off)
+    loss_spike_window: int = 100  # recent applied steps the spike rule looks at (it starts once they exist)
     allow_tf32: bool = True  # CUDA: fp32 matmuls on TF32 tensor cores (fp32 compute only; bf16 unaffected)
     cuda_expandable_segments: bool = True  # CUDA allocator grows segments in place (less fragmentation)
 
@@ -105,6 +108,7 @@ class Checkpoint:
     initial_load_format: str = "dcp"  # dcp or hf
     last_save_model_only: bool = False  # the final save holds the model only
     export_dtype: str = "float32"  # dtype of a model-only final save
+    on_save_error: str = "stop"  # a failed save (disk full, write error): stop (exit 3) or continue
     create_seed_checkpoint: bool = False  # build, save step 0 on one process, and exit
 
 

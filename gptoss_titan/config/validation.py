@@ -141,6 +141,12 @@ def validate(cfg: JobConfig) -> None:
     _choice("checkpoint.async_mode", c.async_mode, ("disabled", "async", "async_with_pinned_mem"))
     _choice("checkpoint.initial_load_format", c.initial_load_format, ("dcp", "hf"))
     _choice("checkpoint.export_dtype", c.export_dtype, DTYPE_NAMES)
+    _choice("checkpoint.on_save_error", c.on_save_error, ("stop", "continue"))
+    if t.max_skipped_steps < 1 or t.loss_spike_window < 2 or t.loss_spike_sigma < 0:
+        raise ConfigError(
+            f"training.max_skipped_steps = {t.max_skipped_steps} must be >= 1, loss_spike_window = "
+            f"{t.loss_spike_window} >= 2 and loss_spike_sigma = {t.loss_spike_sigma} >= 0 (0 = off)"
+        )
     _choice("activation_checkpoint.mode", cfg.activation_checkpoint.mode, ("none", "full", "selective"))
     sel = cfg.activation_checkpoint.selective_ac_option
     if sel != "op" and not (sel.isdigit() and int(sel) >= 1):

@@ -103,3 +103,20 @@ class TokenLoader:
                 f"the checkpoint's data position is for seq_len {state['seq_len']}, not {self.seq_len}"
             )
         self.position, self.seed = int(state["position"]), int(state["seed"])
+
+
+def open_data(cfg, vocab_size: int, dp_rank: int, dp_degree: int) -> tuple[TokenLoader, np.ndarray | None]:
+    """The run's training loader (this rank's share) and validation tokens (None when off), after
+    every check of the data (a JobConfig's data, training and validation sections)."""
+    d, t = cfg.data, cfg.training
+    folder = resolve_dataset(d.dataset, d.dataset_path, d.tokenizer, d.cache_dir)
+    train = TokenLoader(
+        open_split(folder, "train", vocab_size, t.seq_len),
+        t.seq_len,
+        t.local_batch_size,
+        dp_rank,
+        dp_degree,
+        seed=t.seed,
+    )
+    val = open_split(folder, "val", vocab_size, t.seq_len) if cfg.validation.enable else None
+    return train, val

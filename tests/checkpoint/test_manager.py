@@ -52,9 +52,11 @@ def weights(step_dir: Path) -> dict:
 
 def launch(nproc: int, tmp: Path, argv: list[str], slow_save_s: float = 0.0, wait: bool = True):
     """The trainer on nproc processes; slow_save_s > 0 runs it with a checkpoint writer that sleeps
-    that long before writing (slow_save_train.py, one process)."""
+    that long before writing (tests/reliability/chaos_train.py, one process)."""
     if slow_save_s:
-        cmd = python_cmd(1, str(HERE / "slow_save_train.py"), str(slow_save_s), *argv)
+        cmd = python_cmd(
+            1, str(HERE.parent / "reliability" / "chaos_train.py"), "--slow-save", str(slow_save_s), *argv
+        )
     else:
         cmd = python_cmd(nproc, "-m", "gptoss_titan.train", *argv)
     if not wait:
