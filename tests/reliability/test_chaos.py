@@ -16,34 +16,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..checkpoint.test_manager import weights
-from ..conftest import ROOT, free_port, losses, one_line_error, run_ok, synthetic_data
+from ..checkpoint.test_manager import base_args, weights
+from ..conftest import ROOT, free_port, losses, one_line_error, run_ok
 
 HERE = Path(__file__).parent
 pytestmark = pytest.mark.slow
 
 
 def args(tmp: Path, run: str, *extra: str) -> list[str]:
-    data = tmp / "data"
-    if not data.exists():
-        synthetic_data(data)
-    return [
-        "--model.flavor=bench",
-        f"--data.dataset_path={data}",
-        f"--job.dump_folder={tmp / run}",
-        "--training.seq_len=32",
+    """test_manager's bench-flavor run, 8 steps of 2 sequences, checkpoints every 2 steps."""
+    return base_args(
+        tmp,
+        run,
         "--training.local_batch_size=2",
         "--training.steps=8",
-        "--metrics.log_freq=1",
-        "--validation.enable=false",
-        "--lr_scheduler.warmup_steps=2",
         "--lr_scheduler.decay_steps=6",
-        "--optimizer.lr=1e-3",
-        "--training.deterministic=true",
-        "--checkpoint.enable=true",
         "--checkpoint.interval=2",
         *extra,
-    ]
+    )
 
 
 def chaos(nproc: int, port: int, argv: list[str], *faults: str) -> list[str]:
