@@ -48,7 +48,9 @@ class ModelState:
         return sd if dtype is None else {k: v.to(dtype) for k, v in sd.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        set_model_state_dict(self.model, state)
+        # strict=False: the loader may leave out the balancing biases a checkpoint lacks; every
+        # other name was loaded by DCP, which fails on a missing one
+        set_model_state_dict(self.model, state, options=StateDictOptions(strict=False))
 
 
 class OptimizerState:

@@ -153,6 +153,17 @@ def test_trainer_starts_from_hf_folder(trained, trained_hf, tmp_path, capsys):
     )
     assert "has model dim = 64 but the config gives 256" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # with aux-loss-free balancing on: the HF folder has no expert biases, they start at zero
+    assert (
+        main(
+            argv[:2]
+            + [f"--job.dump_folder={tmp_path / 'lbb'}"]
+            + argv[3:]
+            + ["--model.load_balance_bias=true"]
+        )
+        == 0
+    )
+    assert "expert-bias buffers are not in" in capsys.readouterr().out
 
 
 def quantize_folder(src: Path, dst: Path) -> dict:

@@ -97,6 +97,11 @@ def check_model_args(path: Path, args: ModelArgs) -> None:
             )
 
 
+def checkpoint_fqns(path: Path) -> set[str]:
+    """Every saved state name in a DCP checkpoint ("model.layers.0.attention.wq.weight", ...)."""
+    return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
 def checkpoint_keys(path: Path) -> set[str]:
     """Top-level state keys in a DCP checkpoint (raises CheckpointError if it cannot be read)."""
     try:

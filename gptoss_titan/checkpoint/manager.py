@@ -34,8 +34,9 @@ from ..compat import pinned_memory_stager
 from ..config import Checkpoint as CkptConfig
 from ..dtypes import dtype_of
 from ..metrics import logger
+from ..model.hf import is_native_only
 from ..train_state import TrainState
-from .files import LOADABLE, CheckpointError, checkpoint_keys, complete_steps, step_dir
+from .files import LOADABLE, CheckpointError, checkpoint_fqns, checkpoint_keys, complete_steps, step_dir
 from .integrity import IntegrityWriter
 
 
@@ -258,6 +259,13 @@ class CheckpointManager:
             )
         t0 = time.perf_counter()
         state = {k: m.state_dict() for k, m in members.items()}
+        if "model" in state:  # balancing biases are ours alone: a checkpoint without them (an HF
+            saved = checkpoint_fqns(path)  # import, a run without balancing) starts them at zero
+            absent = [k for k in state["model"] if f"model.{k}" not in saved and is_native_only(k)]
+            for k in absent:
+                del state["model"][k]
+            if absent:
+                logger.info(f"{len(absent)} expert-bias buffers are not in {path}: they start at zero")
         dcp.load(
             state,
             storage_reader=FileSystemReader(str(path)),

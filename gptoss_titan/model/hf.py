@@ -85,7 +85,8 @@ class MappingError(UserError):
     """A state dict does not match the model args (missing key, extra key or wrong shape)."""
 
 
-def _is_native_only(name: str) -> bool:
+def is_native_only(name: str) -> bool:
+    """A native state name Hugging Face checkpoints do not have (the balancing biases)."""
     return any(re.fullmatch(p.replace(".", r"\.").replace("{L}", r"\d+"), name) for p in NATIVE_ONLY)
 
 
@@ -101,7 +102,7 @@ def _convert(sd: dict[str, torch.Tensor], args: ModelArgs, to_hf_side: bool) -> 
             raise MappingError(f"tensor {src!r} has shape {list(t.shape)}, expected {list(shape)}")
         out[dst] = t
         seen.add(src)
-    extra = [k for k in sd if k not in seen and not (to_hf_side and _is_native_only(k))]
+    extra = [k for k in sd if k not in seen and not (to_hf_side and is_native_only(k))]
     if extra:
         raise MappingError(
             f"unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all) for these model args"
