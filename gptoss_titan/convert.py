@@ -316,11 +316,20 @@ def check_hf_matches(hf_dir: str, model_args: ModelArgs) -> None:
             )
 
 
+def _source_record(hf_dir: str) -> dict:
+    """What identifies a Hugging Face folder's weights: its path and its files' names, sizes, mtimes."""
+    folder = Path(hf_dir).resolve()
+    files = sorted(folder.glob("*.safetensors"))
+    return {"path": str(folder), "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
 def import_for_training(hf_dir: str, out: Path, model_args: ModelArgs) -> Path:
     """A Hugging Face folder as a model-only DCP checkpoint at `out` for a run with these model args,
-    converted once (an existing complete import is reused)."""
+    converted once: an existing complete import is reused only if it came from the same files."""
     check_hf_matches(hf_dir, model_args)
-    if not (out / ".metadata").is_file():
+    source, record = _source_record(hf_dir), out / "hf_source.json"
+    if not (out / ".metadata").is_file() or not record.is_file() or json.loads(record.read_text()) != source:
         hf_to_dcp(hf_dir, str(out), overwrite=True)
         (out / "model_args.json").write_text(json.dumps(model_args.to_dict(), indent=2) + "\n")
+        record.write_text(json.dumps(source, indent=1) + "\n")
     return out

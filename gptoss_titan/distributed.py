@@ -143,10 +143,12 @@ def init_distributed(timeout_seconds: int = 300) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def shutdown() -> None:
+def shutdown(barrier: bool = True) -> None:
     """gc before destroying the group: without it torchrun's exit sometimes aborts (measured: 40/40
-    clean exits with it, occasional `terminate called without an active exception` without)."""
+    clean exits with it, occasional `terminate called without an active exception` without).
+    barrier=False on error paths, where another rank may already be gone."""
     gc.collect()
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

@@ -80,16 +80,23 @@ class StepGuard:
         return self.skipped_in_a_row >= self.max_skipped
 
     def state_dict(self) -> dict:
+        """Plain numbers (saved as bytes by DCP), so a run may resume with another window size."""
         assert self._pending is None, "settle() before saving the guard"
         return {
-            "losses": self.losses,
-            "count": self.count,
+            "losses": self.losses.tolist(),
+            "count": int(self.count),
             "skipped_total": self.skipped_total,
             "skipped_in_a_row": self.skipped_in_a_row,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """(DCP has loaded the window into `losses` and `count` in place.)"""
+        losses = list(state["losses"])
+        if len(losses) == self.window:
+            self.losses.copy_(torch.tensor(losses, dtype=torch.float64))
+            self.count.fill_(int(state["count"]))
+        else:  # training.loss_spike_window changed: the spike rule starts over
+            self.losses.zero_()
+            self.count.zero_()
         self.skipped_total, self.skipped_in_a_row = (
             int(state["skipped_total"]),
             int(state["skipped_in_a_row"]),

@@ -79,11 +79,13 @@ def claim_run_folder(folder: Path, rank: int, world_size: int) -> RunLock:
 
     lock, error, warning = RunLock(folder), None, None
     if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             warning = lock.acquire()
         except RunFolderBusy as e:
             error = str(e)
+        except OSError as e:
+            error = f"run folder {str(folder)!r} cannot be created or locked ({e}); choose another --job.dump_folder"
     if world_size > 1:
         outcome = [error]
         dist.broadcast_object_list(outcome, src=0)

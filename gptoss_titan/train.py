@@ -16,17 +16,14 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint.files import CheckpointError
 from .checkpoint.integrity import IntegrityWriter
 from .checkpoint.manager import CheckpointManager, CheckpointSaveError
-from .checkpoint.resume import Resume, choose_resume
+from .checkpoint.resume import Resume, choose_resume, import_hf
 from .compat import set_pg_timeout
 from .config import ConfigError, JobConfig, batch_layout, help_text, model_args, parse_args
-from .convert import ConvertError, import_for_training
 from .data import open_data
 from .distributed import apply_process_settings, init_distributed, local_device, shutdown, world_size
 from .errors import TrainingStopped, UserError
@@ -132,7 +129,7 @@ class Trainer:
         for warning in resume.warnings if resume is not None else ():
             logger.info(f"warning: {warning}")
         if resume is not None and resume.format == "hf":
-            resume = self._import_hf(resume, ckpt_folder / "hf-import")
+            resume = import_hf(resume, ckpt_folder / "hf-import", self.model_args, self.rank, self.world_size)
         if resume is not None:
             self.checkpoint.load(resume.path, resume.model_only)
         n, a = self.model_args.num_params(), self.model_args.num_active_params()
@@ -160,17 +157,6 @@ class Trainer:
         model.set_expert_kernel(kernel)
         logger.info(f"experts: {kernel} kernel ({why})")
 
-    def _import_hf(self, resume: Resume, out: Path) -> Resume:
-        """Rank 0 converts the Hugging Face folder once into out; every rank then loads it like DCP."""
-        if self.rank == 0:
-            try:
-                import_for_training(str(resume.path), out, self.model_args)
-            except ConvertError as e:
-                raise CheckpointError(f"checkpoint.initial_load_path: {e}") from None
-        if self.world_size > 1:
-            dist.barrier()
-        return Resume(out, model_only=True)
-
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
@@ -187,27 +173,28 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def train_step(self) -> StepResult:
-        """One optimizer step over accum_steps micro-batches. Nothing here waits for the device:
-        the results stay tensors until a log step reads them (EP's split exchange is the only sync)."""
+        """One optimizer step over accum_steps micro-batches. The host does not wait for the device's
+        queue here: batches go over asynchronously, results stay tensors until a log step reads them;
+        the only waits are EP's split-size exchange and settle()'s wait for the previous step's skip
+        flag, recorded a step earlier (see guard.py)."""
         cfg = self.cfg
         data_timer = Timer()
         batches = [self.train_loader.next_batch() for _ in range(self.accum_steps)]
         data_time = data_timer.lap()
-        local_targets = sum(int(np.count_nonzero(y.numpy() != IGNORE_INDEX)) for _, y in batches)  # host data
-        n_targets = self.all_reduce(torch.tensor(local_targets, device=self.device))  # the global count
+        batches = [(self.to_device(x), self.to_device(y)) for x, y in batches]
+        n_targets = self.all_reduce(sum((y != IGNORE_INDEX).sum() for _, y in batches))  # the global count
         ce_total = torch.zeros((), device=self.device)
         aux_total = torch.zeros((), device=self.device)
         counts_total = None
         coef = cfg.model.aux_loss_coef
         for x, y in batches:
-            x, y = x.to(self.device), y.to(self.device)
             with self.autocast():
                 ce_sum, prob_sums, counts = self.model(x, y, router_probs=coef > 0)
             loss = ce_sum / n_targets
             if prob_sums is not None:
                 # The aux loss of this micro-batch over all ranks: pooled counts, local probabilities.
                 global_counts = self.all_reduce(counts.detach().clone())
-                rows = self.all_reduce(torch.tensor(x.numel(), device=self.device))
+                rows = self.all_reduce(torch.full((), x.numel(), device=self.device))
                 aux = load_balancing_loss(global_counts, prob_sums, rows)
                 loss = loss + coef * aux / self.accum_steps
                 aux_total += aux.detach() / self.accum_steps
@@ -233,6 +220,13 @@ class Trainer:
             self.all_reduce(aux_total)
         aux = aux_total if coef > 0 else None
         return StepResult(loss, lr, grad_norm, counts_total, aux, data_time, skip)
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host batch on the device: on CUDA through pinned memory and asynchronously (a copy from
+        pageable memory would make the host wait for the GPU's queue)."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def clip_gradients(self) -> torch.Tensor:
         """The global gradient norm, clipped to training.max_norm (tests inject bad gradients here)."""
@@ -359,6 +353,7 @@ class Trainer:
                 timer.lap()
             if self.checkpoint.due(self.step, last):
                 self.settle()  # the checkpoint holds the schedule and counters after this step
+                self._save_guarded(self.checkpoint.wait)  # the previous save's failure, reported once
                 self._save_guarded(functools.partial(self.checkpoint.maybe_save, self.step, last))
 
     def _set_train_timeout(self) -> None:
@@ -370,9 +365,11 @@ class Trainer:
 
     def save_seed_checkpoint(self) -> None:
         """Step 0 model only, so later runs at any world size start from the same weights."""
-        self.checkpoint.save(0, model_only=True, blocking=True)
-        self.checkpoint.close()
-        self.run_lock.release()
+        try:
+            self._save_guarded(lambda: self.checkpoint.save(0, model_only=True, blocking=True))
+        finally:
+            self.checkpoint.close()
+            self.run_lock.release()
         logger.info(f"seed checkpoint written to {self.checkpoint.folder / 'step-0'}")
 
 
@@ -409,6 +406,7 @@ def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) ->
         trainer = trainer_cls(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        shutdown(barrier=False)  # every rank reaches this (the checks agree across ranks)
         return 2
     for line in settings:
         logger.info(f"process: {line}")
@@ -419,6 +417,7 @@ def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) ->
             trainer.train()
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
+        shutdown(barrier=False)
         return e.exit_code
     shutdown()
     return 0

@@ -42,9 +42,9 @@ def test_off_by_default_and_state_round_trip():
     assert g.sigma == 0 and run(g, [2.0] * 5 + [500.0]) == [False] * 6  # no spike rule unless asked
     run(g, [math.nan])
     h = StepGuard(Training(), torch.device("cpu"))
-    state = g.state_dict()
-    h.losses.copy_(state["losses"])  # (DCP loads the tensors in place)
-    h.count.copy_(state["count"])
-    h.load_state_dict(state)
+    h.load_state_dict(g.state_dict())
     assert (h.skipped_total, h.skipped_in_a_row, int(h.count)) == (1, 1, 6)
     assert torch.equal(h.losses, g.losses)
+    other = StepGuard(Training(loss_spike_window=10), torch.device("cpu"))  # another window: starts over
+    other.load_state_dict(g.state_dict())
+    assert int(other.count) == 0 and other.skipped_total == 1

@@ -86,12 +86,21 @@ def find_damage(step: Path, share: tuple[int, int] = (0, 1)) -> str | None:
     return None
 
 
+def _safely(step: Path, share: tuple[int, int]) -> str | None:
+    """find_damage, with a read error reported as damage (a rank that raised would leave the others
+    waiting in the collective)."""
+    try:
+        return find_damage(step, share)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        return f"it cannot be read ({type(e).__name__}: {e})"
+
+
 def verify(step: Path) -> str | None:
     """`find_damage` split across the ranks of the default process group (each checks 1/world of
     the files); every rank gets the same answer. Without a process group: every file here."""
     if not (dist.is_available() and dist.is_initialized()):
-        return find_damage(step)
-    problem = [find_damage(step, (dist.get_rank(), dist.get_world_size()))]
+        return _safely(step, (0, 1))
+    problem = [_safely(step, (dist.get_rank(), dist.get_world_size()))]
     found = [None] * dist.get_world_size()
     dist.all_gather_object(found, problem[0])
     return next((p for p in found if p is not None), None)

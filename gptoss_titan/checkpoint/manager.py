@@ -111,6 +111,14 @@ class CheckpointManager:
         if self.distributed:
             dist.barrier(group=self.pg)
 
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (a barrier too: every rank must call it)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor(float(flag))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pg)
+        return bool(t)
+
     # ----- saving ---------------------------------------------------------------------------
     def _state_dicts(self, model_only: bool, dtype: torch.dtype | None) -> dict:
         if model_only:
@@ -148,20 +156,28 @@ class CheckpointManager:
         export_dtype: torch.dtype | None = None,
         blocking: bool = False,
     ) -> None:
-        self.wait()  # one save at a time
+        self.wait()  # one save at a time (a failure of the previous one is raised here, on every rank)
         tmp = self.folder / f"step-{step}.tmp"
-        if self.rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            for name, content in self.metadata.items():
-                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-        self._barrier()
-        state = self._state_dicts(model_only, export_dtype)
-        writer = self.writer(str(tmp))
         t0 = time.perf_counter()
         self._finalized.clear()
         self.last_saved = step
+        error = None
+        if self.rank == 0:  # the folder and its metadata files (a full disk may fail here already)
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+                for name, content in self.metadata.items():
+                    (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+            except OSError as e:
+                error = e
+        if self._any_rank(error is not None):  # every rank learns it, or the others would wait forever
+            self._finalize(
+                step, t0, error=error or OSError("the step folder could not be prepared on rank 0")
+            )
+            self.wait()
+        state = self._state_dicts(model_only, export_dtype)
+        writer = self.writer(str(tmp))
         try:
             if self.cfg.async_mode == "disabled":
                 dcp.save(state, storage_writer=writer, process_group=self.pg, no_dist=not self.distributed)
@@ -183,8 +199,8 @@ class CheckpointManager:
                 )
         except (Exception, CheckpointException) as e:  # disk full, a write error (DCP's is a BaseException)
             self._finalize(step, t0, error=e)
-        if blocking or self._failure is not None:
-            self.wait()  # raises CheckpointSaveError for a failed save
+        if blocking or self.cfg.async_mode == "disabled":
+            self.wait()  # raises CheckpointSaveError for a failed save (DCP fails it on every rank)
 
     def _pinned_stager(self):
         """One stager for the whole run, built at the first save (async_with_pinned_mem), else None:
@@ -216,6 +232,9 @@ class CheckpointManager:
                 os.replace(self.folder / f"step-{step}.tmp", final)
                 self._retain(step)
                 logger.info(f"checkpoint step {step} complete in {time.perf_counter() - t0:.2f}s: {final}")
+        except Exception as e:  # in the async callback nobody else would see it
+            self._failure = f"checkpoint step {step} could not be put in place ({one_line(e)})"
+            logger.info(self._failure)
         finally:
             self._finalized.set()
 

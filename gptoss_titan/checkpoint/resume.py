@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from ..config import Checkpoint as CkptConfig
-from ..convert import ConvertError, check_hf_matches
+from ..convert import ConvertError, check_hf_matches, import_for_training
 from ..model import ModelArgs
 from .files import CheckpointError, check_model_args, checkpoint_keys, complete_steps, step_dir, step_folders
 from .integrity import verify as verify_integrity
@@ -108,3 +109,28 @@ def _own(path: Path, model_args: ModelArgs) -> Resume:
     return Resume(
         path, model_only="optimizer" not in keys
     )  # a seed or model-only checkpoint: the model alone
+
+
+def import_hf(resume: Resume, out: Path, model_args: ModelArgs, rank: int, world_size: int) -> Resume:
+    """Rank 0 converts the Hugging Face folder of `resume` once into `out`; every rank then loads it
+    like a DCP checkpoint. The others wait on a gloo group with no practical timeout (120b converts
+    for many minutes) and learn rank 0's outcome, so an error is one line on every rank."""
+    import torch.distributed as dist
+
+    error = None
+    if rank == 0:
+        try:
+            import_for_training(str(resume.path), out, model_args)
+        except ConvertError as e:
+            error = f"checkpoint.initial_load_path: {e}"
+        except OSError as e:
+            error = f"checkpoint.initial_load_path: importing into {str(out)!r} failed ({e})"
+    if world_size > 1:
+        group = dist.new_group(backend="gloo", timeout=timedelta(days=1))
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=0, group=group)
+        error = outcome[0]
+        dist.destroy_process_group(group)
+    if error is not None:
+        raise CheckpointError(error)
+    return Resume(out, model_only=True)
