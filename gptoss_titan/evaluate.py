@@ -11,6 +11,7 @@ from .config import JobConfig
 from .data import TokenLoader, get_tokenizer
 from .generate import generate
 from .model import Transformer
+from .model.documents import find_documents
 from .model.loss import IGNORE_INDEX
 from .tokens import STOP_IDS
 
@@ -36,7 +37,8 @@ def validation_loss(
     for _ in range(steps):
         x, y = loader.next_batch()
         with autocast():
-            ce_sum, _, _ = model(x.to(device), y.to(device))
+            docs = find_documents(x, device) if t.document_mask else None
+            ce_sum, _, _ = model(x.to(device), y.to(device), documents=docs)
         total += float(ce_sum)
         count += int(np.count_nonzero(y.numpy() != IGNORE_INDEX))
     model.train()

@@ -42,6 +42,7 @@ from .metrics import (
     warn_slow_cpu_bf16,
 )
 from .model import Transformer
+from .model.documents import Documents, find_documents
 from .model.loss import IGNORE_INDEX
 from .model.moe import load_balancing_loss, resolve_expert_kernel, update_expert_bias
 from .optim import build_lr_scheduler, build_optimizer
@@ -181,15 +182,15 @@ class Trainer:
         data_timer = Timer()
         batches = [self.train_loader.next_batch() for _ in range(self.accum_steps)]
         data_time = data_timer.lap()
-        batches = [(self.to_device(x), self.to_device(y)) for x, y in batches]
-        n_targets = self.all_reduce(sum((y != IGNORE_INDEX).sum() for _, y in batches))  # the global count
+        batches = [(self.to_device(x), self.to_device(y), self.documents(x)) for x, y in batches]
+        n_targets = self.all_reduce(sum((y != IGNORE_INDEX).sum() for _, y, _ in batches))  # the global count
         ce_total = torch.zeros((), device=self.device)
         aux_total = torch.zeros((), device=self.device)
         counts_total = None
         coef = cfg.model.aux_loss_coef
-        for x, y in batches:
+        for x, y, docs in batches:
             with self.autocast():
-                ce_sum, prob_sums, counts = self.model(x, y, router_probs=coef > 0)
+                ce_sum, prob_sums, counts = self.model(x, y, router_probs=coef > 0, documents=docs)
             loss = ce_sum / n_targets
             if prob_sums is not None:
                 # The aux loss of this micro-batch over all ranks: pooled counts, local probabilities.
@@ -227,6 +228,10 @@ class Trainer:
         if self.device.type != "cuda":
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
+
+    def documents(self, x: torch.Tensor) -> Documents | None:
+        """Where the documents of a host batch lie, with training.document_mask (else None)."""
+        return find_documents(x, self.device) if self.cfg.training.document_mask else None
 
     def clip_gradients(self) -> torch.Tensor:
         """The global gradient norm, clipped to training.max_norm (tests inject bad gradients here)."""

@@ -49,6 +49,7 @@ class Data:
 class Training:
     steps: int = 200  # optimizer steps
     seq_len: int = 256  # tokens per sequence (inputs; targets are shifted by one)
+    document_mask: bool = False  # packed documents (ending at <|endoftext|>) attend only to themselves
     local_batch_size: int = 4  # sequences per micro-batch per data-parallel rank
     global_batch_size: int = -1  # sequences per step over all ranks (-1 = local x dp); more = accumulation
     max_norm: float = 1.0  # gradient clipping norm (0 = off)

@@ -210,6 +210,42 @@ def _cpu_window_mask(B: int, T: int, W: int, dtype: torch.dtype, device: torch.d
     return _window_block_mask(W, math.ceil(T / W), dtype, device).repeat(B, 1, 1, 1)
 
 
+def query_blocks(x: torch.Tensor, W: int) -> torch.Tensor:
+    """[B, N, T, D] -> [B * nb, N, W, D]: the queries cut into blocks of W (tail zero-padded)."""
+    B, N, T, D = x.shape
+    nb = math.ceil(T / W)
+    x = F.pad(x, (0, 0, 0, nb * W - T))
+    return x.view(B, N, nb, W, D).transpose(1, 2).reshape(B * nb, N, W, D)
+
+
+def unblock_queries(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """The inverse of `query_blocks`: [B * nb, N, W, ...] -> [B, N, T, ...] (tail dropped)."""
+    nbB, N, W = x.shape[:3]
+    nb = nbB // B
+    x = x.reshape(B, nb, N, W, *x.shape[3:]).transpose(1, 2)
+    return x.reshape(B, N, nb * W, *x.shape[4:])[:, :, :T]
+
+
+def key_blocks(x: torch.Tensor, W: int) -> torch.Tensor:
+    """[B, G, T, D] -> [B * nb, G, 2W, D]: block b holds the keys of query blocks b - 1 and b."""
+    B, G, T, D = x.shape
+    nb = math.ceil(T / W)
+    x = F.pad(x, (0, 0, W, nb * W - T))  # one empty block in front, tail padding at the end
+    x = x.unfold(2, 2 * W, W)  # [B, G, nb, D, 2W] (a view: block b = keys of blocks b-1 and b)
+    return x.permute(0, 2, 1, 4, 3).reshape(B * nb, G, 2 * W, D)
+
+
+def fold_key_blocks(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """The adjoint of `key_blocks` (gradients): [B * nb, G, 2W, D] -> [B, G, T, D], overlaps summed."""
+    nbB, G, W2, D = x.shape
+    nb, W = nbB // B, W2 // 2
+    x = x.view(B, nb, G, 2, W, D)
+    out = x.new_zeros(B, nb + 1, G, W, D)
+    out[:, :nb] += x[:, :, :, 0]  # first halves: keys of the previous block
+    out[:, 1:] += x[:, :, :, 1]
+    return out[:, 1:].permute(0, 2, 1, 3, 4).reshape(B, G, nb * W, D)[:, :, :T]
+
+
 def flash_sink_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -222,24 +258,15 @@ def flash_sink_attention(
     on the fused CPU flash kernels (any dtype they take: fp32, bf16, fp16). mask: the sliding
     layers' block mask from `attention_mask` (built here when not given)."""
     B, N, T, D = q.shape
-    G = k.shape[1]
     scale = D**-0.5
     if window is None or T <= window:  # every key in reach: plain causal
         return flash_sink_op(q, k, v, sinks, True, None, scale)[0]
     W = window
-    nb = math.ceil(T / W)
-    pad = nb * W - T
-    qb = F.pad(q, (0, 0, 0, pad)).view(B, N, nb, W, D).transpose(1, 2).reshape(B * nb, N, W, D)
-
-    def key_blocks(x: torch.Tensor) -> torch.Tensor:  # [B, G, T, D] -> [B * nb, G, 2W, D]
-        x = F.pad(x, (0, 0, W, pad))  # one empty block in front, tail padding at the end
-        x = x.unfold(2, 2 * W, W)  # [B, G, nb, D, 2W] (a view: block b = keys of blocks b-1 and b)
-        return x.permute(0, 2, 1, 4, 3).reshape(B * nb, G, 2 * W, D)
-
     if mask is None:
         mask = _cpu_window_mask(B, T, W, q.dtype, q.device)  # [B * nb, 1, W, 2W]
-    out = flash_sink_op(qb, key_blocks(k), key_blocks(v), sinks, False, mask, scale)[0]  # [B*nb, N, W, D]
-    return out.view(B, nb, N, W, D).transpose(1, 2).reshape(B, N, nb * W, D)[:, :, :T]
+    qb, kb, vb = query_blocks(q, W), key_blocks(k, W), key_blocks(v, W)
+    out = flash_sink_op(qb, kb, vb, sinks, False, mask, scale)[0]  # [B * nb, N, W, D]
+    return unblock_queries(out, B, T)
 
 
 @functools.lru_cache(maxsize=16)

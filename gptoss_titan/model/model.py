@@ -17,6 +17,7 @@ from torch import nn
 
 from .args import ModelArgs
 from .attention import attention_mask, decode_attention, position_mask, sink_attention, training_attention
+from .documents import Documents, document_attention, flex_document_mask
 from .init import init_param, init_spec
 from .kv_cache import KVCache, LayerCache
 from .loss import fused_linear_cross_entropy
@@ -71,8 +72,11 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D], cos/sin [T, D/2]: rotate the halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
+    """x [B, heads, T, D], cos/sin [T, D/2] (or [B, T, D/2], per row): rotate the halves
+    (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
     x1, x2 = x.chunk(2, dim=-1)
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D/2]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -111,7 +115,9 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
+        if isinstance(mask, Documents):
+            out = document_attention(q, k, v, self.sinks, self.window, mask)  # [B, N, T, D]
+        elif cache is None:
             out = training_attention(q, k, v, self.sinks, self.window, mask)  # [B, N, T, D]
         else:
             out = self._cached_attention(q, k, v, mask, cache, positions, cache_empty)
@@ -254,8 +260,12 @@ class Transformer(nn.Module):
         router_probs: bool = False,
         cache: KVCache | None = None,
         start_pos: int | torch.Tensor = 0,
+        documents: Documents | None = None,
     ):
         """tokens [B, T] -> logits [B, T, V].
+
+        documents (from `documents.find_documents`): a packed batch whose tokens attend only inside
+        their own document, with positions restarting at each document start (no cache).
 
         With a cache (from `new_cache`), the tokens are positions start_pos .. start_pos + T - 1:
         the prompt first (start_pos 0), then one token at a time; keys and values are kept in the
@@ -272,14 +282,18 @@ class Transformer(nn.Module):
                 f"sequence length {start_pos + T} exceeds the model's max_seq_len {self.args.max_seq_len}"
             )
         positions = None
-        if cache is None and isinstance(start_pos, int):
+        if documents is not None:
+            if cache is not None:
+                raise ValueError("document masking applies to training forwards, not to a KV cache")
+            cos, sin = self.rope_cos[documents.positions], self.rope_sin[documents.positions]  # [B, T, D/2]
+        elif cache is None and isinstance(start_pos, int):
             cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
         else:
             positions = start_pos + torch.arange(T, device=tokens.device)  # [T]
             cos, sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
         h = self.tok_embeddings(tokens)  # [B, T, H]
         cache_empty = cache is None or cache.empty
-        masks = self._attention_masks(B, T, h) if cache_empty else {}
+        masks = self._attention_masks(B, T, h, documents) if cache_empty else {}
         counts, prob_sums = [], []
         for i, layer in enumerate(self.layers):
             window = self.args.sliding_window if self.args.is_sliding(i) else None
@@ -297,12 +311,17 @@ class Transformer(nn.Module):
         probs_t = torch.stack(prob_sums) if router_probs else None  # [L, E]
         return ce_sum, probs_t, counts_t
 
-    def _attention_masks(self, B: int, T: int, h: torch.Tensor) -> dict:
+    def _attention_masks(self, B: int, T: int, h: torch.Tensor, documents: Documents | None = None) -> dict:
         """window (None for full layers) -> the attention mask of a [B, T] batch, built here, once
-        per forward and outside compiled regions, in the dtype the attention will run in."""
+        per forward and outside compiled regions, in the dtype the attention will run in. With
+        documents: the Documents themselves (CPU), or a flex document block mask (CUDA)."""
         dev = h.device
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
         windows = {
             self.args.sliding_window if self.args.is_sliding(i) else None for i in range(self.args.n_layers)
         }
+        if documents is not None:
+            if dev.type == "cuda":
+                return {w: flex_document_mask(documents, w, str(dev)) for w in windows}
+            return dict.fromkeys(windows, documents)
         return {w: attention_mask(B, T, w, dev, dtype) for w in windows}

@@ -32,13 +32,14 @@ def save_list(compiled: bool) -> set:
     """Ops whose outputs per-op checkpointing keeps: matmuls and the attention kernel of every device
     path (CPU: the gptoss_titan::flash_sink custom op; CUDA: flex_attention, traced into the block's
     graph when compiled, else its separately compiled region; SDPA variants elsewhere)."""
-    import gptoss_titan.model.attention  # noqa: F401  (registers gptoss_titan::flash_sink)
+    import gptoss_titan.model.documents  # noqa: F401  (registers the gptoss_titan:: attention ops)
 
     ops = {
         torch.ops.aten.mm.default,
         torch.ops.aten.addmm.default,
         torch.ops.aten.bmm.default,
         torch.ops.gptoss_titan.flash_sink.default,
+        torch.ops.gptoss_titan.doc_flash_sink.default,
         *attention_save_ops(traced=compiled),
     }
     for name in (
