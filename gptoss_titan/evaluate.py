@@ -7,11 +7,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .batching import ModelInputs
 from .config import JobConfig
 from .data import TokenLoader, get_tokenizer
 from .generate import generate
 from .model import Transformer
-from .model.documents import find_documents
 from .model.loss import IGNORE_INDEX
 from .tokens import STOP_IDS
 
@@ -23,12 +23,13 @@ def validation_loss(
     cfg: JobConfig,
     dp_rank: int,
     dp_degree: int,
-    device: torch.device,
+    inputs: ModelInputs,
     autocast: Callable,
     all_reduce: Callable,
 ) -> float:
     """Mean cross-entropy over validation.steps batches of the validation tokens (every data-parallel
-    rank its own share, summed over all of them); the model is left in training mode."""
+    rank its own share, summed over all of them; with cp each rank its part of each sequence);
+    the model is left in training mode."""
     t = cfg.training
     loader = TokenLoader(tokens, t.seq_len, t.local_batch_size, dp_rank, dp_degree, shuffle=False)
     steps = min(cfg.validation.steps, max(loader.num_samples // (loader.b * loader.dp_degree), 1))
@@ -37,12 +38,12 @@ def validation_loss(
     for _ in range(steps):
         x, y = loader.next_batch()
         with autocast():
-            docs = find_documents(x, device) if t.document_mask else None
-            ce_sum, _, _ = model(x.to(device), y.to(device), documents=docs)
+            tokens, targets, layout = inputs(x, y)
+            ce_sum, _, _ = model(tokens, targets, documents=layout)
         total += float(ce_sum)
-        count += int(np.count_nonzero(y.numpy() != IGNORE_INDEX))
+        count += int((targets != IGNORE_INDEX).sum())
     model.train()
-    sums = all_reduce(torch.tensor([total, count], dtype=torch.float64, device=device))
+    sums = all_reduce(torch.tensor([total, count], dtype=torch.float64, device=inputs.device))
     return float(sums[0] / sums[1])
 
 

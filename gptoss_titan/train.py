@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .batching import ModelInputs
 from .checkpoint.integrity import IntegrityWriter
 from .checkpoint.manager import CheckpointManager, CheckpointSaveError
 from .checkpoint.resume import Resume, choose_resume, import_hf
@@ -42,11 +43,11 @@ from .metrics import (
     warn_slow_cpu_bf16,
 )
 from .model import Transformer
-from .model.documents import Documents, find_documents
 from .model.loss import IGNORE_INDEX
 from .model.moe import load_balancing_loss, resolve_expert_kernel, update_expert_bias
 from .optim import build_lr_scheduler, build_optimizer
 from .parallel import ParallelDims, parallelize
+from .parallel.context_parallel import CPLayout
 from .parallel.dry_run import dry_run, is_dry_run
 from .parallel.grad import clip_grad_norm_
 from .profiling import Profiler
@@ -65,8 +66,15 @@ class Trainer:
         self.rank, self.world_size = init_distributed(cfg.comm.init_timeout_seconds)
         self.device = local_device()
         self.meshes = self.dims.build_meshes(self.device.type) if self.world_size > 1 else None
-        self.dp_rank = self.meshes.dp.get_local_rank() if self.meshes else 0
-        self.dp_degree = self.dims.dp_degree
+        self.dp_rank, self.dp_degree = self.dims.dp_rank(self.rank), self.dims.dp_degree
+        cp = self.dims.cp
+        self.inputs = ModelInputs(
+            t.document_mask,
+            self.device,
+            CPLayout.balanced(t.seq_len, cp, (self.model_args.sliding_window,)) if cp > 1 else None,
+            self.meshes.cp.get_local_rank() if cp > 1 else 0,
+            self.meshes.cp.get_group().group_name if cp > 1 else None,
+        )
         init_logging(self.rank)
         if cfg.job.description:
             logger.info(f"job: {cfg.job.description}")
@@ -182,7 +190,7 @@ class Trainer:
         data_timer = Timer()
         batches = [self.train_loader.next_batch() for _ in range(self.accum_steps)]
         data_time = data_timer.lap()
-        batches = [(self.to_device(x), self.to_device(y), self.documents(x)) for x, y in batches]
+        batches = [self.inputs(x, y) for x, y in batches]
         n_targets = self.all_reduce(sum((y != IGNORE_INDEX).sum() for _, y, _ in batches))  # the global count
         ce_total = torch.zeros((), device=self.device)
         aux_total = torch.zeros((), device=self.device)
@@ -222,17 +230,6 @@ class Trainer:
         aux = aux_total if coef > 0 else None
         return StepResult(loss, lr, grad_norm, counts_total, aux, data_time, skip)
 
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """A host batch on the device: on CUDA through pinned memory and asynchronously (a copy from
-        pageable memory would make the host wait for the GPU's queue)."""
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
-
-    def documents(self, x: torch.Tensor) -> Documents | None:
-        """Where the documents of a host batch lie, with training.document_mask (else None)."""
-        return find_documents(x, self.device) if self.cfg.training.document_mask else None
-
     def clip_gradients(self) -> torch.Tensor:
         """The global gradient norm, clipped to training.max_norm (tests inject bad gradients here)."""
         return clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
@@ -265,7 +262,7 @@ class Trainer:
             self.cfg,
             self.dp_rank,
             self.dp_degree,
-            self.device,
+            self.inputs,
             self.autocast,
             self.all_reduce,
         )

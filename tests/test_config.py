@@ -60,6 +60,11 @@ def test_repo_configs_load():
         ("", ["--training.stepz=3"], "did you mean 'steps'"),
         ("", ["--parallelism.tensor_parallel_degree=2"], "not supported yet"),
         ("", ["--parallelism.expert_parallel_degree=3"], "does not divide the 8 experts"),
+        (
+            "",
+            ["--parallelism.context_parallel_degree=3"],
+            "seq_len = 256 is not divisible by 2 x parallelism",
+        ),
         ("", ["--lr_scheduler.decay_type=cosin"], "did you mean 'cosine'"),
         ("", ["stray"], "unexpected argument"),
         ("", ["--model.flavor=bench", "--metrics.sample_freq=5"], "set --metrics.sample_freq=0"),

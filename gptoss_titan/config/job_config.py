@@ -91,7 +91,7 @@ class Parallelism:
     expert_parallel_degree: int = 1  # borrows from the shard dimension
     tensor_parallel_degree: int = 1  # not supported yet
     pipeline_parallel_degree: int = 1  # not supported yet
-    context_parallel_degree: int = 1  # not supported yet
+    context_parallel_degree: int = 1  # each sequence split over this many ranks (long contexts)
     fsdp_reshard_after_forward: str = "default"  # default, always or never
 
 

@@ -44,10 +44,10 @@ def model_args(cfg: JobConfig) -> ModelArgs:
 def check_degrees(p: Parallelism, num_experts: int) -> None:
     """The checks of each parallel degree on its own; ParallelDims.from_config adds those that need
     the world size (products, divisibility)."""
-    for name in ("tensor_parallel_degree", "pipeline_parallel_degree", "context_parallel_degree"):
+    for name in ("tensor_parallel_degree", "pipeline_parallel_degree"):
         if getattr(p, name) != 1:
             raise ConfigError(f"parallelism.{name} = {getattr(p, name)} is not supported yet; set it to 1")
-    for name in ("data_parallel_replicate_degree", "expert_parallel_degree"):
+    for name in ("data_parallel_replicate_degree", "expert_parallel_degree", "context_parallel_degree"):
         if getattr(p, name) < 1:
             raise ConfigError(f"parallelism.{name} = {getattr(p, name)} must be >= 1")
     if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
@@ -128,6 +128,12 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(
             f"training.seq_len = {t.seq_len} exceeds the {cfg.model.flavor} model's limit {args.max_seq_len}; "
             f"use --training.seq_len={args.max_seq_len} or less"
+        )
+    cp = p.context_parallel_degree
+    if cp > 1 and t.seq_len % (2 * cp):
+        raise ConfigError(
+            f"training.seq_len = {t.seq_len} is not divisible by 2 x parallelism.context_parallel_degree = {2 * cp} "
+            f"(each cp rank holds two chunks of every sequence); use a multiple of {2 * cp}"
         )
     batch_layout(t, dp_degree=1)
     _choice("training.mixed_precision_param", t.mixed_precision_param, DTYPE_NAMES)

@@ -117,6 +117,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(mask, Documents):
             out = document_attention(q, k, v, self.sinks, self.window, mask)  # [B, N, T, D]
+        elif hasattr(mask, "attend"):  # a layout that attends itself (context parallelism's CPBatch)
+            out = mask.attend(q, k, v, self.sinks, self.window)
         elif cache is None:
             out = training_attention(q, k, v, self.sinks, self.window, mask)  # [B, N, T, D]
         else:
@@ -265,7 +267,9 @@ class Transformer(nn.Module):
         """tokens [B, T] -> logits [B, T, V].
 
         documents (from `documents.find_documents`): a packed batch whose tokens attend only inside
-        their own document, with positions restarting at each document start (no cache).
+        their own document, with positions restarting at each document start (no cache). Or any
+        layout with `positions` [B, T] and `attend(q, k, v, sinks, window)`: context parallelism
+        passes its share of a split sequence this way (parallel/context_parallel.py).
 
         With a cache (from `new_cache`), the tokens are positions start_pos .. start_pos + T - 1:
         the prompt first (start_pos 0), then one token at a time; keys and values are kept in the
@@ -320,6 +324,8 @@ class Transformer(nn.Module):
         windows = {
             self.args.sliding_window if self.args.is_sliding(i) else None for i in range(self.args.n_layers)
         }
+        if hasattr(documents, "attend"):
+            return dict.fromkeys(windows, documents)
         if documents is not None:
             if dev.type == "cuda":
                 return {w: flex_document_mask(documents, w, str(dev)) for w in windows}

@@ -33,6 +33,7 @@ def save_list(compiled: bool) -> set:
     path (CPU: the gptoss_titan::flash_sink custom op; CUDA: flex_attention, traced into the block's
     graph when compiled, else its separately compiled region; SDPA variants elsewhere)."""
     import gptoss_titan.model.documents  # noqa: F401  (registers the gptoss_titan:: attention ops)
+    import gptoss_titan.parallel.ring_attention  # noqa: F401
 
     ops = {
         torch.ops.aten.mm.default,
@@ -40,6 +41,7 @@ def save_list(compiled: bool) -> set:
         torch.ops.aten.bmm.default,
         torch.ops.gptoss_titan.flash_sink.default,
         torch.ops.gptoss_titan.doc_flash_sink.default,
+        torch.ops.gptoss_titan.ring_sink.default,
         *attention_save_ops(traced=compiled),
     }
     for name in (

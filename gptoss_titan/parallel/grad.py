@@ -16,7 +16,8 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
 
     Gradients are grouped by device mesh (dense and expert parameters live on different meshes);
     each group's norm is a DTensor reduction over its shards (replicas counted once), and the
-    groups combine as a root sum of squares, so the result equals the one-process norm.
+    groups combine as a root sum of squares, so the result equals the one-process norm. Squares
+    are summed in fp64.
     """
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
     for p in params:
@@ -25,7 +26,9 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
             groups[(g.device_mesh, g.placements) if isinstance(g, DTensor) else None].append(g)
     total_sq = None
     for grads in groups.values():
-        n = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        # Sums of squares in fp64: in fp32 the norm of the debug flavor's lm_head gradient (12.9M
+        # elements, most of them tiny) is 4e-5 off, which would show in every comparison of runs.
+        n = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float64)))
         if isinstance(n, DTensor):
             n = n.full_tensor()
         total_sq = n.double() ** 2 if total_sq is None else total_sq + n.double() ** 2
