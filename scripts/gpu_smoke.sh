@@ -16,6 +16,8 @@
 #   sample      greedy tokens from that run's checkpoint (scripts/generate.sh)
 #   export      the checkpoint as a Hugging Face folder (bf16) that transformers loads and generates from
 #   throughput  a 20b-shaped stack (4 layers; 2 on one GPU) at seq 4096: tokens/s per GPU and MFU
+#   long_packed document masking (flex document block masks on CUDA) with context parallelism over
+#               2 GPUs when there are 2 or more (the ring and halo exchanges on NCCL), compiled
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -118,6 +120,16 @@ if ./scripts/run_train.sh "${THROUGHPUT[@]}" "--data.dataset_path=${OUT}/data" "
 M="${OUT}/throughput/metrics.jsonl"
 MEM=$([ "${MODE}" = gpu ] && echo mem_max_reserved_gib || echo mem_peak_rss_gib)
 record throughput "${st}" $((SECONDS - t0)) "$(last_metric "${M}" tokens_per_s_per_device) tokens/s per device, MFU $(last_metric "${M}" mfu_pct)%, peak memory $(last_metric "${M}" "${MEM}") GiB"
+
+# 6. Long and packed sequences: document masking, context parallelism (cp 2 with 2+ processes)
+CP=$([ "${NGPU}" -ge 2 ] && echo 2 || echo 1)
+t0=$SECONDS
+if ./scripts/run_train.sh --model.flavor=debug "--data.dataset_path=${OUT}/data" "--job.dump_folder=${OUT}/long_packed" \
+     "--training.mixed_precision_param=${DTYPE}" "--training.seq_len=$((SEQ * 4))" --training.local_batch_size=1 \
+     --training.steps=4 --training.document_mask=true "--parallelism.context_parallel_degree=${CP}" \
+     --compile.enable=true --metrics.log_freq=2 --validation.steps=1 --validation.freq=4 --metrics.sample_freq=0 \
+     > "${OUT}/long_packed.log" 2>&1; then st=PASS; else st=FAIL; fi
+record long_packed "${st}" $((SECONDS - t0)) "cp ${CP}, seq $((SEQ * 4)); loss $(last_metric "${OUT}/long_packed/metrics.jsonl" loss), val $(last_metric "${OUT}/long_packed/metrics.jsonl" val_loss)"
 
 echo
 echo "gpu_smoke (${MODE}, ${NGPU} processes, $(python -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")'))"

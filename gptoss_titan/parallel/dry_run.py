@@ -5,11 +5,13 @@
 
 One process pretends to be rank 0 of NGPU. The model stays on the meta device, so nothing is
 allocated; the printout is what each rank would hold: parameters (fp32 master weights),
-gradients and AdamW state, dense vs experts, and the largest FSDP all-gather.
+gradients and AdamW state, dense vs experts, the largest FSDP all-gather, and an estimate of the
+activations of one micro-batch (local_batch_size x seq_len / context_parallel_degree tokens).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -20,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from ..compat import fake_process_group, fsdp_mesh_size
 from ..config import JobConfig, model_args
 from ..model import Transformer
+from ..model.loss import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS
 from . import ParallelDims, parallelize
 
 GIB = 2**30
@@ -44,6 +47,32 @@ def _fsdp_groups(model: torch.nn.Module) -> list[tuple[str, int, int]]:
     return [(name, mesh, n) for (name, mesh), n in sizes.items()]
 
 
+def activation_bytes(args, tokens: int, ac, compute_bytes: int, accel: bool = True) -> dict[str, float]:
+    """Estimated bytes a rank keeps for backward for `tokens` tokens (what autograd saves in this
+    model, counted op by op; kernels' scratch space not included):
+    per token and layer without checkpointing, 16 H (two RMSNorms' fp32 copies) + b (H + 3 N D +
+    2 G D + 2 K H + 3 K I) (the attention inputs q, k, v, its output and the o-projection input,
+    the experts' gathered rows, gate-up output, activation and down output; b = compute bytes)
+    + 4 E (router); a checkpointed block keeps only its input (b H) and recomputes one block at a
+    time; per-op checkpointing drops the norms' copies of the attention half. The loss keeps an
+    fp32 gradient of the last hidden states and one chunk of logits (loss.py)."""
+    H, N, D, G = args.dim, args.n_heads, args.head_dim, args.n_kv_heads
+    K, Inter, E, L = args.top_k, args.moe_inter_dim, args.num_experts, args.n_layers
+    layer = 16 * H + compute_bytes * (H + 3 * N * D + 2 * G * D + 2 * K * H + 3 * K * Inter) + 4 * E
+    boundary = compute_bytes * H
+    if ac.mode == "full" or (ac.mode == "selective" and ac.selective_ac_option != "op"):
+        every = 1 if ac.mode == "full" else int(ac.selective_ac_option)
+        n_ckpt = math.ceil(L / every)
+        blocks = n_ckpt * boundary + (L - n_ckpt) * layer + layer  # + the block being recomputed
+    elif ac.mode == "selective":  # per-op
+        blocks = L * (layer - 8 * H)
+    else:
+        blocks = L * layer
+    chunk = min(tokens, max(1, (ACCEL_CHUNK_ELEMS if accel else CPU_CHUNK_ELEMS) // args.vocab_size))
+    loss = 4 * H * tokens + 4 * chunk * args.vocab_size
+    return {"blocks": blocks * tokens, "loss": loss}
+
+
 def dry_run(cfg: JobConfig, world_size: int) -> None:
     fake_process_group(world_size)
     args = model_args(cfg)
@@ -61,7 +90,7 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     rows = [("parameters (fp32)", 4), ("gradients (fp32)", 4), ("AdamW state (2 x fp32)", 8)]
     print(
         f"dry run: {cfg.model.flavor} ({args.num_params():,} parameters) on {world_size} ranks: "
-        f"replicate {dims.dp_replicate} x shard {dims.dp_shard} (efsdp {dims.efsdp} x ep {dims.ep})"
+        f"replicate {dims.dp_replicate} x shard {dims.dp_shard} x cp {dims.cp} (efsdp {dims.efsdp} x ep {dims.ep})"
     )
     print(f"{'per rank':<26}{'dense GiB':>12}{'experts GiB':>14}{'total GiB':>12}")
     total = 0.0
@@ -69,7 +98,22 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
         d, e = dense * b / GIB, experts * b / GIB
         total += d + e
         print(f"{label:<26}{d:>12.3f}{e:>14.3f}{d + e:>12.3f}")
+    t = cfg.training
+    tokens = t.local_batch_size * t.seq_len // dims.cp
+    act = activation_bytes(args, tokens, cfg.activation_checkpoint, pbytes)
+    ac = cfg.activation_checkpoint.mode + (
+        f" {cfg.activation_checkpoint.selective_ac_option}"
+        if cfg.activation_checkpoint.mode == "selective"
+        else ""
+    )
+    print(f"{'activations (estimate)':<26}{'':>12}{'':>14}{act['blocks'] / GIB:>12.3f}")
+    print(f"{'loss (fused, chunked)':<26}{'':>12}{'':>14}{act['loss'] / GIB:>12.3f}")
+    total += (act["blocks"] + act["loss"]) / GIB
     print(f"{'sum':<26}{'':>12}{'':>14}{total:>12.3f}")
+    print(
+        f"activations for {tokens:,} tokens per rank (local_batch_size {t.local_batch_size} x seq_len {t.seq_len:,}"
+        f"{f' / cp {dims.cp}' if dims.cp > 1 else ''}), activation checkpointing {ac}"
+    )
     print(
         f"largest all-gather: {name} over {mesh} ranks, {n * mesh * pbytes / GIB:.3f} GiB "
         f"({cfg.training.mixed_precision_param}); FSDP groups: {len(groups)}"

@@ -19,7 +19,9 @@ those from their owners with one all-to-all (autograd-aware, so their gradients 
 way), never a ring; then the blocked sliding kernel runs on halo + piece.
 
 CPU runs the fused flash kernels; other devices a plain-math block kernel (exact; scores of one
-block pair materialized) - the same code path, forced in tests.
+block pair materialized) - the same code path, forced in tests. Not yet fast on GPUs: that block
+kernel, and with document masking one host sync per block pair (the mask's classification), are
+what a CUDA flash/flex block kernel would replace; without documents the ring never syncs.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ def fused_kernels(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _pair_mask(q_rng: tuple[int, int], k_rng: tuple[int, int], ids: torch.Tensor | None):
+def _pair_mask(q_rng: tuple[int, int], k_rng: tuple[int, int], ids: torch.Tensor | None, device):
     """Which keys of piece k_rng the queries of piece q_rng see (causal, same document):
-    "skip" (none), None (all), "causal" (the same piece, no documents), or bool [B|1, 1, Lq, Lk]."""
+    "skip" (none), None (all), "causal" (the same piece, no documents), or bool [B|1, 1, Lq, Lk]
+    on `device`. Without documents this is decided from the ranges alone; with documents it reads
+    the ids (on a GPU a host sync per block pair: see the module notes)."""
     (qs, qe), (ks, ke) = q_rng, k_rng
     if ks > qe - 1:
         return "skip"
@@ -49,7 +53,7 @@ def _pair_mask(q_rng: tuple[int, int], k_rng: tuple[int, int], ids: torch.Tensor
             return None
         if (qs, qe) == (ks, ke):
             return "causal"
-    dev = ids.device if ids is not None else None
+    dev = ids.device if ids is not None else device
     qpos, kpos = torch.arange(qs, qe, device=dev), torch.arange(ks, ke, device=dev)
     m = (kpos[None, :] <= qpos[:, None]).unsqueeze(0)  # [1, Lq, Lk]
     if ids is not None:
@@ -58,7 +62,7 @@ def _pair_mask(q_rng: tuple[int, int], k_rng: tuple[int, int], ids: torch.Tensor
         return "skip"
     if bool(m.all()):
         return None
-    return m.unsqueeze(1)
+    return m.unsqueeze(1).to(device)
 
 
 def _additive(mask, dtype) -> torch.Tensor | None:
@@ -178,7 +182,7 @@ def ring_sink_op(
         for qr, qo in zip(mine, _offsets(mine)):
             rows = slice(qo, qo + qr[1] - qr[0])
             for kr, ko in zip(layout[src], _offsets(layout[src])):
-                mask = _pair_mask(qr, kr, doc_ids)
+                mask = _pair_mask(qr, kr, doc_ids, q.device)
                 if isinstance(mask, str) and mask == "skip":
                     continue
                 cols = slice(ko, ko + kr[1] - kr[0])
@@ -237,7 +241,7 @@ def ring_sink_backward_op(
         for qr, qo in zip(mine, _offsets(mine)):
             rows = slice(qo, qo + qr[1] - qr[0])
             for kr, ko in zip(layout[src], _offsets(layout[src])):
-                mask = _pair_mask(qr, kr, doc_ids)
+                mask = _pair_mask(qr, kr, doc_ids, q.device)
                 if isinstance(mask, str) and mask == "skip":
                     continue
                 cols = slice(ko, ko + kr[1] - kr[0])
