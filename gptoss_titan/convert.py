@@ -1,9 +1,7 @@
 """Streaming converters between our DCP checkpoints and Hugging Face safetensors folders.
 
-DCP -> HF reads the checkpoint's metadata, plans the shards from the tensor sizes, then loads one
-tensor at a time (a partial DCP load reads only that tensor's bytes) and writes each shard as soon
-as it is full: peak memory is about one shard plus one tensor, whatever the model size.
-Everything is written to a temporary folder and renamed at the end.
+HF -> DCP (import, here): reads each tensor (dequantizing MXFP4 experts) only when DCP writes it.
+DCP -> HF (export): export.py. Both write to a temporary folder renamed at the end.
 """
 
 from __future__ import annotations
@@ -16,15 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from .checkpoint.files import CheckpointError, read_model_args, resolve_step_dir
-from .checkpoint.integrity import verify as verify_integrity
-from .dtypes import DTYPES
 from .errors import UserError
 from .model import ModelArgs
-from .model.hf import generation_config, hf_config, name_pairs
+from .model.hf import name_pairs
+from .progress import Progress
 
 
 class ConvertError(UserError):
@@ -56,73 +50,11 @@ def _publish(tmp: Path, output: Path) -> None:
     os.rename(tmp, output)
 
 
-def dcp_to_hf(
-    checkpoint: str,
-    output: str,
-    dtype: str = "bfloat16",
-    max_shard_size: str = "5GB",
-    overwrite: bool = False,
-) -> Path:
-    """Export a checkpoint's model as a Hugging Face gpt-oss folder; returns the output folder."""
-    from safetensors.torch import save_file
+def dcp_to_hf(*args, **kwargs) -> Path:
+    """DCP -> Hugging Face export: see export.py (kept here for existing imports)."""
+    from .export import dcp_to_hf as export
 
-    if dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype!r} is not supported; use bfloat16 or float32")
-    limit = parse_size(max_shard_size)
-    step_dir = resolve_step_dir(checkpoint)
-    args = read_model_args(step_dir)
-    damage = verify_integrity(step_dir)
-    if damage:
-        raise CheckpointError(f"checkpoint {str(step_dir)!r} is damaged ({damage}); export another step")
-    try:
-        meta = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {str(step_dir)!r} is unreadable ({type(e).__name__})") from None
-    out_dtype = DTYPES[dtype]
-    plan: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for native, hf, shape in name_pairs(args):
-        m = meta.get(f"model.{native}")
-        if not isinstance(m, TensorStorageMetadata):
-            raise ConvertError(f"checkpoint {str(step_dir)!r} has no tensor model.{native}")
-        if tuple(m.size) != shape:
-            raise ConvertError(
-                f"checkpoint tensor model.{native} has shape {list(m.size)}, expected {list(shape)}"
-            )
-        nbytes = m.size.numel() * out_dtype.itemsize
-        if plan[-1] and size + nbytes > limit:
-            plan.append([])
-            size = 0
-        plan[-1].append((native, hf, shape))
-        size += nbytes
-
-    out = Path(output)
-    tmp = _temp_output(out, overwrite)
-    try:
-        weight_map, total = {}, 0
-        reader_path = str(step_dir)
-        for i, shard in enumerate(plan, 1):
-            fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
-            tensors = {}
-            for native, hf, shape in shard:
-                m = meta[f"model.{native}"]
-                holder = {f"model.{native}": torch.empty(shape, dtype=m.properties.dtype)}
-                dcp.load(holder, storage_reader=FileSystemReader(reader_path), no_dist=True)
-                tensors[hf] = holder[f"model.{native}"].to(out_dtype).contiguous()
-                weight_map[hf] = fname
-                total += tensors[hf].numel() * out_dtype.itemsize
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            del tensors
-        (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
-        )
-        (tmp / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(args), indent=2) + "\n")
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return export(*args, **kwargs)
 
 
 # ----- Hugging Face -> DCP -------------------------------------------------------------------
@@ -214,7 +146,7 @@ class HFFolder:
     ) -> torch.Tensor:
         """Rows [r0, r1) and columns [c0, c1) (dims 0 and 1; None = all) of the (dequantized) tensor
         `name`, reading only those bytes (MXFP4: the 32-value blocks that cover the columns)."""
-        from .model.hf import dequantize_mxfp4
+        from .model.mxfp4 import dequantize_mxfp4
 
         r = slice(*rows) if rows else slice(None)
         c = slice(*cols) if cols else slice(None)
@@ -275,19 +207,29 @@ class _LazySavePlanner(dcp.DefaultSavePlanner):
         return super().resolve_data(write_item)
 
 
-def hf_to_dcp(hf_dir: str, output: str, overwrite: bool = False) -> Path:
+def hf_to_dcp(hf_dir: str, output: str, overwrite: bool = False, progress: bool = True) -> Path:
     """Import a Hugging Face gpt-oss folder as a model-only DCP checkpoint (fp32) at `output`."""
     src = HFFolder(hf_dir)
     args = args_from_hf_config(src.config)
     state, loaders = {}, {}
-    for native, hf, shape in name_pairs(args):
+    pairs = list(name_pairs(args))
+    total = sum(4 * torch.Size(shape).numel() for _, _, shape in pairs)
+    shown = Progress(f"import {Path(hf_dir).name}", len(pairs), total) if progress else None
+
+    def load(hf: str) -> torch.Tensor:
+        t = src.load(hf).to(torch.float32).contiguous()
+        if shown:
+            shown.update(t.numel() * 4)
+        return t
+
+    for native, hf, shape in pairs:
         got = src.shape(hf)
         if got is None:
             raise ConvertError(f"tensor {hf!r} is missing from {hf_dir!r} (expected shape {list(shape)})")
         if got != shape:
             raise ConvertError(f"tensor {hf!r} has shape {list(got)}, expected {list(shape)}")
         state[native] = torch.empty(shape, dtype=torch.float32, device="meta")
-        loaders[f"model.{native}"] = lambda hf=hf: src.load(hf).to(torch.float32).contiguous()
+        loaders[f"model.{native}"] = lambda hf=hf: load(hf)
     out = Path(output)
     tmp = _temp_output(out, overwrite)
     try:

@@ -95,6 +95,9 @@ class Trainer:
         with torch.device("meta"):
             model = Transformer(self.model_args)
         self._choose_expert_kernel(model)
+        if t.mxfp4_qat:
+            model.set_mxfp4_qat(True)
+            logger.info("MXFP4-aware training: expert weights quantized to MXFP4 in the forward")
         parallelize(model, self.dims, self.meshes, cfg)
         model.to_empty(device=self.device)
         if resume is not None and "model" not in cfg.checkpoint.exclude_from_loading:

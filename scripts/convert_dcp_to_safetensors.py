@@ -7,6 +7,8 @@
 Writes config.json, generation_config.json, model-0000i-of-0000n.safetensors and
 model.safetensors.index.json, streaming one tensor at a time, into a temporary folder renamed at
 the end. Needs no GPU, no config and no process group, whatever world size saved the checkpoint.
+--quantize mxfp4 writes the experts in the released checkpoints' MXFP4 layout (`*_blocks`,
+`*_scales`, the release's quantization_config); progress goes to stderr (--quiet: none).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptoss_titan.convert import dcp_to_hf
 from gptoss_titan.distributed import quiet_single_process_warnings
 from gptoss_titan.errors import UserError
+from gptoss_titan.export import QUANTIZE, dcp_to_hf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,10 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default, as released) or float32")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE,
+        help="mxfp4: experts as the release's MXFP4 blocks and scales (20b fits 16 GB); others in --dtype",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
     quiet_single_process_warnings()
     try:
-        out = dcp_to_hf(a.checkpoint, a.output, a.dtype, a.max_shard_size, a.overwrite)
+        out = dcp_to_hf(
+            a.checkpoint, a.output, a.dtype, a.max_shard_size, a.overwrite, a.quantize, progress=not a.quiet
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

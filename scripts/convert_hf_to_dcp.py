@@ -23,10 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf", required=True, help="Hugging Face folder: config.json + safetensors")
     p.add_argument("--output", required=True, help="output DCP folder (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
     quiet_single_process_warnings()
     try:
-        out = hf_to_dcp(a.hf, a.output, a.overwrite)
+        out = hf_to_dcp(a.hf, a.output, a.overwrite, progress=not a.quiet)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

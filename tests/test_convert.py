@@ -191,7 +191,7 @@ def quantize_folder(src: Path, dst: Path) -> dict:
 def test_mxfp4_import_matches_transformers_dequantization(trained, trained_hf):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from gptoss_titan.model.hf import FP4_VALUES
+    from gptoss_titan.model.mxfp4 import FP4_VALUES
 
     src = trained_hf
     q = trained / "mxfp4"
@@ -269,10 +269,25 @@ def test_export_streams_under_memory_budget(tmp_path):
             "50MB",
         ]
     )
+    exported_mx = peak_rss(
+        [
+            sys.executable,
+            str(ROOT / "scripts/convert_dcp_to_safetensors.py"),
+            "--checkpoint",
+            str(tmp_path / "dcp"),
+            "--output",
+            str(tmp_path / "out_mx"),
+            "--quantize",
+            "mxfp4",
+            "--max-shard-size",
+            "50MB",
+        ]
+    )
     # budget: half the 400 MB checkpoint above the interpreter's own footprint (measured: export ~+90 MB,
     # one 50 MB shard plus the largest 33 MB tensor and their copies; import ~+120 MB)
     budget = baseline + 200e6
     assert exported < budget, (exported - baseline) / 1e6
+    assert exported_mx < budget, (exported_mx - baseline) / 1e6  # MXFP4: encoded expert by expert
     assert imported < budget, (imported - baseline) / 1e6
     assert len(list((tmp_path / "out").glob("*.safetensors"))) >= 8
 

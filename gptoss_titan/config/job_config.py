@@ -50,6 +50,7 @@ class Training:
     steps: int = 200  # optimizer steps
     seq_len: int = 256  # tokens per sequence (inputs; targets are shifted by one)
     document_mask: bool = False  # packed documents (ending at <|endoftext|>) attend only to themselves
+    mxfp4_qat: bool = False  # expert weights fake-quantized to MXFP4 in the forward (for MXFP4 exports)
     local_batch_size: int = 4  # sequences per micro-batch per data-parallel rank
     global_batch_size: int = -1  # sequences per step over all ranks (-1 = local x dp); more = accumulation
     max_norm: float = 1.0  # gradient clipping norm (0 = off)

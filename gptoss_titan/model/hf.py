@@ -1,4 +1,4 @@
-"""Native <-> Hugging Face gpt-oss: one declarative name table, config.json, MXFP4 decoding.
+"""Native <-> Hugging Face gpt-oss: one declarative name table, config.json (MXFP4: mxfp4.py).
 
 Native expert tensors already use Hugging Face's [in, out] layout with interleaved gate/up, so
 every mapping is a rename plus a shape check; there is no string surgery outside the table.
@@ -182,28 +182,3 @@ def generation_config(args: ModelArgs) -> dict:
         "pad_token_id": cfg["pad_token_id"],
         "do_sample": False,
     }
-
-
-# ----- MXFP4 (the released checkpoints' expert format) ---------------------------------------
-FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
-def dequantize_mxfp4(
-    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
-) -> torch.Tensor:
-    """blocks uint8 [E, out, in/32, 16], scales uint8 [E, out, in/32] -> [E, in, out] (HF layout).
-
-    Byte j of a 16-byte block holds element 2j (low nibble) and 2j+1 (high nibble); each value is
-    LUT[nibble] * 2^(scale - 127), one scale per block of 32 elements.
-    """
-    E, out_dim, nb, sixteen = blocks.shape
-    if sixteen != 16 or tuple(scales.shape) != (E, out_dim, nb):
-        raise MappingError(
-            f"MXFP4 shapes do not match: blocks {list(blocks.shape)}, scales {list(scales.shape)}"
-        )
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    lo, hi = (blocks & 0x0F).long(), (blocks >> 4).long()  # [E, out, nb, 16] each
-    vals = torch.stack([lut[lo], lut[hi]], dim=-1).reshape(E, out_dim, nb, 32)  # element 2j, 2j+1
-    exp = scales.to(torch.int32) - 127  # [E, out, nb]
-    vals = torch.ldexp(vals, exp.unsqueeze(-1).to(torch.float32))
-    return vals.reshape(E, out_dim, nb * 32).transpose(1, 2).contiguous().to(dtype)  # [E, in, out]

@@ -233,6 +233,13 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.moe.experts.kernel = kernel
 
+    def set_mxfp4_qat(self, on: bool) -> None:
+        """MXFP4-aware training: every expert matrix is quantized to MXFP4 and back in the forward
+        (as the export will store it; model/mxfp4.py), gradients pass straight through to the
+        full-precision weights."""
+        for layer in self.layers:
+            layer.moe.experts.mxfp4_qat = on
+
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for sequences of up to max_len tokens (sliding layers keep the window only)."""
         a = self.args

@@ -24,6 +24,7 @@ from ..compat import grouped_mm, has_grouped_mm
 from . import blas_batch
 from .args import ModelArgs
 from .expert_mm import expert_linear
+from .mxfp4 import fake_quantize_mxfp4
 
 # "auto" is resolved by resolve_expert_kernel; the others are what GroupedExperts.kernel holds.
 EXPERT_KERNELS = ("auto", "loop", "batched", "grouped")
@@ -159,11 +160,42 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def clamped_swiglu(u: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
-    """u [R, 2I] interleaved (gate_j, up_j) -> [R, I]: (clamp(up) + 1) * g * sigmoid(alpha g), g = min(gate, limit)."""
+def _swiglu_math(u: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
     gate = u[..., 0::2].clamp(max=limit)
     up = u[..., 1::2].clamp(min=-limit, max=limit)
     return (up + 1) * gate * torch.sigmoid(alpha * gate)
+
+
+class _ClampedSwiGLU(torch.autograd.Function):
+    """Keeps only its input for backward and recomputes the element-wise terms there: autograd
+    through `_swiglu_math` keeps five more [R, I] tensors (clamped gate and up, up + 1, the
+    sigmoid, a product), 7 I values per routed row instead of 2 I (the MoE runs eagerly, so no
+    compiler removes them). Gradients as autograd's: clamp passes its gradient where the input is
+    within the bounds, inclusive."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+        ctx.save_for_backward(u)
+        ctx.limit, ctx.alpha = limit, alpha
+        return _swiglu_math(u, limit, alpha)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (u,) = ctx.saved_tensors
+        limit, alpha = ctx.limit, ctx.alpha
+        gate_in, up_in = u[..., 0::2], u[..., 1::2]
+        gate, up = gate_in.clamp(max=limit), up_in.clamp(min=-limit, max=limit)
+        s = torch.sigmoid(alpha * gate)
+        d_gate = g * (up + 1) * (s + alpha * gate * s * (1 - s)) * (gate_in <= limit)
+        d_up = g * gate * s * ((up_in >= -limit) & (up_in <= limit))
+        return torch.stack([d_gate, d_up], dim=-1).flatten(-2), None, None  # interleaved again
+
+
+def clamped_swiglu(u: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """u [R, 2I] interleaved (gate_j, up_j) -> [R, I]: (clamp(up) + 1) * g * sigmoid(alpha g), g = min(gate, limit)."""
+    if not torch.is_grad_enabled() or not u.requires_grad:
+        return _swiglu_math(u, limit, alpha)
+    return _ClampedSwiGLU.apply(u, limit, alpha)
 
 
 class GroupedExperts(nn.Module):
@@ -178,11 +210,14 @@ class GroupedExperts(nn.Module):
         self.b_down = nn.Parameter(torch.empty(E, H))  # [E, H]
         self.limit, self.alpha = args.swiglu_limit, args.swiglu_alpha
         self.kernel = "loop"  # works everywhere; Transformer.set_expert_kernel picks the fast one
+        self.mxfp4_qat = False  # Transformer.set_mxfp4_qat: the forward sees MXFP4-rounded weights
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [R, H] rows sorted by expert; counts [E] rows per expert (sum R) -> [R, H]."""
         # Under expert parallelism the parameters are DTensors sharded by expert: use the local experts.
         w1, b1, w2, b2 = (_local(t) for t in (self.w_gate_up, self.b_gate_up, self.w_down, self.b_down))
+        if self.mxfp4_qat:  # the values an MXFP4 export will hold, straight-through gradients
+            w1, w2 = fake_quantize_mxfp4(w1), fake_quantize_mxfp4(w2)
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm and the CPU op are not autocast-aware
             dt = torch.get_autocast_dtype(x.device.type)
             x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from gptoss_titan.model import FLAVORS
-from gptoss_titan.model.hf import FP4_VALUES, MappingError, dequantize_mxfp4, from_hf, hf_config, to_hf
+from gptoss_titan.model.hf import MappingError, from_hf, hf_config, to_hf
+from gptoss_titan.model.mxfp4 import FP4_VALUES, dequantize_mxfp4
 
 from ..conftest import build, tiny_args
 

@@ -176,6 +176,25 @@ def test_swiglu_clamps():
     assert z[0, 1] == pytest.approx((-7 + 1) * -10 * torch.sigmoid(torch.tensor(-17.02)).item(), rel=1e-4)
 
 
+def test_swiglu_backward_equals_autograd_and_keeps_only_its_input():
+    """The recomputing backward equals autograd through the plain math in fp64, values on the clamp
+    bounds included; what it saves for backward is the input alone."""
+    from gptoss_titan.model.moe import _swiglu_math
+
+    torch.manual_seed(0)
+    u = (torch.randn(64, 32, dtype=torch.float64) * 6).requires_grad_()
+    with torch.no_grad():
+        u[0, :4] = torch.tensor([7.0, 7.0, -7.0, -7.0], dtype=torch.float64)  # exactly on the bounds
+    g = torch.randn(64, 16, dtype=torch.float64)
+    ours = torch.autograd.grad(clamped_swiglu(u, 7.0, 1.702), u, g)[0]
+    ref = torch.autograd.grad(_swiglu_math(u, 7.0, 1.702), u, g)[0]
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        clamped_swiglu(u, 7.0, 1.702)
+    assert len(saved) == 1 and saved[0] is u
+
+
 def test_expert_bias_changes_choice_not_weights():
     args = tiny_args(load_balance_bias=True)
     moe = MoE(args)

@@ -1,0 +1,92 @@
+"""MXFP4 export in the release layout: transformers loads it (dequantizing on CPU) and computes our
+logits with the same quantize-dequantize applied; importing it gives back the same experts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptoss_titan.export import RELEASE_QUANTIZATION
+from gptoss_titan.model.hf import name_pairs
+from gptoss_titan.model.mxfp4 import quantize_dequantize
+
+from .checkpoint.test_manager import weights
+from .conftest import ROOT
+from .test_convert import convert, ours_from
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
+
+
+def test_mxfp4_export(trained, tmp_path):
+    from safetensors import safe_open
+
+    from gptoss_titan.checkpoint import read_model_args
+
+    step = trained / "run/checkpoint/step-3"
+    args = read_model_args(step)
+    out = tmp_path / "mx"
+    r = convert("--checkpoint", str(step), "--output", str(out), "--quantize", "mxfp4", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert "tensors" in r.stderr and "MB/s" in r.stderr and "done" in r.stderr  # progress lines
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"] == RELEASE_QUANTIZATION
+
+    # the release's names, dtypes and shapes; the expected size
+    names = {}
+    for f in out.glob("*.safetensors"):
+        assert os.stat(f).st_mode & 0o044, "exports must be readable by others"
+        with safe_open(str(f), "pt") as h:
+            names.update(
+                {k: (h.get_slice(k).get_dtype(), tuple(h.get_slice(k).get_shape())) for k in h.keys()}
+            )
+    E, H, Inter = args.num_experts, args.dim, args.moe_inter_dim
+    p = "model.layers.0.mlp.experts."
+    assert names[p + "gate_up_proj_blocks"] == ("U8", (E, 2 * Inter, H // 32, 16))
+    assert names[p + "gate_up_proj_scales"] == ("U8", (E, 2 * Inter, H // 32))
+    assert names[p + "down_proj_blocks"] == ("U8", (E, H, Inter // 32, 16))
+    assert p + "gate_up_proj" not in names and names[p + "gate_up_proj_bias"][0] == "F32"
+    expected = 0
+    for _, hf, shape in name_pairs(args):
+        n = torch.Size(shape).numel()
+        expected += n // 2 + n // 32 if hf.endswith(("gate_up_proj", "down_proj")) else 4 * n
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert abs(size - expected) / expected < 0.05, (size, expected)
+
+    # import: the experts come back as exactly the quantize-dequantized originals
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/convert_hf_to_dcp.py"),
+            "--hf",
+            str(out),
+            "--output",
+            str(tmp_path / "back"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    orig, back = weights(step), weights(tmp_path / "back")
+    for k, v in orig.items():
+        want = quantize_dequantize(v) if k.endswith(("w_gate_up", "w_down")) else v
+        assert torch.equal(back[k], want), k
+
+    # transformers (dequantizing on CPU) equals our model with the same quantize-dequantize
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        out, attn_implementation="eager", dtype=torch.float32
+    )
+    hf.eval()
+    ours = ours_from(step)
+    with torch.no_grad():
+        for layer in ours.layers:
+            layer.moe.experts.w_gate_up.copy_(quantize_dequantize(layer.moe.experts.w_gate_up))
+            layer.moe.experts.w_down.copy_(quantize_dequantize(layer.moe.experts.w_down))
+        torch.manual_seed(0)
+        for n in (7, 150):
+            x = torch.randint(0, 199990, (1, n))
+            diff = (ours(x) - hf(x).logits.float()).abs().max().item()
+            assert diff <= 1e-4, diff
