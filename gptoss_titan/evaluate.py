@@ -10,6 +10,7 @@ import torch
 from .batching import ModelInputs
 from .config import JobConfig
 from .data import TokenLoader, get_tokenizer
+from .data.packed import ChatSplit
 from .generate import generate
 from .model import Transformer
 from .model.loss import IGNORE_INDEX
@@ -31,7 +32,12 @@ def validation_loss(
     rank its own share, summed over all of them; with cp each rank its part of each sequence);
     the model is left in training mode."""
     t = cfg.training
-    loader = TokenLoader(tokens, t.seq_len, t.local_batch_size, dp_rank, dp_degree, shuffle=False)
+    if isinstance(tokens, ChatSplit):  # conversations: packed and masked as in training
+        loader = tokens.loader(
+            t.seq_len, t.local_batch_size, dp_rank, dp_degree, shuffle=False, pack=t.document_mask
+        )
+    else:
+        loader = TokenLoader(tokens, t.seq_len, t.local_batch_size, dp_rank, dp_degree, shuffle=False)
     steps = min(cfg.validation.steps, max(loader.num_samples // (loader.b * loader.dp_degree), 1))
     model.eval()
     total, count = 0.0, 0

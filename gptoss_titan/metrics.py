@@ -165,6 +165,9 @@ class StepResult:
     aux_loss: torch.Tensor | None
     data_time: float  # seconds spent waiting for batches
     skipped: torch.Tensor  # 1.0 if the update was skipped (loss or grad norm not finite, a spike)
+    target_tokens: torch.Tensor | None = (
+        None  # tokens the loss was computed on (global; masks and padding excluded)
+    )
 
     def stats(self) -> dict:
         out = {
@@ -175,6 +178,8 @@ class StepResult:
         }
         if self.aux_loss is not None:
             out["aux_loss"] = float(self.aux_loss)
+        if self.target_tokens is not None:
+            out["target_tokens"] = int(self.target_tokens)
         out.update(expert_load_stats(self.expert_counts))  # [L, E] tokens per expert, whole global batch
         return out
 

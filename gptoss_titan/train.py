@@ -231,7 +231,7 @@ class Trainer:
         if coef > 0:
             self.all_reduce(aux_total)
         aux = aux_total if coef > 0 else None
-        return StepResult(loss, lr, grad_norm, counts_total, aux, data_time, skip)
+        return StepResult(loss, lr, grad_norm, counts_total, aux, data_time, skip, n_targets)
 
     def clip_gradients(self) -> torch.Tensor:
         """The global gradient norm, clipped to training.max_norm (tests inject bad gradients here)."""

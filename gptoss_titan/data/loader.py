@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .packed import ChatSplit, is_chat
 from .prepare import DataError, bundled_dataset
 
 
@@ -105,11 +106,18 @@ class TokenLoader:
         self.position, self.seed = int(state["position"]), int(state["seed"])
 
 
-def open_data(cfg, vocab_size: int, dp_rank: int, dp_degree: int) -> tuple[TokenLoader, np.ndarray | None]:
-    """The run's training loader (this rank's share) and validation tokens (None when off), after
-    every check of the data (a JobConfig's data, training and validation sections)."""
+def open_data(cfg, vocab_size: int, dp_rank: int, dp_degree: int):
+    """The run's training loader (this rank's share) and validation data (tokens, or a ChatSplit
+    for chat data; None when off), after every check of the data (a JobConfig's data, training and
+    validation sections)."""
     d, t = cfg.data, cfg.training
     folder = resolve_dataset(d.dataset, d.dataset_path, d.tokenizer, d.cache_dir)
+    if is_chat(folder):  # conversations with loss masks (data/packed.py)
+        train = ChatSplit(folder, "train", vocab_size).loader(
+            t.seq_len, t.local_batch_size, dp_rank, dp_degree, t.seed, pack=t.document_mask
+        )
+        val = ChatSplit(folder, "val", vocab_size) if cfg.validation.enable else None
+        return train, val
     train = TokenLoader(
         open_split(folder, "train", vocab_size, t.seq_len),
         t.seq_len,

@@ -21,7 +21,7 @@ from ..errors import DataError
 from ..tokens import EOT_ID
 from .tokenizer import get_tokenizer
 
-BUNDLED = ("kjv",)
+BUNDLED = ("kjv", "kjv_chat")  # kjv_chat: the demo chat set (data/chat.py), loss-masked
 
 
 def kjv_documents() -> Iterator[str]:
@@ -150,6 +150,17 @@ def prepare(
         raise
 
 
+def _prepare_kjv_chat(out: Path) -> None:
+    import tempfile
+
+    from .chat import kjv_chat_conversations, prepare_chat
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kjv_chat.jsonl"
+        src.write_text("".join(json.dumps(c) + "\n" for c in kjv_chat_conversations()))
+        prepare_chat(str(src), out, strict=True, source="kjv_chat (bundled)")
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("GPTOSS_TITAN_CACHE", Path.home() / ".cache" / "gptoss_titan"))
 
@@ -163,7 +174,10 @@ def bundled_dataset(name: str, tokenizer: str = "o200k_harmony", cache_dir: str 
     out = Path(cache_dir or default_cache_dir()) / f"{name}-{tokenizer}"
     if not (out / "meta.json").exists():
         try:
-            prepare(kjv_documents(), out, source=name, tokenizer=tokenizer, val_every=50, progress=False)
+            if name == "kjv_chat":
+                _prepare_kjv_chat(out)
+            else:
+                prepare(kjv_documents(), out, source=name, tokenizer=tokenizer, val_every=50, progress=False)
         except DataError:
             if not (out / "meta.json").exists():  # not merely another process finishing first
                 raise

@@ -6,6 +6,7 @@ holds two chunks of 8 tokens, so a sliding layer's halo spans two chunks of othe
 holds documents of 3 to 40 tokens, so document masking changes the result (checked).
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,18 @@ def cp_run(cpdir: Path, name: str, nproc: int, cp: int, docs: bool, *extra: str)
         f"--training.local_batch_size={4 // dp}",
         f"--parallelism.context_parallel_degree={cp}",
         f"--training.document_mask={str(docs).lower()}",
+        "--validation.enable=true",  # validation and a sample at the last step, under cp too
+        "--validation.freq=5",
+        "--validation.steps=2",
+        "--metrics.sample_freq=5",
+        "--metrics.sample_tokens=4",
         *extra,
     )
+
+
+def val_losses(cpdir: Path, name: str) -> list[float]:
+    rows = [json.loads(line) for line in (cpdir / name / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_loss"] for r in rows if "val_loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +79,7 @@ def references(cpdir):
 CASES = {
     "cp2": (2, 2, []),
     "cp4": (4, 4, []),
+    "cp2_hsdp2": (4, 2, ["--parallelism.data_parallel_replicate_degree=2"]),
     # cp 2 x FSDP 2 x EP 2, per-op AC and compile on
     "cp2_fsdp2_ep2_ac_compile": (
         4,
@@ -89,6 +101,8 @@ def test_context_parallel_equals_one_process(case, docs, references, cpdir):
     if docs and "--compile.enable=true" in extra:  # compile is covered without documents (time)
         extra = [e for e in extra if e != "--compile.enable=true"]
     assert_same(references[docs], cp_run(cpdir, f"{case}_docs{int(docs)}", nproc, cp, docs, *extra))
+    got, want = val_losses(cpdir, f"{case}_docs{int(docs)}"), val_losses(cpdir, f"ref_docs{int(docs)}")
+    assert len(got) == 1 and np.allclose(got, want, rtol=1e-5), (got, want)
 
 
 def test_document_masking_changes_the_result(references):
