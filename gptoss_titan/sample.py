@@ -38,7 +38,7 @@ from .generate import generate
 from .model import FLAVORS, ModelArgs, Transformer
 from .model.moe import resolve_expert_kernel
 from .parallel import ParallelDims, parallelize
-from .tokens import CHAT_SPECIALS, STOP_IDS, chat_prompt
+from .tokens import STOP_IDS
 
 
 class SampleError(UserError):
@@ -66,7 +66,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=1.0, help="in (0, 1]; 1 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the harmony chat format")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="render the prompt as a harmony conversation (openai-harmony); print the reply's analysis "
+        "and final channels separately",
+    )
     p.add_argument("--output_json", help="also write the generated token ids here")
     p.add_argument(
         "--dtype",
@@ -196,10 +201,38 @@ def prompt_ids(a: argparse.Namespace) -> list[int]:
         text = a.prompt
     if not text:
         raise SampleError("the prompt is empty; pass --prompt TEXT or a non-empty --prompt_file")
-    enc = get_tokenizer()
-    if a.chat:
-        return enc.encode(chat_prompt(text), allowed_special=CHAT_SPECIALS)
-    return enc.encode_ordinary(text)
+    if a.chat:  # harmony: system message, the user's, then <|start|>assistant
+        from openai_harmony import Conversation, Message, Role, SystemContent
+
+        from .data.chat import harmony
+
+        conv = Conversation.from_messages(
+            [
+                Message.from_role_and_content(Role.SYSTEM, SystemContent.new()),
+                Message.from_role_and_content(Role.USER, text),
+            ]
+        )
+        return harmony().render_conversation_for_completion(conv, Role.ASSISTANT)
+    return get_tokenizer().encode_ordinary(text)
+
+
+def chat_reply(tokens: list[int]) -> str:
+    """A generated assistant reply parsed by harmony: each message's channel and text; the raw text
+    when it does not parse (an undertrained model)."""
+    from openai_harmony import HarmonyError, Role
+
+    from .data.chat import harmony
+
+    try:
+        msgs = harmony().parse_messages_from_completion_tokens(tokens, Role.ASSISTANT)
+    except HarmonyError as e:
+        return f"[not a harmony reply: {e}]\n{get_tokenizer().decode(tokens)}"
+    lines = []
+    for m in msgs:
+        text = "".join(c.text for c in m.content if hasattr(c, "text"))
+        to = f" to {m.recipient}" if m.recipient else ""
+        lines.append(f"[{m.channel or 'no channel'}{to}] {text}")
+    return "\n".join(lines)
 
 
 def plan(a: argparse.Namespace) -> None:
@@ -259,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     stops = STOP_IDS
     device = model.rope_cos.device
     prompt = torch.tensor([ids] * a.num_samples, device=device)
-    stream = a.num_samples == 1 and rank == 0
+    stream = a.num_samples == 1 and rank == 0 and not a.chat  # chat replies are parsed at the end
     shown: list[int] = []
     printed = [0]
 
@@ -289,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         new = [out[i, len(ids) :].tolist() for i in range(a.num_samples)]
         if not stream:
             for i, toks in enumerate(new):
-                print(f"--- sample {i}\n{enc.decode([t for t in toks if t not in stops])}")
+                text = chat_reply(toks) if a.chat else enc.decode([t for t in toks if t not in stops])
+                print(f"--- sample {i}\n{text}")
         if a.output_json:
             Path(a.output_json).write_text(json.dumps({"prompt": ids, "tokens": new}) + "\n")
     shutdown()

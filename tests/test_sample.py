@@ -115,13 +115,24 @@ def test_sample_errors(trained, tmp_path):
         assert r.returncode == 2 and match in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
 
 
-def test_chat_prompt_uses_harmony_tokens():
+def test_chat_prompt_is_harmonys_and_replies_are_parsed():
+    """--chat renders the prompt with openai-harmony (system message, user, <|start|>assistant) and
+    prints a reply's channels separately."""
     import argparse
 
-    from gptoss_titan.sample import prompt_ids
+    from gptoss_titan.data.chat import harmony
+    from gptoss_titan.sample import chat_reply, prompt_ids
 
     ids = prompt_ids(argparse.Namespace(prompt="Hi", prompt_file=None, chat=True))
-    assert ids == [200006, 1428, 200008, 12194, 200007, 200006, 173781]
+    enc = harmony()
+    assert ids[-7:] == [200006, 1428, 200008, 12194, 200007, 200006, 173781]  # user "Hi", then assistant
+    assert enc.decode_utf8(ids).startswith("<|start|>system<|message|>")
+    reply = enc.encode(
+        "<|channel|>analysis<|message|>Greet back.<|end|><|start|>assistant<|channel|>final<|message|>Hello!<|return|>",
+        allowed_special="all",
+    )
+    assert chat_reply(reply) == "[analysis] Greet back.\n[final] Hello!"
+    assert chat_reply(enc.encode("just text", allowed_special="all")).startswith("[not a harmony reply")
 
 
 def test_sample_from_hf_and_mxfp4_two_processes_equal_one(trained, trained_hf, tmp_path):
