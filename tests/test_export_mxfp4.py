@@ -90,3 +90,40 @@ def test_mxfp4_export(trained, tmp_path):
             x = torch.randint(0, 199990, (1, n))
             diff = (ours(x) - hf(x).logits.float()).abs().max().item()
             assert diff <= 1e-4, diff
+
+
+def test_sft_then_mxfp4_export_generates_in_transformers(tmp_path):
+    """The fine-tune-and-serve loop on the debug flavor: a few SFT steps on the bundled chat set with
+    MXFP4-aware training, an MXFP4 export, and transformers generates from the folder."""
+    from .conftest import run_ok
+
+    run_ok(
+        [
+            sys.executable,
+            "-m",
+            "gptoss_titan.train",
+            "--config",
+            str(ROOT / "train_configs/sft_debug.toml"),
+            f"--job.dump_folder={tmp_path / 'sft'}",
+            "--training.steps=3",
+            "--checkpoint.interval=3",
+            "--validation.freq=3",
+            "--validation.steps=1",
+            "--training.mxfp4_qat=true",
+        ]
+    )
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in rows) and all(r["target_tokens"] > 0 for r in rows if "loss" in r)
+    out = tmp_path / "hf"
+    r = convert("--checkpoint", str(tmp_path / "sft"), "--output", str(out), "--quantize", "mxfp4", "--quiet")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    import argparse
+
+    from gptoss_titan.sample import prompt_ids
+
+    ids = torch.tensor(
+        [prompt_ids(argparse.Namespace(prompt="What does Genesis 1:1 say?", prompt_file=None, chat=True))]
+    )
+    gen = hf.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6, eos_token_id=None)
+    assert gen.shape == (1, ids.shape[1] + 6)
