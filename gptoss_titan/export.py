@@ -8,6 +8,7 @@ a temporary folder renamed at the end; files are readable by others (0644).
 quantize="mxfp4" writes the expert matrices as the released checkpoints do: `*_blocks` (uint8
 [E, out, in/32, 16]) and `*_scales` (uint8 [E, out, in/32]) encoded as model/mxfp4.py states, with
 the release's `quantization_config`; everything else (expert biases included) in `dtype`.
+Models with the o200k_harmony vocabulary also get the tokenizer files (hf_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .checkpoint.files import CheckpointError, read_model_args, resolve_step_dir
 from .checkpoint.integrity import verify as verify_integrity
 from .convert import MXFP4_TENSORS, ConvertError, _publish, _temp_output, parse_size
 from .dtypes import DTYPES
+from .hf_tokenizer import write_tokenizer
 from .model.hf import generation_config, hf_config, name_pairs
 from .model.mxfp4 import quantize_mxfp4
 from .progress import Progress
@@ -41,6 +43,7 @@ RELEASE_QUANTIZATION = {
     "quant_method": "mxfp4",
 }
 QUANTIZE = ("none", "mxfp4")
+O200K_HARMONY_VOCAB = 201088
 
 
 def _outputs(hf: str, shape: tuple[int, ...], quantized: bool, itemsize: int) -> list[tuple[str, int]]:
@@ -144,6 +147,8 @@ def dcp_to_hf(
             cfg["quantization_config"] = dict(RELEASE_QUANTIZATION)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(args), indent=2) + "\n")
+        if args.vocab_size == O200K_HARMONY_VOCAB:  # servable as is: AutoTokenizer, vLLM, llama.cpp
+            write_tokenizer(tmp, args.max_seq_len)
         readable(tmp)
         _publish(tmp, out)
     except BaseException:

@@ -127,3 +127,36 @@ def test_sft_then_mxfp4_export_generates_in_transformers(tmp_path):
     )
     gen = hf.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6, eos_token_id=None)
     assert gen.shape == (1, ids.shape[1] + 6)
+
+
+def test_export_carries_a_tokenizer_equal_to_tiktoken(trained_hf):
+    """AutoTokenizer loads the exported folder alone and encodes / decodes like tiktoken's
+    o200k_harmony, special and reserved tokens included; one name per id (llama.cpp needs it)."""
+    from gptoss_titan.data.tokenizer import get_tokenizer
+
+    tok = transformers.AutoTokenizer.from_pretrained(trained_hf)
+    enc = get_tokenizer()
+    assert (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id, len(tok)) == (
+        200002,
+        199999,
+        199998,
+        201088,
+    )
+    vocab = json.loads((trained_hf / "tokenizer.json").read_text())
+    ids = [t["id"] for t in vocab["added_tokens"]]
+    assert ids == list(range(199998, 201088)) and len({t["content"] for t in vocab["added_tokens"]}) == len(
+        ids
+    )
+    texts = [
+        "Once upon a time",
+        "<|start|>user<|message|>Hi<|end|><|start|>assistant<|channel|>final<|message|>Yo<|return|>",
+        "  héllo\n\n\tworld 12345 日本語 🙂 don't I'M 'll",
+        "<|reserved_200500|>x<|endofprompt|><|endoftext|> end <|reserved_201087|>",
+        "a" * 60 + " \u00a0\u2003 mixed\r\n lines   ",
+        "1234567890 3.14159 $$$ ==> // In the beginning God created the heaven and the earth.",
+    ]
+    for t in texts:
+        ids = enc.encode(t, allowed_special="all")
+        assert tok.encode(t, add_special_tokens=False) == ids, t
+        assert tok.decode(ids) == t
+    assert os.stat(trained_hf / "tokenizer.json").st_mode & 0o044
