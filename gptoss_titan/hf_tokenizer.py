@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .chat_template import HARMONY_CHAT_TEMPLATE
 from .data.tokenizer import get_tokenizer
 from .tokens import EOT_ID, RETURN_ID, STARTOFTEXT_ID
 
@@ -119,6 +120,7 @@ def write_tokenizer(folder: Path, max_len: int) -> None:
         "clean_up_tokenization_spaces": False,
         "model_input_names": ["input_ids", "attention_mask"],
         **special,
+        "chat_template": HARMONY_CHAT_TEMPLATE.strip(),
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

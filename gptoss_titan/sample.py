@@ -202,17 +202,9 @@ def prompt_ids(a: argparse.Namespace) -> list[int]:
     if not text:
         raise SampleError("the prompt is empty; pass --prompt TEXT or a non-empty --prompt_file")
     if a.chat:  # harmony: system message, the user's, then <|start|>assistant
-        from openai_harmony import Conversation, Message, Role, SystemContent
+        from .data.chat import prompt
 
-        from .data.chat import harmony
-
-        conv = Conversation.from_messages(
-            [
-                Message.from_role_and_content(Role.SYSTEM, SystemContent.new()),
-                Message.from_role_and_content(Role.USER, text),
-            ]
-        )
-        return harmony().render_conversation_for_completion(conv, Role.ASSISTANT)
+        return prompt({"messages": [{"role": "user", "content": text}]})
     return get_tokenizer().encode_ordinary(text)
 
 

@@ -24,7 +24,7 @@ from .checkpoint.integrity import IntegrityWriter
 from .checkpoint.manager import CheckpointManager, CheckpointSaveError
 from .checkpoint.resume import Resume, choose_resume, import_hf
 from .compat import set_pg_timeout
-from .config import ConfigError, JobConfig, batch_layout, help_text, model_args, parse_args
+from .config import ConfigError, JobConfig, batch_layout, help_text, model_args, model_name, parse_args
 from .data import open_data
 from .distributed import apply_process_settings, init_distributed, local_device, shutdown, world_size
 from .errors import TrainingStopped, UserError
@@ -146,7 +146,7 @@ class Trainer:
             self.checkpoint.load(resume.path, resume.model_only)
         n, a = self.model_args.num_params(), self.model_args.num_active_params()
         logger.info(
-            f"model {cfg.model.flavor}: {n:,} parameters, {a:,} active; {self.world_size} x {self.device}; "
+            f"model {model_name(cfg)}: {n:,} parameters, {a:,} active; {self.world_size} x {self.device}; "
             f"global batch {self.global_bs} x {t.seq_len} ({self.accum_steps} accumulation steps)"
         )
 
@@ -207,7 +207,9 @@ class Trainer:
                 # The aux loss of this micro-batch over all ranks: pooled counts, local probabilities.
                 global_counts = self.all_reduce(counts.detach().clone())
                 rows = self.all_reduce(torch.full((), x.numel(), device=self.device))
-                aux = load_balancing_loss(global_counts, prob_sums, rows)
+                aux = load_balancing_loss(
+                    global_counts, prob_sums, rows, cfg.model.aux_loss_type == "per_layer"
+                )
                 loss = loss + coef * aux / self.accum_steps
                 aux_total += aux.detach() / self.accum_steps
             loss.backward()
@@ -347,6 +349,10 @@ class Trainer:
                     )
                 )
                 stats.update(tokens_seen=progress.tokens_seen, **memory_stats(self.device))
+                if self.step == first_step:  # the model's size, once per run (custom shapes too)
+                    a = self.model_args
+                    stats.update(params=a.num_params(), active_params=a.num_active_params())
+                    stats.update(flops_per_token=flops_per_token)
                 tokens_since, steps_since, data_time = 0, 0, 0.0
                 self.metrics.log(self.step, stats)
                 reset_peak_memory(self.device)  # each log line reports the peak of its own window

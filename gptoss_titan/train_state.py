@@ -134,12 +134,13 @@ class TrainState:
         )
 
     def members(self, rank: int) -> dict[str, object]:
-        """Checkpoint key -> Stateful. RNG states are per rank (`rng_rank<r>`); the rest is global."""
+        """Checkpoint key -> Stateful. RNG states (and a streaming loader's position) are per rank
+        (`rng_rank<r>`, `dataloader_dp<data-parallel rank>`); the rest is global."""
         out = {
             "model": self.model,
             "optimizer": self.optimizer,
             "lr_scheduler": self.lr_scheduler,
-            "dataloader": self.dataloader,
+            getattr(self.dataloader, "state_key", "dataloader"): self.dataloader,
             "train_state": self.progress,
             f"rng_rank{rank}": self.rng,
         }

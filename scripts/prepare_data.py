@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
-"""Tokenize a corpus into train.bin / val.bin (uint32) + meta.json for data.dataset_path.
+"""Tokenize a corpus into sharded uint32 token files + meta.json for data.dataset_path / data.sources.
 
 python scripts/prepare_data.py --dataset kjv --output data/kjv                       # bundled, offline
 python scripts/prepare_data.py --files a.txt b.jsonl c.parquet --output data/mine    # local files
-python scripts/prepare_data.py --dataset roneneldan/TinyStories --output data/ts     # datasets (network)
+python scripts/prepare_data.py --files 'crawl/*.jsonl.gz' --workers 8 --output data/crawl   # globs, parallel
+python scripts/prepare_data.py --dataset HuggingFaceFW/fineweb-edu --config_name sample-10BT \
+    --max_tokens 2e9 --workers 16 --output data/fineweb                               # datasets, streamed
 python scripts/prepare_data.py --chat conversations.jsonl --output data/sft           # chat, loss masks
+
+Any number of --workers gives the same files. A killed preparation resumes from its last complete
+shard when the same command runs again (the work sits in .NAME.partial beside the output).
 
 --chat: one {"messages": [...]} object per line (OpenAI style: system/developer, user, assistant
 with "thinking", "content", "tool_calls", tool results), rendered with openai-harmony; --mask
@@ -17,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from gptoss_titan.data.prepare import BUNDLED, file_documents, hf_documents, kjv_documents, prepare
+from gptoss_titan.data.prepare import BUNDLED, DEFAULT_SHARD_TOKENS, prepare
+from gptoss_titan.data.sources import file_items, hf_documents, kjv_documents
 from gptoss_titan.errors import DataError, UserError
 
 
@@ -28,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument(
         "--dataset", help=f"bundled corpus ({', '.join(BUNDLED)}) or a Hugging Face datasets name"
     )
-    src.add_argument("--files", nargs="+", help="local .txt / .jsonl / .parquet files")
+    src.add_argument(
+        "--files", nargs="+", help="local .txt / .jsonl[.gz|.bz2|.xz|.zst] / .parquet files or quoted globs"
+    )
     src.add_argument("--chat", help="conversations .jsonl (harmony-rendered, with loss masks)")
     p.add_argument("--mask", default="last_turn", help="chat: last_turn (default), final or all")
     p.add_argument("--strict", action="store_true", help="chat: stop at the first malformed conversation")
@@ -43,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         "--val_every", type=int, default=None, help="every N-th document goes to val.bin (100; chat: 20)"
     )
     p.add_argument("--max_documents", type=int, default=None, help="stop after this many documents")
+    p.add_argument(
+        "--max_tokens", type=float, default=None, help="stop after about this many tokens (2e9 ok)"
+    )
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (output is the same for any)")
+    p.add_argument(
+        "--shard_tokens", type=float, default=DEFAULT_SHARD_TOKENS, help="training tokens per shard (2^28)"
+    )
     a = p.parse_args(argv)
     try:
         if a.val_every is None:
@@ -63,18 +79,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}/train.bin, val.bin (+ .mask.bin, .idx.npy), meta.json")
             return 0
         if a.files:
-            docs, source = file_documents(a.files, a.text_field), ",".join(a.files)
+            docs, source = file_items(a.files, a.text_field), f"{','.join(a.files)} [{a.text_field}]"
         elif a.dataset in BUNDLED:
             docs, source = kjv_documents(), a.dataset
         else:
-            docs, source = hf_documents(a.dataset, a.split, a.text_field, a.config_name), a.dataset
+            docs = hf_documents(a.dataset, a.split, a.text_field, a.config_name)
+            source = f"{a.dataset}:{a.config_name or ''}:{a.split} [{a.text_field}]"
         out = prepare(
-            docs, a.output, source, a.tokenizer, a.val_every, progress=True, max_documents=a.max_documents
+            docs,
+            a.output,
+            source,
+            a.tokenizer,
+            a.val_every,
+            progress=True,
+            max_documents=a.max_documents,
+            workers=a.workers,
+            shard_tokens=int(a.shard_tokens),
+            max_tokens=int(a.max_tokens) if a.max_tokens is not None else None,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out}/train.bin, val.bin, meta.json")
+    except KeyboardInterrupt:
+        partial = Path(a.output).with_name(f".{Path(a.output).name}.partial")
+        kept = "; run the same command again to resume" if partial.is_dir() else " (nothing kept)"
+        print(f"interrupted{kept}", file=sys.stderr)
+        return 130
+    print(f"wrote {out} (token shards and meta.json)")
     return 0
 
 

@@ -44,6 +44,21 @@ def test_repo_configs_load():
     assert big.optimizer.lr * big.lr_scheduler.min_lr_factor == pytest.approx(3e-5)
 
 
+def test_mixture_sources_from_toml_and_command_line(tmp_path):
+    f = tmp_path / "mix.toml"
+    f.write_text(
+        "[[data.sources]]\npath = 'web'\nweight = 0.7\n[[data.sources]]\npath = 'code'\nweight = 3\n"
+    )
+    cfg = parse_args(["--config", str(f)])
+    assert [(s.path, s.weight) for s in cfg.data.sources] == [("web", 0.7), ("code", 3.0)]
+    cfg = parse_args(["--data.sources=/d/web:0.7,/d/c:de:2,/d/plain"])
+    assert [(s.path, s.weight) for s in cfg.data.sources] == [
+        ("/d/web", 0.7),
+        ("/d/c:de", 2.0),
+        ("/d/plain", 1.0),
+    ]
+
+
 @pytest.mark.parametrize(
     "toml, argv, match",
     [
@@ -56,6 +71,12 @@ def test_repo_configs_load():
         ("[training]\nseq_len = 5000\n", [], "exceeds the debug model's limit 4096"),
         ("[training]\nlocal_batch_size = 4\nglobal_batch_size = 6\n", [], "global_batch_size = 6"),
         ("[model]\nflavor = '20B'\n", [], "did you mean '20b'"),
+        ("[[data.sources]]\npath = 'a'\nweight = -1\n", [], r"data.sources\[0\] \(a\) weight = -1.0 must be"),
+        ("[[data.sources]]\npath = 'a'\nwieght = 1\n", [], r"unknown key data.sources\[0\].wieght.*'weight'"),
+        ("[[data.sources]]\nweight = 2\n", [], r"data.sources\[0\] has no path"),
+        ("[data]\ndataset_path = 'x'\n[[data.sources]]\npath = 'a'\n", [], "both set"),
+        ("[data]\nsources = 3\n", [], "data.sources must be a list"),
+        ("", ["--data.sources=a:0"], r"weight = 0.0 must be a positive number"),
         ("", ["--training.steps=x"], "training.steps must be int"),
         ("", ["--training.stepz=3"], "did you mean 'steps'"),
         ("", ["--parallelism.tensor_parallel_degree=2"], "not supported yet"),
@@ -67,7 +88,11 @@ def test_repo_configs_load():
         ),
         ("", ["--lr_scheduler.decay_type=cosin"], "did you mean 'cosine'"),
         ("", ["stray"], "unexpected argument"),
-        ("", ["--model.flavor=bench", "--metrics.sample_freq=5"], "set --metrics.sample_freq=0"),
+        (
+            "",
+            ["--model.flavor=bench", "--data.dataset_path=/data", "--metrics.sample_freq=5"],
+            "set --metrics.sample_freq=0",
+        ),
         ("", ["--training.steps"], "needs a value"),
         ("", ["--checkpoint.enable=maybe"], "checkpoint.enable must be bool"),
     ],
@@ -102,8 +127,20 @@ def test_model_args_table_sets_any_model_field(tmp_path):
     [
         (["--model.args.n_layres=2"], "unknown key model.args.n_layres .* did you mean 'n_layers'"),
         (["--model.args.n_layers=two"], "model.args.n_layers must be int, got 'two'"),
-        (["--model.args.top_k=9"], r"model.args \(top_k=9\) on flavor debug: ModelArgs: top_k must be in"),
-        (["--model.args.n_kv_heads=3"], "n_heads must be a multiple of n_kv_heads"),
+        (
+            ["--model.args.top_k=9"],
+            r"on flavor debug \(overrides: top_k=9\): top_k = 9 must be between 1 and num_experts = 8",
+        ),
+        (["--model.args.n_kv_heads=3"], "n_heads = 4 must be a multiple of n_kv_heads = 3"),
+        (["--model.args.head_dim=33"], "head_dim = 33 must be even"),
+        (["--model.args.norm_eps=0"], "norm_eps = 0.0 must be > 0"),
+        (["--model.args.rope_factor=0.5"], "rope_factor = 0.5 must be >= 1"),
+        (["--model.args.num_experts=0"], "num_experts = 0 must be >= 1"),
+        (
+            ["--model.args.vocab_size=1000"],
+            "vocab_size = 1000 is smaller than the o200k_harmony tokenizer's 201088",
+        ),
+        (["--model.aux_loss_type=pooled"], "model.aux_loss_type = 'pooled' is not one of per_layer, hf"),
         (["--model.args=3"], "model.args is a table"),
         (["--model.args.load_balance_bias=true"], "set model.load_balance_bias instead"),
     ],

@@ -122,9 +122,12 @@ def test_sft_then_mxfp4_export_generates_in_transformers(tmp_path):
 
     from gptoss_titan.sample import prompt_ids
 
-    ids = torch.tensor(
-        [prompt_ids(argparse.Namespace(prompt="What does Genesis 1:1 say?", prompt_file=None, chat=True))]
-    )
+    question = "What does Genesis 1:1 say?"
+    ours = prompt_ids(argparse.Namespace(prompt=question, prompt_file=None, chat=True))
+    tok = transformers.AutoTokenizer.from_pretrained(out)  # the folder's own tokenizer and chat template
+    chat = [{"role": "user", "content": question}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False) == ours
+    ids = torch.tensor([ours])
     gen = hf.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6, eos_token_id=None)
     assert gen.shape == (1, ids.shape[1] + 6)
 

@@ -142,7 +142,28 @@ BAD = [
     (lambda t: ["--training.global_batch_size=3"], "global_batch_size = 3"),
     (lambda t: [f"--data.dataset_path={t / 'nodata'}"], "train.bin"),
     (lambda t: ["--model.flavor=20bb"], "did you mean '20b'"),
+    (lambda t: _mix(t, "empty"), "has 0 tokens, fewer than seq_len + 1 = 33"),
+    (lambda t: _mix(t, "missing"), "train-00001.bin' listed in meta.json is missing"),
+    (lambda t: _mix(t, "nometa"), "has no meta.json; prepare it with scripts/prepare_data.py"),
 ]
+
+
+def _mix(t, kind):
+    """A two-source mixture whose second source is broken in one way."""
+    from gptoss_titan.data.shards import FORMAT, write_shard
+
+    bad = t / kind
+    bad.mkdir()
+    shards = []
+    if kind != "empty":
+        for i in range(2):
+            shards.append(write_shard(bad, "train", i, np.arange(100, dtype=np.uint32), np.array([0])))
+    if kind == "missing":
+        (bad / shards[1]["file"]).unlink()
+    if kind != "nometa":
+        meta = {"format": FORMAT, "shards": {"train": shards, "val": shards}}
+        (bad / "meta.json").write_text(json.dumps(meta))
+    return ["--data.dataset_path=", f"--data.sources={synthetic_data(t / 'ok')}:2,{bad}:1"]
 
 
 def _w(t, text):

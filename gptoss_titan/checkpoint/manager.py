@@ -263,7 +263,7 @@ class CheckpointManager:
         )
         rng_key = f"rng_rank{self.rank}"
         rng = members.pop(rng_key)
-        members = {k: m for k, m in members.items() if k not in excluded}
+        members = {k: m for k, m in members.items() if k.partition("_dp")[0] not in excluded}
         if "rng" not in excluded:
             # Resharded to more ranks than saved: new ranks take rank 0's generator state.
             saved_rng = next((k for k in (rng_key, "rng_rank0") if k in keys), None)
@@ -271,6 +271,12 @@ class CheckpointManager:
                 members[saved_rng] = rng
         members = {k: m for k, m in members.items() if k in keys or k not in self.states.OPTIONAL}
         missing = [k for k in members if k not in keys]
+        if missing and missing[0].startswith("dataloader_dp"):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has no stream position for data-parallel rank {missing[0][13:]} "
+                "(saved by another layout or without data.stream); resume a streaming run with the same layout, "
+                "or add dataloader to checkpoint.exclude_from_loading to restart the stream"
+            )
         if missing:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} has no {missing[0]!r} state; "

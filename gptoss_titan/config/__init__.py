@@ -20,7 +20,7 @@ from .job_config import (
     Validation,
 )
 from .loading import help_text, load_toml, parse_args
-from .validation import batch_layout, check_degrees, model_args, validate
+from .validation import batch_layout, check_degrees, model_args, model_name, validate
 
 __all__ = [
     "ActivationCheckpoint",
@@ -44,6 +44,7 @@ __all__ = [
     "help_text",
     "load_toml",
     "model_args",
+    "model_name",
     "parse_args",
     "validate",
 ]

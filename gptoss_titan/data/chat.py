@@ -7,7 +7,7 @@ reasoning of finished earlier turns removed first, as inference prompts have it,
 whenever the final answer follows it directly, and SFT would never train the analysis channel.
 
 Input, one JSON object per line:
-  {"messages": [...], "tools": [...]?, "reasoning_effort": "low|medium|high"?}
+  {"messages": [...], "tools": [...]?, "reasoning_effort": "low|medium|high"?, "current_date": str?}
   system / developer  -> the developer message's instructions (harmony's own system message, with
                          the reasoning effort, always comes first)
   user                -> user message
@@ -80,9 +80,10 @@ def to_harmony(conv: dict) -> list:
     efforts = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
     if effort not in efforts:
         raise ChatError(f"reasoning_effort {effort!r} is not one of low, medium, high")
-    out = [
-        Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_reasoning_effort(efforts[effort]))
-    ]
+    system = SystemContent.new().with_reasoning_effort(efforts[effort])
+    if conv.get("current_date"):
+        system = system.with_conversation_start_date(_text(conv["current_date"], "current_date"))
+    out = [Message.from_role_and_content(Role.SYSTEM, system)]
     instructions = [
         _text(m.get("content"), f"{m.get('role')} content")
         for m in msgs
@@ -122,8 +123,9 @@ def to_harmony(conv: dict) -> list:
                     raise ChatError(
                         f'message {i}: a tool call needs {{"function": {{"name": ..., "arguments": ...}}}}'
                     )
-                args = f.get("arguments", "{}")
-                args = args if isinstance(args, str) else json.dumps(args)
+                args = f.get("arguments")
+                args = "{}" if args is None else args
+                args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
                 call_msg = Message.from_role_and_content(Role.ASSISTANT, args).with_channel("commentary")
                 out.append(
                     call_msg.with_recipient(f"functions.{f['name']}").with_content_type("<|constrain|>json")
@@ -152,6 +154,33 @@ def to_harmony(conv: dict) -> list:
     return out
 
 
+def _drop_finished_reasoning(msgs: list) -> list:
+    """Reasoning of finished earlier turns (a final answer was given) is not shown to the model at
+    inference: drop it; the last turn keeps its own (see the module notes)."""
+    from openai_harmony import Role
+
+    users = [i for i, m in enumerate(msgs) if m.author.role == Role.USER]
+    ends = users[1:] + [len(msgs)]
+    done = [any(m.channel == "final" for m in msgs[u:e]) for u, e in zip(users[:-1], ends[:-1])]
+    return [
+        m
+        for i, m in enumerate(msgs)
+        if not (m.channel == "analysis" and any(u <= i < e and d for u, e, d in zip(users, ends, done)))
+    ]
+
+
+def prompt(conv: dict) -> list[int]:
+    """The tokens of a conversation to continue (harmony's completion render, ending in
+    `<|start|>assistant`), with the same reasoning rule as `render`."""
+    from openai_harmony import Conversation, RenderConversationConfig, Role
+
+    msgs = _drop_finished_reasoning(to_harmony(conv))
+    keep = RenderConversationConfig(auto_drop_analysis=False)
+    return harmony().render_conversation_for_completion(
+        Conversation.from_messages(msgs), Role.ASSISTANT, keep
+    )
+
+
 def render(conv: dict, mask_mode: str = "last_turn") -> tuple[list[int], list[bool]]:
     """(tokens, mask) of one conversation, rendered by harmony for training."""
     from openai_harmony import Conversation, RenderConversationConfig, Role
@@ -161,15 +190,7 @@ def render(conv: dict, mask_mode: str = "last_turn") -> tuple[list[int], list[bo
     users = [i for i, m in enumerate(msgs) if m.author.role == Role.USER]
     if not users or msgs[-1].author.role != Role.ASSISTANT:
         raise ChatError("a conversation needs a user message and must end with an assistant message")
-    # Reasoning of finished earlier turns is not shown to the model at inference: drop it here;
-    # the last turn keeps it (see the module notes).
-    ends = users[1:] + [len(msgs)]
-    done = [any(m.channel == "final" for m in msgs[u:e]) for u, e in zip(users[:-1], ends[:-1])]
-    msgs = [
-        m
-        for i, m in enumerate(msgs)
-        if not (m.channel == "analysis" and any(u <= i < e and d for u, e, d in zip(users, ends, done)))
-    ]
+    msgs = _drop_finished_reasoning(msgs)
     users = [i for i, m in enumerate(msgs) if m.author.role == Role.USER]
     keep = RenderConversationConfig(auto_drop_analysis=False)
     tokens = enc.render_conversation_for_training(Conversation.from_messages(msgs), keep)

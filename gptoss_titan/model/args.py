@@ -38,19 +38,31 @@ class ModelArgs:
     load_balance_bias: bool = False
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"),
-            (self.head_dim % 2 == 0, "head_dim must be even (RoPE rotates halves)"),
-            (1 <= self.top_k <= self.num_experts, "top_k must be in [1, num_experts]"),
-            (self.sliding_window >= 1, "sliding_window must be >= 1"),
-            (
-                min(self.dim, self.n_layers, self.vocab_size, self.moe_inter_dim, self.max_seq_len) >= 1,
-                "sizes must be >= 1",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"ModelArgs: {msg} (got {self})")
+        """Shape rules, each error naming the fields and their values (one line)."""
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "num_experts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+        for name in ("moe_inter_dim", "sliding_window", "max_seq_len", "rope_original_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+        for name in ("rope_theta", "norm_eps", "swiglu_limit", "swiglu_alpha", "init_std", "rope_beta_slow"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} = {getattr(self, name)} must be > 0")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads = {self.n_heads} must be a multiple of n_kv_heads = {self.n_kv_heads} "
+                "(each key/value head serves n_heads / n_kv_heads query heads)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = {self.head_dim} must be even (RoPE rotates pairs)")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k = {self.top_k} must be between 1 and num_experts = {self.num_experts}")
+        if self.rope_factor < 1:
+            raise ValueError(f"rope_factor = {self.rope_factor} must be >= 1 (1 = plain RoPE, no YaRN)")
+        if not self.rope_beta_fast > self.rope_beta_slow:
+            raise ValueError(
+                f"rope_beta_fast = {self.rope_beta_fast} must be above rope_beta_slow = {self.rope_beta_slow}"
+            )
 
     # ----- structure -------------------------------------------------------------------------
     def is_sliding(self, layer_id: int) -> bool:

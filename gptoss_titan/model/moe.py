@@ -293,17 +293,23 @@ def update_expert_bias(routers: list[Router], counts: torch.Tensor, rate: float)
 
 
 def load_balancing_loss(
-    counts: torch.Tensor, prob_sums: torch.Tensor, n_rows: int | torch.Tensor
+    counts: torch.Tensor, prob_sums: torch.Tensor, n_rows: int | torch.Tensor, per_layer: bool = False
 ) -> torch.Tensor:
-    """Hugging Face's aux loss, pooled over layers: E x sum_e(f_e x P_e).
+    """The load-balancing aux loss E x sum_e(f_e x P_e); K under perfectly balanced routing.
 
-    counts [L, E] top-k assignments, prob_sums [L, E] softmax column sums, n_rows tokens per layer.
-    f_e = assignments to e / (L x n_rows) (sums to K), P_e = mean router probability of e.
-    Equals K under perfectly balanced routing. Data-parallel: pass the counts and n_rows summed
-    over ranks with each rank's own prob_sums; the per-rank results then add up to the loss of
-    the whole batch (f carries no gradient).
+    counts [L, E] top-k assignments, prob_sums [L, E] softmax column sums, n_rows tokens per layer;
+    f_e = share of the assignments to e (sums to K), P_e = mean router probability of e.
+    per_layer=False: Hugging Face's form, f and P pooled over the layers first (layers collapsed
+    onto different experts look balanced to it). per_layer=True: the Switch / GShard form, one loss
+    per layer, averaged over layers. Data-parallel: pass the counts and n_rows summed over ranks
+    with each rank's own prob_sums; the per-rank results then add up to the loss of the whole batch
+    (f carries no gradient).
     """
     L, E = counts.shape
+    if per_layer:
+        f = counts.float() / n_rows  # [L, E]
+        p = prob_sums / n_rows  # [L, E]
+        return E * (f * p).sum() / L
     f = counts.float().sum(0) / (L * n_rows)  # [E]
     p = prob_sums.sum(0) / (L * n_rows)  # [E]
     return E * (f * p).sum()

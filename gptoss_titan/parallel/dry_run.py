@@ -20,7 +20,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from ..compat import fake_process_group, fsdp_mesh_size
-from ..config import JobConfig, model_args
+from ..config import JobConfig, model_args, model_name
 from ..model import Transformer
 from ..model.loss import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS
 from . import ParallelDims, parallelize
@@ -91,7 +91,7 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     name, mesh, n = max(groups, key=lambda g: g[2] * g[1])
     rows = [("parameters (fp32)", 4), ("gradients (fp32)", 4), ("AdamW state (2 x fp32)", 8)]
     print(
-        f"dry run: {cfg.model.flavor} ({args.num_params():,} parameters) on {world_size} ranks: "
+        f"dry run: {model_name(cfg)} ({args.num_params():,} parameters) on {world_size} ranks: "
         f"replicate {dims.dp_replicate} x shard {dims.dp_shard} x cp {dims.cp} (efsdp {dims.efsdp} x ep {dims.ep})"
     )
     print(f"{'per rank':<26}{'dense GiB':>12}{'experts GiB':>14}{'total GiB':>12}")

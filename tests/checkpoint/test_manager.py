@@ -273,3 +273,21 @@ def test_a_resumed_run_does_not_draw_weights_it_will_load(tmp_path, monkeypatch)
         main(base_args(tmp_path, "run", "--training.steps=5", "--checkpoint.exclude_from_loading=model")) == 0
     )
     assert "tok_embeddings.weight" in drawn
+
+
+def test_mixture_resumes_exactly_across_data_parallel_degrees(tmp_path):
+    """[[data.sources]] (two corpora, 3:1): 2 processes for 3 steps, then 1 process from that
+    checkpoint, equal the run that never stopped on 1 process."""
+    a, b = synthetic_data(tmp_path / "a", seed=1), synthetic_data(tmp_path / "b", seed=2)
+    mix = [f"--data.sources={a}:3,{b}:1", "--data.dataset_path="]
+    launch(1, tmp_path, base_args(tmp_path, "straight", *mix))
+    ref = losses(tmp_path / "straight")
+    launch(
+        2, tmp_path, base_args(tmp_path, "two", *mix, "--training.local_batch_size=2", "--training.steps=3")
+    )
+    np.testing.assert_allclose(losses(tmp_path / "two"), ref[:3], rtol=1e-5)
+    src = f"--checkpoint.initial_load_path={tmp_path / 'two/checkpoint/step-3'}"
+    launch(1, tmp_path, base_args(tmp_path, "one", *mix, src, "--checkpoint.initial_load_model_only=false"))
+    np.testing.assert_allclose(losses(tmp_path / "one"), ref[3:], rtol=1e-5)
+    cfg = json.loads((tmp_path / "straight/config.json").read_text())
+    assert cfg["data"]["sources"] == [{"path": str(a), "weight": 3.0}, {"path": str(b), "weight": 1.0}]

@@ -10,6 +10,7 @@ from gptoss_titan.model.moe import (
     _loop_linear,
     clamped_swiglu,
     grouped_mm_works,
+    load_balancing_loss,
     resolve_expert_kernel,
 )
 
@@ -207,6 +208,21 @@ def test_expert_bias_changes_choice_not_weights():
     assert sorted(i1[0].tolist()) == [0, 1]
     torch.testing.assert_close(w1, torch.softmax(logits.gather(-1, i1), -1))
     assert "moe.router.expert_bias" in "".join(build(args).state_dict())
+
+
+def test_per_layer_aux_loss_sees_layers_collapsed_onto_different_experts():
+    """Two layers of 4 experts, top-1, each sending every token to its own expert: the pooled (HF)
+    loss sees a balanced model; the per-layer form is the mean of each layer's own loss."""
+    n, E = 8, 4
+    counts = torch.tensor([[8, 0, 0, 0], [0, 0, 0, 8]])
+    probs = torch.tensor([[8.0, 0, 0, 0], [0, 0, 0, 8.0]])
+    pooled = load_balancing_loss(counts, probs, n)
+    per_layer = load_balancing_loss(counts, probs, n, per_layer=True)
+    each = [load_balancing_loss(counts[i : i + 1], probs[i : i + 1], n) for i in range(2)]
+    assert per_layer.item() == pytest.approx(E * 1.0) and pooled.item() == pytest.approx(E * 0.5)
+    assert per_layer.item() == pytest.approx(sum(e.item() for e in each) / 2)
+    balanced = torch.full((2, E), n / E)
+    assert load_balancing_loss(balanced, balanced, n, per_layer=True).item() == pytest.approx(1.0)
 
 
 @pytest.mark.cuda

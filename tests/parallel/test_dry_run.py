@@ -2,13 +2,18 @@
 
 import pytest
 
-from ..conftest import run_train_sh
+from ..conftest import ROOT, run_train_sh
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize(
-    "config, ep, params", [("gpt_oss_120b", 8, "116,829,156,672"), ("gpt_oss_20b", 8, "20,914,757,184")]
+    "config, ep, params",
+    [
+        ("gpt_oss_120b", 8, "116,829,156,672"),
+        ("gpt_oss_20b", 8, "20,914,757,184"),
+        ("gpt_oss_1b_active", 8, "7,440,322,048"),  # a custom shape ([model.args] over 20b)
+    ],
 )
 def test_fake_backend_dry_run_at_scale(config, ep, params):
     r = run_train_sh(
@@ -23,9 +28,9 @@ def test_fake_backend_dry_run_at_scale(config, ep, params):
     # experts per rank: all expert params / 64 ranks, in GiB of fp32
     line = next(x for x in out.splitlines() if x.startswith("parameters (fp32)"))
     experts_gib = float(line.split()[3])
-    from gptoss_titan.model import FLAVORS
+    from gptoss_titan.config import model_args, parse_args
 
-    a = FLAVORS[config.split("_")[-1]]
+    a = model_args(parse_args(["--config", f"{ROOT}/train_configs/{config}.toml"]))
     expected = a.n_layers * a.num_experts * a._expert_params() * 4 / 64 / 2**30
     assert abs(experts_gib - expected) < 2e-3
 

