@@ -1,8 +1,8 @@
 """Data at scale: preparation with 1 vs N workers, loader start-up on a 20 GB folder, mixture shares.
 
-    python benchmarks/bench_data.py [--copies 6] [--workers 2] [--big_gib 20]
+    python benchmarks/bench_data.py [--copies 30] [--workers 2] [--big_gib 20] [--gzip]
 
-1. Preparation: a gzipped JSON-lines corpus (the bundled KJV's chapters, `--copies` times) is
+1. Preparation: a JSON-lines corpus (the bundled KJV's chapters, `--copies` times; `--gzip`) is
    tokenized by scripts' `prepare()` with 1 and with `--workers` processes, side by side in this
    run; tokens/s of each, their ratio, and whether the two outputs are identical byte for byte.
 2. Start-up: a format-2 folder of `--big_gib` GiB of (sparse) shards opens from meta.json and file
@@ -33,10 +33,10 @@ from gptoss_titan.data.shards import FORMAT, open_tokens  # noqa: E402
 from gptoss_titan.data.sources import file_items, kjv_documents  # noqa: E402
 
 
-def bench_prepare(work: Path, copies: int, workers: int) -> None:
-    src = work / "corpus.jsonl.gz"
+def bench_prepare(work: Path, copies: int, workers: int, compressed: bool) -> None:
+    src = work / ("corpus.jsonl.gz" if compressed else "corpus.jsonl")
     docs = list(kjv_documents())
-    with gzip.open(src, "wt") as f:
+    with gzip.open(src, "wt") if compressed else open(src, "w") as f:
         for c in range(copies):
             for d in docs:
                 f.write(json.dumps({"text": f"[{c}] {d}"}) + "\n")
@@ -57,7 +57,8 @@ def bench_prepare(work: Path, copies: int, workers: int) -> None:
     )
     meta = json.loads((work / "w1" / "meta.json").read_text())
     print(
-        f"preparation: {meta['train_tokens'] + meta['val_tokens']:,} tokens, {len(docs) * copies:,} documents"
+        f"preparation ({'gzipped' if compressed else 'plain'} jsonl): "
+        f"{meta['train_tokens'] + meta['val_tokens']:,} tokens, {len(docs) * copies:,} documents"
     )
     for n, tps, dt in rows:
         print(f"  workers {n}: {tps:,.0f} tokens/s ({dt:.1f} s)")
@@ -120,13 +121,16 @@ def bench_mixture(work: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--copies", type=int, default=6)
+    p.add_argument("--copies", type=int, default=30)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--big_gib", type=int, default=20)
+    p.add_argument(
+        "--gzip", action="store_true", help="the corpus as .jsonl.gz (the reading process decompresses)"
+    )
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        bench_prepare(work, a.copies, a.workers)
+        bench_prepare(work, a.copies, a.workers, a.gzip)
         bench_startup(work, a.big_gib)
         bench_mixture(work)
 

@@ -3,11 +3,11 @@
 A synthetic DCP checkpoint with the 20b flavor's tensor shapes (hidden 2880, 32 experts of 2880,
 the 201,088-token vocabulary) but only --layers layers is written in bf16, then exported by
 `scripts/convert_dcp_to_safetensors.py` (bf16 and --quantize mxfp4), each in a fresh process whose
-peak RSS is read from the kernel (ru_maxrss). The exporter loads one tensor at a time and writes
-a shard when it is full, so peak RSS should be about one shard plus one tensor, whatever the
-number of layers: compare --layers 1 and 3 (the real 20b has 24).
+peak RSS GNU time reports (the checkpoint is written by another process). The exporter loads one tensor at a time and writes
+a shard when it is full, so peak RSS should be about one shard (--max_shard_size, 2GB here) plus
+one tensor, whatever the number of layers: compare --layers 1 and 3 (the real 20b has 24).
 
-    python benchmarks/bench_export.py --layers 1 3 --workdir /tmp/bench_export
+    python benchmarks/bench_export.py --layers 1 3 --workdir /tmp/bench_export [--max_shard_size 2GB]
 """
 
 from __future__ import annotations
@@ -43,22 +43,24 @@ def synthetic_checkpoint(folder: Path, layers: int) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-WRAP = (
-    "import resource, runpy, sys\n"
-    "sys.argv = sys.argv[1:]\n"
-    "try:\n"
-    "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-    "finally:\n"
-    "    print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-)
-
-
 def export(step: Path, out: Path, *extra: str) -> tuple[float, float]:
-    """(seconds, peak RSS GiB) of one export in its own process."""
+    """(seconds, peak RSS GiB) of one export in its own process, measured by GNU time (a process
+    forked from this one would inherit this one's high-water mark)."""
     script = str(ROOT / "scripts/convert_dcp_to_safetensors.py")
-    cmd = [sys.executable, "-c", WRAP, script, "--checkpoint", str(step), "--output", str(out), "--quiet"]
+    cmd = [
+        "/usr/bin/time",
+        "-f",
+        "peak_rss_kib %M",
+        sys.executable,
+        script,
+        "--checkpoint",
+        str(step),
+        *extra,
+    ]
     t0 = time.perf_counter()
-    r = subprocess.run([*cmd, *extra], check=True, capture_output=True, text=True)
+    r = subprocess.run(
+        [*cmd, "--output", str(out), "--quiet", *extra], check=True, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - t0
     kib = int(r.stderr.split("peak_rss_kib")[-1])
     return seconds, kib / 2**20
@@ -68,17 +70,23 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, nargs="+", default=[1, 3])
     p.add_argument("--workdir", default="/tmp/bench_export")
+    p.add_argument("--max_shard_size", default="2GB", help="the exporter's --max-shard-size")
+    p.add_argument("--make", help=argparse.SUPPRESS)  # (internal: write one checkpoint, print its bytes)
     a = p.parse_args()
+    if a.make:
+        print(synthetic_checkpoint(Path(a.make), a.layers[0]))
+        return
     work = Path(a.workdir)
     rows = []
     for layers in a.layers:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         step = work / "step-0"
-        ckpt_bytes = synthetic_checkpoint(step, layers)
+        make = [sys.executable, __file__, "--make", str(step), "--layers", str(layers)]
+        ckpt_bytes = int(subprocess.run(make, check=True, capture_output=True, text=True).stdout.split()[-1])
         for name, extra in (("mxfp4", ("--quantize", "mxfp4")), ("bf16", ())):
             out = work / name
-            seconds, rss = export(step, out, *extra)
+            seconds, rss = export(step, out, "--max-shard-size", a.max_shard_size, *extra)
             written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
             rows.append(
                 (layers, name, ckpt_bytes / 2**30, written / 2**30, seconds, written / seconds / 2**20, rss)

@@ -36,7 +36,7 @@ from .tokenizer import get_tokenizer
 
 BUNDLED = ("kjv", "kjv_chat")  # kjv_chat: the demo chat set (data/chat.py), loss-masked
 DEFAULT_SHARD_TOKENS = 1 << 28  # 268M tokens, 1 GiB per train shard
-CHUNK_DOCS = 64  # documents per task handed to a worker
+CHUNK_DOCS = 256  # documents per task handed to a worker
 PROGRESS = "progress.json"
 __all__ = ["BUNDLED", "bundled_dataset", "file_documents", "hf_documents", "kjv_documents", "prepare"]
 
@@ -218,7 +218,7 @@ def _prepare(documents: Iterable, out: Path, settings: dict, progress: bool, wor
         if skipped:
             bar.write(f"resuming after {skipped:,} documents ({parts.complete_parts()} complete parts)")
     try:
-        for flat, lengths in _ordered(pool, tasks, 2 * workers) if pool else map(_tokenize, tasks):
+        for flat, lengths in _ordered(pool, tasks, 4 * workers) if pool else map(_tokenize, tasks):
             for ids in np.split(flat, np.cumsum(lengths)[:-1]):
                 parts.add(ids)
                 if max_tokens is not None and parts.tokens() >= max_tokens:

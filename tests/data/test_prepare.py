@@ -119,6 +119,8 @@ def test_killed_preparation_resumes_from_its_last_complete_part(tmp_path, monkey
             yield d
 
     out = tmp_path / "out"
+    prep = importlib.import_module("gptoss_titan.data.prepare")
+    monkeypatch.setattr(prep, "CHUNK_DOCS", 16)  # parts complete before the reader is stopped
     with pytest.raises(KeyboardInterrupt):
         prepare(killed_after(390), out, "t", val_every=7, progress=False, shard_tokens=400, workers=2)
     partial = tmp_path / ".out.partial"
@@ -126,8 +128,6 @@ def test_killed_preparation_resumes_from_its_last_complete_part(tmp_path, monkey
     assert not out.exists() and 0 < done < 390
     with pytest.raises(DataError, match="other arguments"):
         prepare(iter(docs), out, "t", val_every=5, progress=False, shard_tokens=400)
-    prep = importlib.import_module("gptoss_titan.data.prepare")
-
     tokenized = []
     real = prep._tokenize
     monkeypatch.setattr(prep, "_tokenize", lambda task: tokenized.extend(task[1]) or real(task))
