@@ -271,9 +271,10 @@ class CheckpointManager:
                 members[saved_rng] = rng
         members = {k: m for k, m in members.items() if k in keys or k not in self.states.OPTIONAL}
         missing = [k for k in members if k not in keys]
-        if missing and missing[0].startswith("dataloader_dp"):
+        stream_missing = self._any_rank(any(k.startswith("dataloader_dp") for k in missing))
+        if stream_missing:  # decided together: one rank alone would leave the others in dcp.load
             raise CheckpointError(
-                f"checkpoint {str(path)!r} has no stream position for data-parallel rank {missing[0][13:]} "
+                f"checkpoint {str(path)!r} has no stream position for every data-parallel rank of this run "
                 "(saved by another layout or without data.stream); resume a streaming run with the same layout, "
                 "or add dataloader to checkpoint.exclude_from_loading to restart the stream"
             )

@@ -1,6 +1,7 @@
 """Streaming mode (data/streaming.py): on-the-fly tokenization equals a prepared folder, resumes exactly."""
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from gptoss_titan.data.shards import open_tokens
 from gptoss_titan.data.sources import file_items
 from gptoss_titan.data.streaming import StreamLoader, stream_validation
 
-from ..conftest import read_metrics
+from ..conftest import python_cmd, read_metrics
 from ..test_train import argv_for
 
 
@@ -71,13 +72,16 @@ def test_streaming_training_resumes_exactly(tmp_path):
     spec = corpus(tmp_path)
     from gptoss_titan.train import main
 
-    def run(name, *extra):
+    def args(name, *extra):
         argv = [a for a in argv_for(tmp_path) if not a.startswith(("--data.dataset_path", "--model.flavor"))]
         argv += ["--model.flavor=debug", f"--data.stream={spec}", "--data.stream_workers=1", "--data.stream_val_every=10",
                  f"--job.dump_folder={tmp_path / name}", "--training.steps=4", "--checkpoint.enable=true",
                  "--checkpoint.interval=2", "--metrics.sample_freq=0", "--training.deterministic=true",
                  "--lr_scheduler.decay_steps=4", *extra]  # fmt: skip
-        assert main(argv) == 0
+        return argv
+
+    def run(name, *extra):
+        assert main(args(name, *extra)) == 0
         return [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r]
 
     straight = run("straight")
@@ -85,3 +89,9 @@ def test_streaming_training_resumes_exactly(tmp_path):
     resumed = run("resumed")
     assert resumed == straight
     assert any("val_loss" in r for r in read_metrics(tmp_path / "straight"))
+    # 2 processes resuming the 1-process stream: every rank stops with the same one-line error
+    cmd = python_cmd(2, "-m", "gptoss_titan.train", *args("resumed", "--training.steps=6"))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and r.stderr.count("no stream position for every data-parallel rank") == 2, (
+        r.stderr[-2000:]
+    )
