@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only or vanished folder: what the preparation kept can resume
+        print(
+            f"error: {e.strerror or e} ({e.filename or a.output}); fix that and run the same command again",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         partial = Path(a.output).with_name(f".{Path(a.output).name}.partial")
         kept = "; run the same command again to resume" if partial.is_dir() else " (nothing kept)"

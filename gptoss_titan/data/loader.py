@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .order import EpochOrder
 from .packed import ChatSplit, is_chat
 from .prepare import DataError, bundled_dataset
 from .shards import TokenStream, open_tokens
@@ -38,24 +39,6 @@ def resolve_dataset(dataset: str, dataset_path: str, tokenizer: str, cache_dir: 
 def open_split(folder: Path, split: str, vocab_size: int, seq_len: int) -> TokenStream:
     """One split of a token folder, after the cheap checks (no scan; ids are checked as read)."""
     return open_tokens(folder, split, vocab_size, min_tokens=seq_len + 1)
-
-
-class _Order:
-    """Window index of the i-th sample of a stream of n windows: epochs of seeded permutations."""
-
-    def __init__(self, n: int, seed: int | list[int], shuffle: bool):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self._epoch, self._perm = -1, np.arange(0)
-
-    def __call__(self, i: int) -> int:
-        epoch, j = divmod(i, self.n)
-        if not self.shuffle:
-            return j
-        if epoch != self._epoch:
-            seed = self.seed if isinstance(self.seed, list) else [self.seed]
-            self._perm = np.random.default_rng([*seed, epoch]).permutation(self.n)
-            self._epoch = epoch
-        return int(self._perm[j])
 
 
 class TokenLoader:
@@ -104,7 +87,7 @@ class TokenLoader:
         self._orders()  # the windows' order follows the checkpoint's seed
 
     def _orders(self) -> None:
-        self.order = _Order(self.num_samples, self.seed, self.shuffle)
+        self.order = EpochOrder(self.num_samples, self.seed, self.shuffle)
 
 
 def mixture_counts(weights: list[float], block: int = MIX_BLOCK) -> np.ndarray:
@@ -132,7 +115,7 @@ class MixtureLoader(TokenLoader):
 
     def _orders(self) -> None:
         n = [(len(t) - 1) // self.seq_len for t in self.streams]
-        self.orders = [_Order(k, [self.seed, 1 + i], True) for i, k in enumerate(n)]
+        self.orders = [EpochOrder(k, [self.seed, 1 + i], True) for i, k in enumerate(n)]
         self._block, self._src, self._idx = -1, np.arange(0), np.arange(0)
 
     def source_of(self, g: int) -> tuple[int, int]:

@@ -24,6 +24,7 @@ import torch
 from ..errors import DataError
 from ..model.loss import IGNORE_INDEX
 from ..tokens import EOT_ID
+from .order import EpochOrder
 
 
 class ChatSplit:
@@ -83,16 +84,10 @@ class PackedLoader:
                 room = seq_len + 1 - min(length, seq_len + 1)
         self.num_samples = len(self.sequences)
         self.position = 0
-        self._perm_epoch, self._perm = -1, np.arange(0)
+        self.order = EpochOrder(self.num_samples, seed, shuffle)
 
     def _sequence(self, global_sample: int) -> list[int]:
-        epoch, i = divmod(global_sample, self.num_samples)
-        if self.shuffle:
-            if epoch != self._perm_epoch:
-                self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-                self._perm_epoch = epoch
-            i = int(self._perm[i])
-        return self.sequences[i]
+        return self.sequences[self.order(global_sample)]
 
     def _window(self, convs: list[int]) -> tuple[np.ndarray, np.ndarray]:
         n = self.seq_len + 1
@@ -130,3 +125,4 @@ class PackedLoader:
                 f"the checkpoint's data position is for seq_len {state['seq_len']}, not {self.seq_len}"
             )
         self.position, self.seed = int(state["position"]), int(state["seed"])
+        self.order = EpochOrder(self.num_samples, self.seed, self.shuffle)

@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import DataError
 from ..tokens import EOT_ID
 from .shards import FORMAT, SPLITS, write_shard
-from .sources import JsonLine, document_text, file_documents, hf_documents, kjv_documents
+from .sources import JsonLine, document_tokens, file_documents, hf_documents, kjv_documents
 from .tokenizer import get_tokenizer
 
 BUNDLED = ("kjv", "kjv_chat")  # kjv_chat: the demo chat set (data/chat.py), loss-masked
@@ -45,11 +45,9 @@ def _tokenize(task: tuple[str, list]) -> tuple[np.ndarray, np.ndarray]:
     """(tokens of the chunk's documents, each with its <|endoftext|>, concatenated; lengths)."""
     name, items = task
     enc = get_tokenizer(name)
-    ids = [enc.encode_ordinary(document_text(it)) for it in items]
-    lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
-    flat = np.fromiter(
-        itertools.chain.from_iterable(x + [EOT_ID] for x in ids), dtype=np.uint32, count=int(lengths.sum())
-    )
+    ids = [document_tokens(enc, it) for it in items]
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
     return flat, lengths
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import DataError
+from ..tokens import EOT_ID
 
 TEXT_SUFFIXES = (".txt",)
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -47,6 +48,12 @@ def document_text(item: str | JsonLine) -> str:
     if not isinstance(text, str):
         raise DataError(f"{item.path}:{item.line}: field {item.field!r} is not a string")
     return text
+
+
+def document_tokens(enc, item: str | JsonLine) -> list[int]:
+    """A document's tokens as training sees them: ordinary text (special-token strings stay text),
+    then <|endoftext|>."""
+    return enc.encode_ordinary(document_text(item)) + [EOT_ID]
 
 
 def kjv_documents() -> Iterator[str]:

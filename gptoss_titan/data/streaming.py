@@ -29,8 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError
-from ..tokens import EOT_ID
-from .sources import document_text, file_items, hf_documents
+from .sources import document_tokens, file_items, hf_documents
 from .tokenizer import get_tokenizer
 
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 on torch 2.13
@@ -89,7 +88,7 @@ class _Windows(IterableDataset):
                     continue
                 resumed = count == start["docs"]  # the document the checkpoint was in
                 prefix = list(start["carry"]) if resumed else carry
-                buf = prefix + enc.encode_ordinary(document_text(item)) + [EOT_ID]
+                buf = prefix + document_tokens(enc, item)
                 pos = start["offset"] if resumed else 0
                 while len(buf) - pos >= n:
                     window = buf[pos : pos + n]
@@ -171,8 +170,7 @@ def stream_validation(spec: str, text_field: str, tokenizer: str, val_every: int
     out: list[int] = []
     items = stream_items(spec, text_field)
     for item in itertools.islice(items, val_every - 1, None, val_every):
-        out.extend(enc.encode_ordinary(document_text(item)))
-        out.append(EOT_ID)
+        out.extend(document_tokens(enc, item))
         if len(out) >= n_tokens:
             break
     tokens = np.asarray(out[:n_tokens], dtype=np.uint32)
