@@ -146,3 +146,10 @@ def flex_compile_options() -> dict:
         if hasattr(inductor_config, "wrap_inductor_compiled_regions")
         else {}
     )
+
+
+def local_shape_and_offset(shape: torch.Size, mesh: DeviceMesh, placements) -> tuple[tuple, tuple]:
+    """This rank's shape and global offset of a DTensor with these placements (strided FSDP splits included)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return compute_local_shape_and_global_offset(shape, mesh, placements)

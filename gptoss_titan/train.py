@@ -46,7 +46,7 @@ from .model import Transformer
 from .model.loss import IGNORE_INDEX
 from .model.moe import load_balancing_loss, resolve_expert_kernel, update_expert_bias
 from .optim import build_lr_scheduler, build_optimizer
-from .parallel import ParallelDims, parallelize
+from .parallel import ParallelDims, parallelize, sync_replicated_grads
 from .parallel.context_parallel import CPLayout
 from .parallel.dry_run import dry_run, is_dry_run
 from .parallel.grad import clip_grad_norm_
@@ -210,11 +210,13 @@ class Trainer:
                 aux = load_balancing_loss(
                     global_counts, prob_sums, rows, cfg.model.aux_loss_type == "per_layer"
                 )
-                loss = loss + coef * aux / self.accum_steps
+                # every tp rank computes this loss in full: each counts 1/tp (tensor_parallel.py)
+                loss = loss + coef * aux / (self.accum_steps * self.dims.tp)
                 aux_total += aux.detach() / self.accum_steps
             loss.backward()
             ce_total += ce_sum.detach()
             counts_total = counts if counts_total is None else counts_total + counts
+        sync_replicated_grads(self.model)  # tensor parallelism: whole parameters' shares summed
         grad_norm = self.clip_gradients()
         loss = self.all_reduce(ce_total).double() / n_targets  # global: every rank decides alike
         self.settle()  # the previous step's skip decision (its copy arrived meanwhile): the LR schedule
@@ -391,6 +393,8 @@ def seed_checkpoint_config(cfg: JobConfig) -> JobConfig:
         data_parallel_replicate_degree=1,
         data_parallel_shard_degree=-1,
         expert_parallel_degree=1,
+        context_parallel_degree=1,
+        tensor_parallel_degree=1,
     )
     c = dataclasses.replace(cfg.checkpoint, enable=True, async_mode="disabled", initial_load_path="")
     return dataclasses.replace(cfg, parallelism=p, checkpoint=c)

@@ -115,7 +115,7 @@ class Parallelism:
     data_parallel_replicate_degree: int = 1  # HSDP replicas
     data_parallel_shard_degree: int = -1  # FSDP shards (-1 = the rest of the world)
     expert_parallel_degree: int = 1  # borrows from the shard dimension
-    tensor_parallel_degree: int = 1  # not supported yet
+    tensor_parallel_degree: int = 1  # heads, expert columns and vocabulary split; sequence-parallel norms
     pipeline_parallel_degree: int = 1  # not supported yet
     context_parallel_degree: int = 1  # each sequence split over this many ranks (long contexts)
     fsdp_reshard_after_forward: str = "default"  # default, always or never

@@ -60,10 +60,16 @@ def model_args(cfg: JobConfig) -> ModelArgs:
 def check_degrees(p: Parallelism, num_experts: int) -> None:
     """The checks of each parallel degree on its own; ParallelDims.from_config adds those that need
     the world size (products, divisibility)."""
-    for name in ("tensor_parallel_degree", "pipeline_parallel_degree"):
-        if getattr(p, name) != 1:
-            raise ConfigError(f"parallelism.{name} = {getattr(p, name)} is not supported yet; set it to 1")
-    for name in ("data_parallel_replicate_degree", "expert_parallel_degree", "context_parallel_degree"):
+    if p.pipeline_parallel_degree != 1:
+        raise ConfigError(
+            f"parallelism.pipeline_parallel_degree = {p.pipeline_parallel_degree} is not supported yet; set it to 1"
+        )
+    for name in (
+        "data_parallel_replicate_degree",
+        "expert_parallel_degree",
+        "context_parallel_degree",
+        "tensor_parallel_degree",
+    ):
         if getattr(p, name) < 1:
             raise ConfigError(f"parallelism.{name} = {getattr(p, name)} must be >= 1")
     if p.data_parallel_shard_degree == 0 or p.data_parallel_shard_degree < -1:
@@ -74,6 +80,36 @@ def check_degrees(p: Parallelism, num_experts: int) -> None:
         raise ConfigError(
             f"parallelism.expert_parallel_degree = {p.expert_parallel_degree} does not divide the "
             f"{num_experts} experts; use a divisor of {num_experts}"
+        )
+
+
+def check_tensor_parallel(p: Parallelism, args: ModelArgs, seq_len: int, mxfp4_qat: bool = False) -> None:
+    """What tensor parallelism needs from the model's shapes and the sequence length: whole kv
+    heads, expert intermediate columns, vocabulary rows and sequence positions per tp rank."""
+    tp, cp = p.tensor_parallel_degree, p.context_parallel_degree
+    if tp == 1:
+        return
+    for field, value in (
+        ("n_kv_heads", args.n_kv_heads),
+        ("moe_inter_dim", args.moe_inter_dim),
+        ("vocab_size", args.vocab_size),
+    ):
+        if value % tp:
+            raise ConfigError(
+                f"parallelism.tensor_parallel_degree = {tp} does not divide the model's {field} = {value} "
+                f"(each tp rank holds an equal share); use a divisor of {value}"
+            )
+    if mxfp4_qat and (args.moe_inter_dim // tp) % 32:
+        raise ConfigError(
+            f"training.mxfp4_qat with tensor_parallel_degree = {tp}: each rank's {args.moe_inter_dim // tp} expert "
+            "columns must be whole MXFP4 blocks of 32; use a smaller tensor_parallel_degree"
+        )
+    per_rank = 2 * cp if cp > 1 else 1
+    if seq_len % (per_rank * tp):
+        raise ConfigError(
+            f"training.seq_len = {seq_len} is not divisible by {'2 x context_parallel_degree x ' if cp > 1 else ''}"
+            f"tensor_parallel_degree = {per_rank * tp} (sequence parallelism splits every sequence over the "
+            f"tp ranks); use a multiple of {per_rank * tp}"
         )
 
 
@@ -151,6 +187,7 @@ def validate(cfg: JobConfig) -> None:
             f"training.seq_len = {t.seq_len} is not divisible by 2 x parallelism.context_parallel_degree = {2 * cp} "
             f"(each cp rank holds two chunks of every sequence); use a multiple of {2 * cp}"
         )
+    check_tensor_parallel(p, args, t.seq_len, t.mxfp4_qat)
     batch_layout(t, dp_degree=1)
     _choice("training.mixed_precision_param", t.mixed_precision_param, DTYPE_NAMES)
     _choice("training.mixed_precision_reduce", t.mixed_precision_reduce, DTYPE_NAMES)

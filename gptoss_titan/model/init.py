@@ -29,18 +29,21 @@ def param_seed(base_seed: int, name: str, block: int = 0) -> int:
 
 def global_indices(param: torch.Tensor) -> dict[int, torch.Tensor]:
     """For a DTensor: sharded dim -> the global indices [n] of the local positions along it (the
-    same chunking DTensor and FSDP use, also for several mesh dimensions on one tensor dim)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    same chunking DTensor and FSDP use, also for several mesh dimensions on one tensor dim, such
+    as FSDP's strided split of a tensor-parallel shard; each rank's part of a dim is one run)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from ..compat import local_shape_and_offset
 
     if not isinstance(param, DTensor):
         return {}
     out = {}
-    for d in sorted({p.dim for p in param.placements if p.is_shard()}):
-        shape = [1] * param.ndim
-        shape[d] = param.shape[d]
-        index = torch.arange(param.shape[d], device=param.to_local().device).view(shape)
-        local = distribute_tensor(index, param.device_mesh, param.placements, src_data_rank=None).to_local()
-        out[d] = local.reshape(-1)
+    device = param.to_local().device
+    split = [getattr(p, "dim", None) for p in param.placements]  # Shard and FSDP's _StridedShard have a dim
+    for d in sorted({s for s in split if s is not None}):
+        along = [p if s == d else Replicate() for p, s in zip(param.placements, split)]
+        shape, offset = local_shape_and_offset(param.shape, param.device_mesh, along)
+        out[d] = torch.arange(offset[d], offset[d] + shape[d], device=device)
     return out
 
 

@@ -15,6 +15,8 @@ Two paths (`loss_path`): on CPU every GEMM is fp32; on GPUs the GEMMs run in the
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from ..compat import addmm_fp32_, mm_fp32_out
@@ -48,9 +50,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         chunk_elems: int | None,
         path: str | None,
+        vocab_start: int,
+        combine: RowCombine | None,
     ):
         """h [M, H], w [V, H], targets [M] (IGNORE_INDEX = skip) -> summed loss (fp32 scalar).
-        No host synchronization: ignored rows get a zero gradient by arithmetic, not by a branch."""
+        No host synchronization: ignored rows get a zero gradient by arithmetic, not by a branch.
+        With `combine`, w holds rows vocab_start .. vocab_start + V - 1 of a larger vocabulary
+        (see fused_linear_cross_entropy)."""
         path = path or loss_path(h.device)
         dt = _compute_dtype(h, path)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -71,18 +77,23 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 t = targets[s : s + rows]  # [C]
                 c = t.shape[0]
                 valid = t != IGNORE_INDEX  # [C]
-                safe_t = t.clamp(min=0).unsqueeze(1)  # [C, 1]
+                here = valid if combine is None else valid & (t >= vocab_start) & (t < vocab_start + V)
+                safe_t = (t - vocab_start).clamp(min=0, max=V - 1).unsqueeze(1)  # [C, 1]
                 logits = buf[:c]  # [C, V]
                 mm_fp32_out(hc[s : s + c], wc.T, logits)  # fp32 logits (fp32 accumulation for bf16)
-                picked = logits.gather(1, safe_t).squeeze(1)  # [C]
+                picked = logits.gather(1, safe_t).squeeze(1) * here  # [C]
                 mx = logits.amax(dim=1, keepdim=True)  # [C, 1]
+                if combine is not None:
+                    mx = combine.max(mx)
                 sumexp = logits.sub_(mx).exp_().sum(dim=1, keepdim=True)  # [C, 1]; logits now exp(l - max)
+                if combine is not None:
+                    sumexp, picked = combine.sum(sumexp, picked)
                 lse = mx.squeeze(1) + sumexp.squeeze(1).log()  # [C]
                 total += ((lse - picked) * valid).sum()
                 if need_grad:
                     # softmax - onehot; an ignored row divides by inf and subtracts 0: a zero row
                     g = logits.div_(sumexp.masked_fill(~valid.unsqueeze(1), float("inf")))  # [C, V]
-                    g.scatter_add_(1, safe_t, -valid.unsqueeze(1).to(g.dtype))
+                    g.scatter_add_(1, safe_t, -here.unsqueeze(1).to(g.dtype))
                     g = g.to(dt)
                     if grad_h is not None:
                         grad_h[s : s + c] = (g @ wc).to(h.dtype)  # [C, H]
@@ -96,7 +107,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None, None
+
+
+class RowCombine(Protocol):
+    """Combines per-row statistics over the parts of a vocabulary held in different places."""
+
+    def max(self, mx: torch.Tensor) -> torch.Tensor:
+        """[C, 1] row maxima of one part -> the maxima over all parts."""
+
+    def sum(self, sumexp: torch.Tensor, picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[C, 1] sums of exp(logit - max) and [C] target logits (0 where the part lacks the
+        target) of one part -> their sums over all parts."""
 
 
 def fused_linear_cross_entropy(
@@ -105,9 +127,15 @@ def fused_linear_cross_entropy(
     targets: torch.Tensor,
     chunk_elems: int | None = None,
     path: str | None = None,
+    vocab_start: int = 0,
+    combine: RowCombine | None = None,
 ) -> torch.Tensor:
     """Sum over rows of cross_entropy(h @ w.T, targets), skipping IGNORE_INDEX; h [M, H], w [V, H].
 
     chunk_elems: logits per chunk (default by path); path: "cpu" or "accel" (default: `loss_path`
-    of the device; tests force the accelerator path on the CPU)."""
-    return _FusedLinearCrossEntropy.apply(h, w, targets, chunk_elems, path)
+    of the device; tests force the accelerator path on the CPU).
+    A vocabulary split in parts (vocabulary-parallel lm_head): w holds rows vocab_start ..
+    vocab_start + V - 1, and `combine` merges the row maxima, sums of exponentials and target
+    logits of all parts; every part then returns the loss of the whole vocabulary, and the
+    gradients of its own rows of w and its share of h's (summed over parts by the caller)."""
+    return _FusedLinearCrossEntropy.apply(h, w, targets, chunk_elems, path, vocab_start, combine)

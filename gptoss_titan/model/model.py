@@ -20,6 +20,7 @@ from .attention import attention_mask, decode_attention, position_mask, sink_att
 from .documents import Documents, document_attention, flex_document_mask
 from .init import init_param, init_spec
 from .kv_cache import KVCache, LayerCache
+from .local import local
 from .loss import fused_linear_cross_entropy
 from .moe import EXPERT_KERNELS, MoE
 
@@ -111,36 +112,38 @@ class Attention(nn.Module):
         values are stored, and the queries attend as in `_cached_attention`.
         """
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, N, T, D]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
+        # head counts from the shapes: a tensor-parallel pass leaves each process a share of the heads
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, N, T, D]
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, G, T, D]
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, G, T, D]
+        sinks = local(self.sinks)  # [N]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(mask, Documents):
-            out = document_attention(q, k, v, self.sinks, self.window, mask)  # [B, N, T, D]
+            out = document_attention(q, k, v, sinks, self.window, mask)  # [B, N, T, D]
         elif hasattr(mask, "attend"):  # a layout that attends itself (context parallelism's CPBatch)
-            out = mask.attend(q, k, v, self.sinks, self.window)
+            out = mask.attend(q, k, v, sinks, self.window)
         elif cache is None:
-            out = training_attention(q, k, v, self.sinks, self.window, mask)  # [B, N, T, D]
+            out = training_attention(q, k, v, sinks, self.window, mask)  # [B, N, T, D]
         else:
-            out = self._cached_attention(q, k, v, mask, cache, positions, cache_empty)
+            out = self._cached_attention(q, k, v, sinks, mask, cache, positions, cache_empty)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H]
 
-    def _cached_attention(self, q, k, v, mask, cache: LayerCache, positions: torch.Tensor, cache_empty: bool):
+    def _cached_attention(self, q, k, v, sinks, mask, cache: LayerCache, positions: torch.Tensor, cache_empty: bool):
         """The prompt on an empty cache attends to its own keys with the training kernels; one new
         token attends to every slot (static shapes); several tokens on a filled cache attend to the
         slots plus their own keys. Keys outside the window or not yet written are masked by position."""
         if cache_empty:
-            out = training_attention(q, k, v, self.sinks, self.window, mask)
+            out = training_attention(q, k, v, sinks, self.window, mask)
             cache.write(k, v, positions)
         elif q.shape[2] == 1:
             cache.write(k, v, positions)
             allowed = position_mask(positions, cache.pos, self.window)  # [1, C]
-            out = decode_attention(q, cache.k.to(q.dtype), cache.v.to(q.dtype), self.sinks, allowed)
+            out = decode_attention(q, cache.k.to(q.dtype), cache.v.to(q.dtype), sinks, allowed)
         else:
             keys = torch.cat([cache.k.to(k.dtype), k], dim=2)  # [B, G, C + T, D]
             values = torch.cat([cache.v.to(v.dtype), v], dim=2)
             allowed = position_mask(positions, torch.cat([cache.pos, positions]), self.window)  # [T, C + T]
-            out = sink_attention(q, keys, values, self.sinks, self.window, allowed)
+            out = sink_attention(q, keys, values, sinks, self.window, allowed)
             cache.write(k, v, positions)
         return out
 

@@ -18,12 +18,12 @@ import functools
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ..compat import grouped_mm, has_grouped_mm
 from . import blas_batch
 from .args import ModelArgs
 from .expert_mm import expert_linear
+from .local import local
 from .mxfp4 import fake_quantize_mxfp4
 
 # "auto" is resolved by resolve_expert_kernel; the others are what GroupedExperts.kernel holds.
@@ -156,10 +156,6 @@ def _expert_of_row(counts: torch.Tensor, n_rows: int) -> torch.Tensor:
     )
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _swiglu_math(u: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
     gate = u[..., 0::2].clamp(max=limit)
     up = u[..., 1::2].clamp(min=-limit, max=limit)
@@ -215,7 +211,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [R, H] rows sorted by expert; counts [E] rows per expert (sum R) -> [R, H]."""
         # Under expert parallelism the parameters are DTensors sharded by expert: use the local experts.
-        w1, b1, w2, b2 = (_local(t) for t in (self.w_gate_up, self.b_gate_up, self.w_down, self.b_down))
+        w1, b1, w2, b2 = (local(t) for t in (self.w_gate_up, self.b_gate_up, self.w_down, self.b_down))
         if self.mxfp4_qat:  # the values an MXFP4 export will hold, straight-through gradients
             w1, w2 = fake_quantize_mxfp4(w1), fake_quantize_mxfp4(w2)
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm and the CPU op are not autocast-aware

@@ -1,19 +1,22 @@
 """ParallelDims: parallelism degrees from the config -> the named device meshes, with checks.
 
-World = dp_replicate x dp_shard x cp (pipeline and tensor parallelism are not supported yet); the
-cp ranks of a data-parallel rank are adjacent. Context-parallel ranks hold different tokens of the
-same sequences, so they shard parameters like data-parallel ranks (TorchTitan's dp_shard_cp):
-the FSDP shard group of dense parameters is dp_shard x cp. Expert parallelism borrows from it:
-dp_shard x cp = efsdp x ep.
+World = dp_replicate x dp_shard x cp x tp (pipeline parallelism is not supported yet), tp
+innermost: the tp ranks of a data-parallel rank are adjacent, then its cp ranks. Context-parallel
+ranks hold different tokens of the same sequences, so they shard parameters like data-parallel
+ranks (TorchTitan's dp_shard_cp): the FSDP shard group of dense parameters is dp_shard x cp.
+Expert parallelism borrows from it: dp_shard x cp = efsdp x ep. Tensor-parallel ranks hold the
+same tokens and different parts of the parameters (heads, expert columns, vocabulary rows).
 
-Meshes (views of one 1-D world mesh):
+Meshes (views of one 1-D world mesh; the tp dimension exists only when tp > 1):
   dense    ("dp_replicate", "dp_shard") or ("dp_shard",)   FSDP (HSDP when replicate > 1) of dense params,
            ("dp_shard_cp",) with cp                         dp_shard x cp ranks
   ep       ("ep",)                                         experts split by index; token all-to-all
   efsdp    ("dp_replicate", "efsdp") or ("efsdp",)         FSDP of the expert params (each ep rank's slice)
   cp       ("cp",)                                         ranks sharing one batch, each a part of each sequence
-  dp       flattened world                                 global token counts, loss and expert loads
-Data loading: data-parallel rank = world rank // cp, degree = world / cp.
+  tp       ("tp",)                                         ranks sharing one batch and one sequence part
+  experts  ("ep", "tp") / ("tp",) / ("ep",)                 the expert parameters' split before FSDP
+  batch    every rank, or ("batch",) with tp               global token counts, loss and expert loads
+Data loading: data-parallel rank = world rank // (cp x tp), degree = world / (cp x tp).
 """
 
 from __future__ import annotations
@@ -33,29 +36,38 @@ class ParallelDims:
     ep: int
     world_size: int
     cp: int = 1
+    tp: int = 1
 
     @classmethod
     def from_config(cls, p: Parallelism, world_size: int, num_experts: int) -> ParallelDims:
         """Resolve -1 and check every degree against the world size and the experts."""
         check_degrees(p, num_experts)
-        rep, shard, ep, cp = (
+        rep, shard, ep, cp, tp = (
             p.data_parallel_replicate_degree,
             p.data_parallel_shard_degree,
             p.expert_parallel_degree,
             p.context_parallel_degree,
+            p.tensor_parallel_degree,
         )
+        others = rep * cp * tp
         if shard == -1:
-            if world_size % (rep * cp):
+            if world_size % others:
                 raise ConfigError(
                     f"world size {world_size} is not divisible by parallelism.data_parallel_replicate_degree x "
-                    f"context_parallel_degree = {rep} x {cp}; choose degrees whose product divides {world_size}"
+                    f"context_parallel_degree x tensor_parallel_degree = {rep} x {cp} x {tp} = {others}; "
+                    f"choose degrees whose product divides {world_size}"
                 )
-            shard = world_size // (rep * cp)
-        if rep * shard * cp != world_size:
+            shard = world_size // others
+        if shard * others != world_size:
+            fix = (
+                f"set data_parallel_shard_degree = -1 or to {world_size // others}"
+                if world_size % others == 0
+                else f"choose degrees whose product is {world_size}"
+            )
             raise ConfigError(
-                f"data_parallel_replicate_degree x data_parallel_shard_degree x context_parallel_degree = "
-                f"{rep} x {shard} x {cp} = {rep * shard * cp} != world size {world_size}; set "
-                f"data_parallel_shard_degree = -1 or to {world_size // (rep * cp)}"
+                f"data_parallel_replicate_degree x data_parallel_shard_degree x context_parallel_degree x "
+                f"tensor_parallel_degree = {rep} x {shard} x {cp} x {tp} = {shard * others} != world size "
+                f"{world_size}; {fix}"
             )
         if (shard * cp) % ep:
             raise ConfigError(
@@ -63,7 +75,7 @@ class ParallelDims:
                 f"context_parallel_degree = {shard * cp} (expert parallelism borrows from the shard ranks); "
                 f"use a divisor of {shard * cp}"
             )
-        return cls(dp_replicate=rep, dp_shard=shard, ep=ep, world_size=world_size, cp=cp)
+        return cls(dp_replicate=rep, dp_shard=shard, ep=ep, world_size=world_size, cp=cp, tp=tp)
 
     @property
     def efsdp(self) -> int:
@@ -71,33 +83,42 @@ class ParallelDims:
 
     @property
     def dp_degree(self) -> int:
-        """Ranks that read different data (cp ranks share theirs)."""
-        return self.world_size // self.cp
+        """Ranks that read different data (cp and tp ranks share theirs)."""
+        return self.world_size // (self.cp * self.tp)
 
     def dp_rank(self, rank: int) -> int:
-        return rank // self.cp
+        return rank // (self.cp * self.tp)
 
     def build_meshes(self, device_type: str) -> Meshes:
         """One 1-D world mesh, unflattened into the dense (replicate, shard x cp), the expert
-        (replicate, efsdp, ep) and the cp views; all share the world as their root, as FSDP2 with
-        expert-sharded DTensors requires."""
-        world = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("dp",))
+        (replicate, efsdp, ep), the cp, tp and batch views; all share the world as their root, as
+        FSDP2 with expert- or tensor-sharded DTensors requires."""
+        W, tp = self.world_size, self.tp
+        world = init_device_mesh(device_type, (W,), mesh_dim_names=("dp",))
+        t_size, t_name = ((tp,), ("tp",)) if tp > 1 else ((), ())
+
+        def view(sizes: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
+            return unflatten_mesh(world, 0, sizes + t_size, names + t_name)
+
         shard_name = "dp_shard_cp" if self.cp > 1 else "dp_shard"
-        dense = unflatten_mesh(
-            world, 0, (self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", shard_name)
-        )
-        moe = unflatten_mesh(
-            world, 0, (self.dp_replicate, self.efsdp, self.ep), ("dp_replicate", "efsdp", "ep")
-        )
-        cp = unflatten_mesh(world, 0, (self.world_size // self.cp, self.cp), ("dp_data", "cp"))["cp"]
+        dense = view((self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", shard_name))
+        moe = view((self.dp_replicate, self.efsdp, self.ep), ("dp_replicate", "efsdp", "ep"))
+        cp = view((W // (self.cp * tp), self.cp), ("dp_data", "cp"))["cp"]
         rep = self.dp_replicate > 1
+        tp_mesh = dense["tp"] if tp > 1 else None
+        if tp > 1:
+            experts = moe["ep", "tp"] if self.ep > 1 else tp_mesh
+        else:
+            experts = moe["ep"]
         return Meshes(
             world=world,
-            dense=dense if rep else dense[shard_name],
+            dense=dense["dp_replicate", shard_name] if rep else dense[shard_name],
             ep=moe["ep"],
             efsdp=moe["dp_replicate", "efsdp"] if rep else moe["efsdp"],
-            dp=world,
+            batch=view((W // tp,), ("batch",))["batch"] if tp > 1 else world,
             cp=cp,
+            tp=tp_mesh,
+            experts=experts,
         )
 
 
@@ -107,17 +128,22 @@ class Meshes:
     dense: DeviceMesh
     ep: DeviceMesh
     efsdp: DeviceMesh
-    dp: DeviceMesh
+    batch: DeviceMesh
     cp: DeviceMesh
+    tp: DeviceMesh | None = None
+    experts: DeviceMesh | None = None
 
     @property
     def loss(self) -> DeviceMesh:
-        return self.dp
+        """The ranks whose tokens differ: losses, token counts and expert loads are summed over it."""
+        return self.batch
 
     def groups(self) -> list:
         """Every process group behind these meshes (once each)."""
         out = []
-        for mesh in (self.world, self.dense, self.ep, self.efsdp, self.dp, self.cp):
+        for mesh in (self.world, self.dense, self.ep, self.efsdp, self.batch, self.cp, self.tp):
+            if mesh is None:
+                continue
             for g in mesh.get_all_groups():
                 if all(g is not h for h in out):
                     out.append(g)

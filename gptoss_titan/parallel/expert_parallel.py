@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
 
 from ..compat import all_to_all_single_autograd
 
@@ -35,6 +35,8 @@ class ExpertParallel:
 
     def partition(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
         for pname, p in list(module.named_parameters(recurse=False)):
+            if isinstance(p, DTensor):  # split by expert and tensor parallelism at once (tensor_parallel.py)
+                continue
             dt = nn.Parameter(distribute_tensor(p, mesh, [Shard(0)]), requires_grad=p.requires_grad)
             module.register_parameter(pname, dt)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from ..config import JobConfig
 from ..dtypes import dtype_of
@@ -34,7 +34,9 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, cfg: JobConfig) -> None:
     inside = local_experts < efsdp_size
 
     def expert_placement(p: nn.Parameter) -> Shard:
-        return Shard(1) if inside and p.shape[1] % efsdp_size == 0 else Shard(0)
+        split = {q.dim for q in p.placements if q.is_shard()} if isinstance(p, DTensor) else set()
+        dim1_free = 1 not in split  # tensor parallelism may already split dim 1 (the down rows)
+        return Shard(1) if inside and dim1_free and p.shape[1] % efsdp_size == 0 else Shard(0)
 
     expert_dim = 1 if inside else 0
     for block in model.layers:
