@@ -128,7 +128,9 @@ class Attention(nn.Module):
             out = self._cached_attention(q, k, v, sinks, mask, cache, positions, cache_empty)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H]
 
-    def _cached_attention(self, q, k, v, sinks, mask, cache: LayerCache, positions: torch.Tensor, cache_empty: bool):
+    def _cached_attention(
+        self, q, k, v, sinks, mask, cache: LayerCache, positions: torch.Tensor, cache_empty: bool
+    ):
         """The prompt on an empty cache attends to its own keys with the training kernels; one new
         token attends to every slot (static shapes); several tokens on a filled cache attend to the
         slots plus their own keys. Keys outside the window or not yet written are masked by position."""

@@ -66,7 +66,9 @@ class TPContext:
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, H] partial sums -> [B, T/tp, H] of the total (backward: gathered gradients)."""
         if self.split:
-            return _waited(funcol.reduce_scatter_single(x.contiguous(), "sum", scatter_dim=1, group=self.group))
+            return _waited(
+                funcol.reduce_scatter_single(x.contiguous(), "sum", scatter_dim=1, group=self.group)
+            )
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(
                 f"a tensor-parallel forward of {x.shape[1]} tokens (not a multiple of tp = {self.size}) cannot train"
@@ -160,7 +162,9 @@ def _swap(module: nn.Module, cls: type, tp: TPContext) -> None:
     module.tp = tp
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, experts_mesh: DeviceMesh, ep: int) -> TPContext:
+def apply_tensor_parallel(
+    model: nn.Module, tp_mesh: DeviceMesh, experts_mesh: DeviceMesh, ep: int
+) -> TPContext:
     """Split the model over tp_mesh (see the module doc); experts_mesh is ("ep", "tp") when expert
     parallelism also splits the experts (their parameters then carry both placements), else the
     tp mesh. Returns the context; the model keeps it as `model.tp`."""
