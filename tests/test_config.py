@@ -79,7 +79,26 @@ def test_mixture_sources_from_toml_and_command_line(tmp_path):
         ("", ["--data.sources=a:0"], r"weight = 0.0 must be a positive number"),
         ("", ["--training.steps=x"], "training.steps must be int"),
         ("", ["--training.stepz=3"], "did you mean 'steps'"),
-        ("", ["--parallelism.tensor_parallel_degree=2"], "not supported yet"),
+        ("", ["--parallelism.pipeline_parallel_degree=2"], "not supported yet"),
+        (
+            "",
+            ["--parallelism.tensor_parallel_degree=4"],
+            r"does not divide the model's n_kv_heads = 2 .*divisor of 2",
+        ),
+        (
+            "[model.args]\nn_kv_heads = 4\nn_heads = 8\n",
+            ["--parallelism.tensor_parallel_degree=4", "--training.seq_len=30"],
+            r"seq_len = 30 is not divisible by tensor_parallel_degree = 4",
+        ),
+        (
+            "",
+            [
+                "--parallelism.tensor_parallel_degree=2",
+                "--parallelism.context_parallel_degree=2",
+                "--training.seq_len=36",
+            ],
+            r"seq_len = 36 is not divisible by 2 x context_parallel_degree x tensor_parallel_degree = 8",
+        ),
         ("", ["--parallelism.expert_parallel_degree=3"], "does not divide the 8 experts"),
         (
             "",

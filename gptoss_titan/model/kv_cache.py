@@ -35,12 +35,7 @@ class LayerCache:
         )  # [C] absolute position, -1 = empty
 
     def write(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
-        """Store new keys/values [B, G, T, D] at positions [T] (ascending): ring layers keep the last C.
-        The first write may bring fewer heads than allocated (a tensor-parallel rank holds a share
-        of them): the cache then takes the keys' head count."""
-        if k_new.shape[1] != self.k.shape[1]:
-            self.k = self.k.new_zeros(self.k.shape[0], k_new.shape[1], *self.k.shape[2:])
-            self.v = torch.zeros_like(self.k)
+        """Store new keys/values [B, G, T, D] at positions [T] (ascending): ring layers keep the last C."""
         n = min(k_new.shape[2], self.capacity)
         k_new, v_new, positions = k_new[:, :, -n:], v_new[:, :, -n:], positions[-n:]
         slots = positions % self.capacity if self.ring else positions  # [n]

@@ -87,6 +87,7 @@ class Attention(nn.Module):
 
     def __init__(self, args: ModelArgs, sliding: bool):
         super().__init__()
+        # heads computed here (a tensor-parallel pass leaves each process a share and sets these)
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = args.sliding_window if sliding else None
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=True)
@@ -256,7 +257,7 @@ class Transformer(nn.Module):
             [
                 LayerCache(
                     batch,
-                    a.n_kv_heads,
+                    self.layers[i].attention.n_kv_heads,  # the heads this process holds
                     a.head_dim,
                     min(a.sliding_window, max_len) if a.is_sliding(i) else max_len,
                     ring=a.is_sliding(i),

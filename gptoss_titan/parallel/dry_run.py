@@ -47,7 +47,9 @@ def _fsdp_groups(model: torch.nn.Module) -> list[tuple[str, int, int]]:
     return [(name, mesh, n) for (name, mesh), n in sizes.items()]
 
 
-def activation_bytes(args, tokens: int, ac, compute_bytes: int, accel: bool = True) -> dict[str, float]:
+def activation_bytes(
+    args, tokens: int, ac, compute_bytes: int, accel: bool = True, tp: int = 1
+) -> dict[str, float]:
     """Estimated bytes a rank keeps for backward for `tokens` tokens: what autograd saves in this
     model, counted per op and checked against saved-tensor hooks on CPU (the debug flavor in
     fp32: 8.2 KB estimated vs 8.6 KB measured per token and layer; kernels' scratch not included).
@@ -57,11 +59,15 @@ def activation_bytes(args, tokens: int, ac, compute_bytes: int, accel: bool = Tr
     output and activation; the dispatched and combined rows; b = compute bytes) + 4 E (router).
     A checkpointed block keeps only its input (b H) and recomputes one block at a time; per-op
     checkpointing drops the norms' copies of the attention half. The loss keeps an fp32 gradient
-    of the last hidden states and one chunk of logits (loss.py)."""
+    of the last hidden states and one chunk of logits (loss.py).
+    With tensor parallelism (tokens: the rank's whole sequences) the norms and block inputs hold
+    1/tp of the tokens, the heads and expert columns 1/tp, the gathered inputs of attention and the
+    MoE and the routed rows all tokens, the loss 1/tp of the vocabulary."""
     H, N, D, G = args.dim, args.n_heads, args.head_dim, args.n_kv_heads
     K, Inter, E, L = args.top_k, args.moe_inter_dim, args.num_experts, args.n_layers
-    layer = 16 * H + compute_bytes * (2 * H + 3 * N * D + 2 * G * D + K * (H + 3 * Inter) + 2 * K * H) + 4 * E
-    boundary = compute_bytes * H
+    heads = (3 * N * D + 2 * G * D) / tp
+    layer = 16 * H / tp + compute_bytes * (2 * H + heads + K * (H + 3 * Inter / tp) + 2 * K * H) + 4 * E
+    boundary = compute_bytes * H / tp
     if ac.mode == "full" or (ac.mode == "selective" and ac.selective_ac_option != "op"):
         every = 1 if ac.mode == "full" else int(ac.selective_ac_option)
         n_ckpt = math.ceil(L / every)
@@ -70,8 +76,9 @@ def activation_bytes(args, tokens: int, ac, compute_bytes: int, accel: bool = Tr
         blocks = L * (layer - 8 * H)
     else:
         blocks = L * layer
-    chunk = min(tokens, max(1, (ACCEL_CHUNK_ELEMS if accel else CPU_CHUNK_ELEMS) // args.vocab_size))
-    loss = 4 * H * tokens + 4 * chunk * args.vocab_size
+    vocab = args.vocab_size // tp
+    chunk = min(tokens, max(1, (ACCEL_CHUNK_ELEMS if accel else CPU_CHUNK_ELEMS) // vocab))
+    loss = 4 * H * tokens + 4 * chunk * vocab
     return {"blocks": blocks * tokens, "loss": loss}
 
 
@@ -92,7 +99,8 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     rows = [("parameters (fp32)", 4), ("gradients (fp32)", 4), ("AdamW state (2 x fp32)", 8)]
     print(
         f"dry run: {model_name(cfg)} ({args.num_params():,} parameters) on {world_size} ranks: "
-        f"replicate {dims.dp_replicate} x shard {dims.dp_shard} x cp {dims.cp} (efsdp {dims.efsdp} x ep {dims.ep})"
+        f"replicate {dims.dp_replicate} x shard {dims.dp_shard} x cp {dims.cp} x tp {dims.tp} "
+        f"(efsdp {dims.efsdp} x ep {dims.ep})"
     )
     print(f"{'per rank':<26}{'dense GiB':>12}{'experts GiB':>14}{'total GiB':>12}")
     total = 0.0
@@ -102,7 +110,7 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
         print(f"{label:<26}{d:>12.3f}{e:>14.3f}{d + e:>12.3f}")
     t = cfg.training
     tokens = t.local_batch_size * t.seq_len // dims.cp
-    act = activation_bytes(args, tokens, cfg.activation_checkpoint, pbytes)
+    act = activation_bytes(args, tokens, cfg.activation_checkpoint, pbytes, tp=dims.tp)
     ac = cfg.activation_checkpoint.mode + (
         f" {cfg.activation_checkpoint.selective_ac_option}"
         if cfg.activation_checkpoint.mode == "selective"
@@ -114,7 +122,8 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     print(f"{'sum':<26}{'':>12}{'':>14}{total:>12.3f}")
     print(
         f"activations for {tokens:,} tokens per rank (local_batch_size {t.local_batch_size} x seq_len {t.seq_len:,}"
-        f"{f' / cp {dims.cp}' if dims.cp > 1 else ''}), activation checkpointing {ac}"
+        f"{f' / cp {dims.cp}' if dims.cp > 1 else ''}{f', sequence-parallel over tp {dims.tp}' if dims.tp > 1 else ''}), "
+        f"activation checkpointing {ac}"
     )
     print(
         f"largest all-gather: {name} over {mesh} ranks, {n * mesh * pbytes / GIB:.3f} GiB "

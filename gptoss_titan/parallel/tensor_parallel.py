@@ -185,6 +185,7 @@ def apply_tensor_parallel(
         _shard(attn.wo, "weight", tp_mesh, [Shard(1)])
         _swap(attn.wo, RowwiseLinear, tp)
         _shard(attn, "sinks", tp_mesh, [Shard(0)])
+        attn.n_heads, attn.n_kv_heads = attn.n_heads // tp.size, attn.n_kv_heads // tp.size
         attn.register_forward_pre_hook(lambda m, args: (tp.gather(args[0]), *args[1:]))
         moe = block.moe
         moe.register_forward_pre_hook(lambda m, args: (tp.gather(args[0]), *args[1:]))

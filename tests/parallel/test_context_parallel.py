@@ -80,17 +80,9 @@ CASES = {
     "cp2": (2, 2, []),
     "cp4": (4, 4, []),
     "cp2_hsdp2": (4, 2, ["--parallelism.data_parallel_replicate_degree=2"]),
-    # cp 2 x FSDP 2 x EP 2, per-op AC and compile on
-    "cp2_fsdp2_ep2_ac_compile": (
-        4,
-        2,
-        [
-            "--parallelism.expert_parallel_degree=2",
-            "--activation_checkpoint.mode=selective",
-            "--activation_checkpoint.selective_ac_option=op",
-            "--compile.enable=true",
-        ],
-    ),
+    # cp 2 x FSDP 2 x EP 2 with per-op AC and compile: in test_tensor_parallel.py's everything case
+    # (cp 2 x tp 2 x FSDP 2 x EP 2, per-op AC, compile, documents), one 8-process job for both
+    "cp2_fsdp2_ep2": (4, 2, ["--parallelism.expert_parallel_degree=2"]),
 }
 
 
@@ -98,8 +90,6 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_context_parallel_equals_one_process(case, docs, references, cpdir):
     nproc, cp, extra = CASES[case]
-    if docs and "--compile.enable=true" in extra:  # compile is covered without documents (time)
-        extra = [e for e in extra if e != "--compile.enable=true"]
     assert_same(references[docs], cp_run(cpdir, f"{case}_docs{int(docs)}", nproc, cp, docs, *extra))
     got, want = val_losses(cpdir, f"{case}_docs{int(docs)}"), val_losses(cpdir, f"ref_docs{int(docs)}")
     assert len(got) == 1 and np.allclose(got, want, rtol=1e-5), (got, want)

@@ -14,6 +14,14 @@ def test_context_parallel_joins_the_shard_group():
     assert (d.dp_shard, d.cp, d.efsdp, d.dp_degree, d.dp_rank(5)) == (4, 2, 2, 4, 2)
 
 
+def test_tensor_parallel_ranks_share_data():
+    """tp innermost: tp ranks read one batch; with cp, a data rank spans cp x tp ranks."""
+    d = dims(16, tensor_parallel_degree=2, context_parallel_degree=2, expert_parallel_degree=4)
+    assert (d.dp_shard, d.cp, d.tp, d.efsdp, d.dp_degree, d.dp_rank(5), d.dp_rank(4)) == (4, 2, 2, 2, 4, 1, 1)
+    d = dims(64, experts=128, tensor_parallel_degree=2, expert_parallel_degree=8)
+    assert (d.dp_shard, d.efsdp, d.dp_degree) == (32, 4, 32)
+
+
 def test_resolves_shard_degree():
     d = dims(8, data_parallel_replicate_degree=2, expert_parallel_degree=2)
     assert (d.dp_replicate, d.dp_shard, d.ep, d.efsdp, d.dp_degree) == (2, 4, 2, 2, 8)
@@ -24,12 +32,20 @@ def test_resolves_shard_degree():
 @pytest.mark.parametrize(
     "world, kw, match",
     [
-        (4, dict(data_parallel_shard_degree=3), r"1 x 3 x 1 = 3 != world size 4"),
+        (4, dict(data_parallel_shard_degree=3), r"1 x 3 x 1 x 1 = 3 != world size 4"),
         (
             6,
             dict(data_parallel_replicate_degree=4),
-            "not divisible by parallelism.data_parallel_replicate_degree x context_parallel_degree = 4 x 1",
+            r"not divisible by parallelism.data_parallel_replicate_degree x context_parallel_degree x "
+            r"tensor_parallel_degree = 4 x 1 x 1 = 4",
         ),
+        (6, dict(tensor_parallel_degree=4), r"tensor_parallel_degree = 1 x 1 x 4 = 4; choose"),
+        (
+            8,
+            dict(tensor_parallel_degree=2, data_parallel_shard_degree=2),
+            r"1 x 2 x 1 x 2 = 4 != world size 8",
+        ),
+        (8, dict(tensor_parallel_degree=0), "must be >= 1"),
         (
             6,
             dict(expert_parallel_degree=4),
@@ -38,11 +54,14 @@ def test_resolves_shard_degree():
         (6, dict(expert_parallel_degree=3), "does not divide the 8 experts"),
         (4, dict(data_parallel_replicate_degree=0), "must be >= 1"),
         (4, dict(expert_parallel_degree=0), "must be >= 1"),
-        (4, dict(tensor_parallel_degree=2), "not supported yet"),
         (4, dict(pipeline_parallel_degree=2), "not supported yet"),
         (4, dict(context_parallel_degree=0), "must be >= 1"),
-        (6, dict(context_parallel_degree=4), r"replicate_degree x context_parallel_degree = 1 x 4"),
-        (8, dict(context_parallel_degree=2, data_parallel_shard_degree=2), r"1 x 2 x 2 = 4 != world size 8"),
+        (6, dict(context_parallel_degree=4), r"tensor_parallel_degree = 1 x 4 x 1 = 4"),
+        (
+            8,
+            dict(context_parallel_degree=2, data_parallel_shard_degree=2),
+            r"1 x 2 x 2 x 1 = 4 != world size 8",
+        ),
         (
             4,
             dict(context_parallel_degree=2, expert_parallel_degree=8),

@@ -8,21 +8,23 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize(
-    "config, ep, params",
+    "config, tp, params",
     [
-        ("gpt_oss_120b", 8, "116,829,156,672"),
-        ("gpt_oss_20b", 8, "20,914,757,184"),
-        ("gpt_oss_1b_active", 8, "7,440,322,048"),  # a custom shape ([model.args] over 20b)
+        ("gpt_oss_120b", 1, "116,829,156,672"),
+        ("gpt_oss_120b", 2, "116,829,156,672"),  # experts over ep 8 x efsdp 4 x tp 2 (columns)
+        ("gpt_oss_20b", 1, "20,914,757,184"),
+        ("gpt_oss_1b_active", 1, "7,440,322,048"),  # a custom shape ([model.args] over 20b)
     ],
 )
-def test_fake_backend_dry_run_at_scale(config, ep, params):
+def test_fake_backend_dry_run_at_scale(config, tp, params):
     r = run_train_sh(
         {"COMM_MODE": "fake_backend", "NGPU": "64", "CONFIG_FILE": f"train_configs/{config}.toml"},
-        f"--parallelism.expert_parallel_degree={ep}",
+        "--parallelism.expert_parallel_degree=8",
+        f"--parallelism.tensor_parallel_degree={tp}",
     )
     assert r.returncode == 0, r.stderr[-4000:]
     out = r.stdout
-    assert f"({params} parameters) on 64 ranks" in out and "efsdp 8 x ep 8" in out
+    assert f"({params} parameters) on 64 ranks" in out and f"tp {tp} (efsdp {8 // tp} x ep 8)" in out
     for row in ("parameters (fp32)", "gradients (fp32)", "AdamW state (2 x fp32)", "largest all-gather"):
         assert row in out
     # experts per rank: all expert params / 64 ranks, in GiB of fp32
