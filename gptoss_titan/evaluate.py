@@ -27,10 +27,12 @@ def validation_loss(
     inputs: ModelInputs,
     autocast: Callable,
     all_reduce: Callable,
+    pipeline=None,
 ) -> float:
     """Mean cross-entropy over validation.steps batches of the validation tokens (every data-parallel
     rank its own share, summed over all of them; with cp each rank its part of each sequence);
-    the model is left in training mode."""
+    the model is left in training mode. With a pipeline (parallel/pipeline.py) the same batches
+    go through its stages."""
     t = cfg.training
     if isinstance(tokens, ChatSplit):  # conversations: packed and masked as in training
         loader = tokens.loader(
@@ -41,13 +43,19 @@ def validation_loss(
     steps = min(cfg.validation.steps, max(loader.num_samples // (loader.b * loader.dp_degree), 1))
     model.eval()
     total, count = 0.0, 0
+    batches = []
     for _ in range(steps):
         x, y = loader.next_batch()
         with autocast():
             tokens, targets, layout = inputs(x, y)
-            ce_sum, _, _ = model(tokens, targets, documents=layout)
-        total += float(ce_sum)
+            if pipeline is None:
+                ce_sum, _, _ = model(tokens, targets, documents=layout)
+                total += float(ce_sum)
+            else:
+                batches.append((tokens, targets))
         count += int((targets != IGNORE_INDEX).sum())
+    if pipeline is not None:
+        total = float(pipeline.evaluate(batches))
     model.train()
     sums = all_reduce(torch.tensor([total, count], dtype=torch.float64, device=inputs.device))
     return float(sums[0] / sums[1])

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .batching import ModelInputs
+from .build import build_model
 from .checkpoint.integrity import IntegrityWriter
 from .checkpoint.manager import CheckpointManager, CheckpointSaveError
 from .checkpoint.resume import Resume, choose_resume, import_hf
@@ -42,11 +43,10 @@ from .metrics import (
     throughput_stats,
     warn_slow_cpu_bf16,
 )
-from .model import Transformer
 from .model.loss import IGNORE_INDEX
-from .model.moe import load_balancing_loss, resolve_expert_kernel, update_expert_bias
+from .model.moe import load_balancing_loss, update_expert_bias
 from .optim import build_lr_scheduler, build_optimizer
-from .parallel import ParallelDims, parallelize, sync_replicated_grads
+from .parallel import ParallelDims, sync_replicated_grads
 from .parallel.context_parallel import CPLayout
 from .parallel.dry_run import dry_run, is_dry_run
 from .parallel.grad import clip_grad_norm_
@@ -90,22 +90,12 @@ class Trainer:
         ckpt_folder = self.dump / cfg.checkpoint.folder
         resume = choose_resume(cfg.checkpoint, ckpt_folder, self.model_args)
 
-        # Model: meta -> expert kernel -> parallel passes -> to_empty -> init (same values at any
-        # sharding; skipped when a checkpoint will overwrite every parameter).
-        with torch.device("meta"):
-            model = Transformer(self.model_args)
-        self._choose_expert_kernel(model)
-        if t.mxfp4_qat:
-            model.set_mxfp4_qat(True)
-            logger.info("MXFP4-aware training: expert weights quantized to MXFP4 in the forward")
-        parallelize(model, self.dims, self.meshes, cfg)
-        model.to_empty(device=self.device)
-        if resume is not None and "model" not in cfg.checkpoint.exclude_from_loading:
-            model.init_buffers()
-        else:
-            init_timer = Timer()
-            model.init_weights(seed=t.seed)
-            logger.info(f"initialized the weights in {init_timer.lap():.2f} s")
+        # Model: meta -> pipeline stages -> expert kernel -> parallel passes -> to_empty -> init
+        # (same values at any layout; skipped when a checkpoint will overwrite every parameter).
+        init = resume is None or "model" in cfg.checkpoint.exclude_from_loading
+        model, self.pipeline = build_model(
+            cfg, self.model_args, self.dims, self.meshes, self.device, init, self.accum_steps
+        )
         self.model = model
         self.optimizer = build_optimizer(model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, t.steps, cfg.lr_scheduler)
@@ -154,21 +144,6 @@ class Trainer:
     def step(self) -> int:
         return self.state.progress.step
 
-    def _choose_expert_kernel(self, model: Transformer) -> None:
-        """Resolve model.expert_kernel once for this device, compute dtype and routed rows; log it."""
-        t = self.cfg.training
-        dtype = torch.bfloat16 if t.mixed_precision_param == "bfloat16" else torch.float32
-        local = self.model_args.num_experts // self.dims.ep
-        rows = t.local_batch_size * t.seq_len * self.model_args.top_k  # routed rows per micro-batch per rank
-        try:
-            kernel, why = resolve_expert_kernel(
-                self.cfg.model.expert_kernel, self.device.type, dtype, local, rows
-            )
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        model.set_expert_kernel(kernel)
-        logger.info(f"experts: {kernel} kernel ({why})")
-
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
@@ -195,28 +170,13 @@ class Trainer:
         data_time = data_timer.lap()
         batches = [self.inputs(x, y) for x, y in batches]
         n_targets = self.all_reduce(sum((y != IGNORE_INDEX).sum() for _, y, _ in batches))  # the global count
-        ce_total = torch.zeros((), device=self.device)
-        aux_total = torch.zeros((), device=self.device)
-        counts_total = None
+        if self.pipeline is not None:
+            ce_total, aux_total, counts_total = self._pipeline_forward_backward(batches, n_targets)
+        else:
+            ce_total, aux_total, counts_total = self._forward_backward(batches, n_targets)
         coef = cfg.model.aux_loss_coef
-        for x, y, docs in batches:
-            with self.autocast():
-                ce_sum, prob_sums, counts = self.model(x, y, router_probs=coef > 0, documents=docs)
-            loss = ce_sum / n_targets
-            if prob_sums is not None:
-                # The aux loss of this micro-batch over all ranks: pooled counts, local probabilities.
-                global_counts = self.all_reduce(counts.detach().clone())
-                rows = self.all_reduce(torch.full((), x.numel(), device=self.device))
-                aux = load_balancing_loss(
-                    global_counts, prob_sums, rows, cfg.model.aux_loss_type == "per_layer"
-                )
-                # every tp rank computes this loss in full: each counts 1/tp (tensor_parallel.py)
-                loss = loss + coef * aux / (self.accum_steps * self.dims.tp)
-                aux_total += aux.detach() / self.accum_steps
-            loss.backward()
-            ce_total += ce_sum.detach()
-            counts_total = counts if counts_total is None else counts_total + counts
-        sync_replicated_grads(self.model)  # tensor parallelism: whole parameters' shares summed
+        for part in self.parts():  # tensor parallelism: whole parameters' shares summed
+            sync_replicated_grads(part)
         grad_norm = self.clip_gradients()
         loss = self.all_reduce(ce_total).double() / n_targets  # global: every rank decides alike
         self.settle()  # the previous step's skip decision (its copy arrived meanwhile): the LR schedule
@@ -230,16 +190,62 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.all_reduce(counts_total)  # expert loads over the whole batch
         if self.model_args.load_balance_bias:
-            routers = [layer.moe.router for layer in self.model.layers]
-            update_expert_bias(routers, counts_total, cfg.model.load_balance_bias_rate * (1 - skip))
+            blocks = self.model.blocks()  # a pipeline stage holds some of them
+            rows = counts_total[[b.layer_id for b in blocks]]
+            update_expert_bias(
+                [b.moe.router for b in blocks], rows, cfg.model.load_balance_bias_rate * (1 - skip)
+            )
         if coef > 0:
             self.all_reduce(aux_total)
         aux = aux_total if coef > 0 else None
         return StepResult(loss, lr, grad_norm, counts_total, aux, data_time, skip, n_targets)
 
+    def _forward_backward(self, batches: list, n_targets: torch.Tensor) -> tuple:
+        """Forward and backward of each micro-batch; (summed cross-entropy, aux loss, counts [L, E])."""
+        ce_total = torch.zeros((), device=self.device)
+        aux_total = torch.zeros((), device=self.device)
+        counts_total = None
+        coef = self.cfg.model.aux_loss_coef
+        for x, y, docs in batches:
+            with self.autocast():
+                ce_sum, prob_sums, counts = self.model(x, y, router_probs=coef > 0, documents=docs)
+            loss = ce_sum / n_targets
+            if prob_sums is not None:
+                # The aux loss of this micro-batch over all ranks: pooled counts, local probabilities.
+                global_counts = self.all_reduce(counts.detach().clone())
+                rows = self.all_reduce(torch.full((), x.numel(), device=self.device))
+                aux = load_balancing_loss(
+                    global_counts, prob_sums, rows, self.cfg.model.aux_loss_type == "per_layer"
+                )
+                # every tp rank computes this loss in full: each counts 1/tp (tensor_parallel.py)
+                loss = loss + coef * aux / (self.accum_steps * self.dims.tp)
+                aux_total += aux.detach() / self.accum_steps
+            loss.backward()
+            ce_total += ce_sum.detach()
+            counts_total = counts if counts_total is None else counts_total + counts
+        return ce_total, aux_total, counts_total
+
+    def _pipeline_forward_backward(self, batches: list, n_targets: torch.Tensor) -> tuple:
+        """The micro-batches through the pipeline schedule; the loss and the counts of every
+        layer summed over the stages, so every rank holds them."""
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches])
+        ce_total, counts = self.pipeline.step(x, y, n_targets)
+        a = self.model_args
+        counts_total = torch.zeros(a.n_layers, a.num_experts, dtype=torch.int64, device=self.device)
+        for layer, c in counts.items():
+            counts_total[layer] = c
+        dist.all_reduce(counts_total, group=self.meshes.pp.get_group())
+        return ce_total, torch.zeros((), device=self.device), counts_total
+
+    def parts(self) -> list:
+        """The modules this rank runs: the model, or its pipeline stages."""
+        return self.pipeline.parts if self.pipeline is not None else [self.model]
+
     def clip_gradients(self) -> torch.Tensor:
         """The global gradient norm, clipped to training.max_norm (tests inject bad gradients here)."""
-        return clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
+        pp = self.meshes.pp.get_group() if self.pipeline is not None else None
+        return clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm, pp)
 
     def settle(self) -> None:
         """Account for the last step's skip decision on the host: advance the LR schedule if it was
@@ -272,6 +278,7 @@ class Trainer:
             self.inputs,
             self.autocast,
             self.all_reduce,
+            self.pipeline,
         )
 
     def sample_text(self) -> str:

@@ -79,7 +79,29 @@ def test_mixture_sources_from_toml_and_command_line(tmp_path):
         ("", ["--data.sources=a:0"], r"weight = 0.0 must be a positive number"),
         ("", ["--training.steps=x"], "training.steps must be int"),
         ("", ["--training.stepz=3"], "did you mean 'steps'"),
-        ("", ["--parallelism.pipeline_parallel_degree=2"], "not supported yet"),
+        (
+            "",
+            ["--parallelism.pipeline_parallel_degree=2", "--parallelism.pipeline_parallel_layers=3,2"],
+            r"pipeline_parallel_layers = \[3, 2\] must list 2 stages .* adding up to the model's 4",
+        ),
+        (
+            "",
+            [
+                "--parallelism.pipeline_parallel_degree=2",
+                "--parallelism.pipeline_parallel_schedule=Interleaved1F1B",
+            ],
+            "interleaved schedules need 2 or more stages per rank",
+        ),
+        (
+            "",
+            ["--parallelism.pipeline_parallel_degree=2", "--parallelism.pipeline_parallel_schedule=ZBV"],
+            "pipeline_parallel_schedule",
+        ),
+        (
+            "",
+            ["--parallelism.pipeline_parallel_degree=2", "--training.document_mask=true"],
+            "document_mask = true is not supported with pipeline parallelism yet",
+        ),
         (
             "",
             ["--parallelism.tensor_parallel_degree=4"],

@@ -20,7 +20,7 @@ from .job_config import (
     Validation,
 )
 from .loading import help_text, load_toml, parse_args
-from .validation import batch_layout, check_degrees, model_args, model_name, validate
+from .validation import batch_layout, check_degrees, model_args, model_name, pipeline_layout, validate
 
 __all__ = [
     "ActivationCheckpoint",
@@ -41,6 +41,7 @@ __all__ = [
     "Validation",
     "batch_layout",
     "check_degrees",
+    "pipeline_layout",
     "help_text",
     "load_toml",
     "model_args",

@@ -116,7 +116,10 @@ class Parallelism:
     data_parallel_shard_degree: int = -1  # FSDP shards (-1 = the rest of the world)
     expert_parallel_degree: int = 1  # borrows from the shard dimension
     tensor_parallel_degree: int = 1  # heads, expert columns and vocabulary split; sequence-parallel norms
-    pipeline_parallel_degree: int = 1  # not supported yet
+    pipeline_parallel_degree: int = 1  # pipeline stages over ranks (micro-batches: the accumulation steps)
+    pipeline_parallel_schedule: str = "1F1B"  # 1F1B, GPipe, Interleaved1F1B or InterleavedZeroBubble
+    pipeline_parallel_stages_per_rank: int = 1  # 2 or more for the interleaved schedules
+    pipeline_parallel_layers: list[int] = field(default_factory=list)  # layers per stage (empty: even)
     context_parallel_degree: int = 1  # each sequence split over this many ranks (long contexts)
     fsdp_reshard_after_forward: str = "default"  # default, always or never
 

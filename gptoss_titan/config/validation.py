@@ -60,11 +60,9 @@ def model_args(cfg: JobConfig) -> ModelArgs:
 def check_degrees(p: Parallelism, num_experts: int) -> None:
     """The checks of each parallel degree on its own; ParallelDims.from_config adds those that need
     the world size (products, divisibility)."""
-    if p.pipeline_parallel_degree != 1:
-        raise ConfigError(
-            f"parallelism.pipeline_parallel_degree = {p.pipeline_parallel_degree} is not supported yet; set it to 1"
-        )
     for name in (
+        "pipeline_parallel_degree",
+        "pipeline_parallel_stages_per_rank",
         "data_parallel_replicate_degree",
         "expert_parallel_degree",
         "context_parallel_degree",
@@ -81,6 +79,58 @@ def check_degrees(p: Parallelism, num_experts: int) -> None:
             f"parallelism.expert_parallel_degree = {p.expert_parallel_degree} does not divide the "
             f"{num_experts} experts; use a divisor of {num_experts}"
         )
+
+
+PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "InterleavedZeroBubble")
+
+
+def pipeline_layout(p: Parallelism, n_layers: int) -> list[int]:
+    """Layers of each pipeline stage (pp x stages_per_rank stages, in order); checks the choice."""
+    n_stages = p.pipeline_parallel_degree * p.pipeline_parallel_stages_per_rank
+    if p.pipeline_parallel_layers:
+        layers = list(p.pipeline_parallel_layers)
+        if len(layers) != n_stages or sum(layers) != n_layers or min(layers) < 0:
+            raise ConfigError(
+                f"parallelism.pipeline_parallel_layers = {layers} must list {n_stages} stages "
+                f"(pipeline_parallel_degree x stages_per_rank) of >= 0 layers adding up to the model's {n_layers}"
+            )
+        return layers
+    if n_layers < n_stages:
+        raise ConfigError(
+            f"{n_stages} pipeline stages (pipeline_parallel_degree x stages_per_rank) for {n_layers} layers; "
+            f"use at most {n_layers} stages"
+        )
+    base, extra = divmod(n_layers, n_stages)
+    return [base + (1 if s < extra else 0) for s in range(n_stages)]
+
+
+def check_pipeline(cfg: JobConfig, args: ModelArgs) -> None:
+    """What pipeline parallelism supports so far, and a valid schedule and split."""
+    p = cfg.parallelism
+    if p.pipeline_parallel_degree == 1:
+        return
+    _choice("parallelism.pipeline_parallel_schedule", p.pipeline_parallel_schedule, PP_SCHEDULES)
+    interleaved = p.pipeline_parallel_schedule.startswith("Interleaved")
+    v = p.pipeline_parallel_stages_per_rank
+    if interleaved != (v > 1):
+        raise ConfigError(
+            f"parallelism.pipeline_parallel_schedule = {p.pipeline_parallel_schedule!r} with "
+            f"pipeline_parallel_stages_per_rank = {v}: the interleaved schedules need 2 or more stages per "
+            "rank, 1F1B and GPipe exactly 1"
+        )
+    pipeline_layout(p, args.n_layers)
+    unsupported = (
+        ("training.document_mask = true", cfg.training.document_mask),
+        (f"parallelism.context_parallel_degree = {p.context_parallel_degree}", p.context_parallel_degree > 1),
+        (f"model.aux_loss_coef = {cfg.model.aux_loss_coef}", cfg.model.aux_loss_coef > 0),
+        (f"metrics.sample_freq = {cfg.metrics.sample_freq}", cfg.metrics.sample_freq > 0),
+    )
+    for what, bad in unsupported:
+        if bad:
+            raise ConfigError(
+                f"{what} is not supported with pipeline parallelism yet; turn it off or set "
+                "parallelism.pipeline_parallel_degree = 1"
+            )
 
 
 def check_tensor_parallel(p: Parallelism, args: ModelArgs, seq_len: int, mxfp4_qat: bool = False) -> None:
@@ -188,6 +238,7 @@ def validate(cfg: JobConfig) -> None:
             f"(each cp rank holds two chunks of every sequence); use a multiple of {2 * cp}"
         )
     check_tensor_parallel(p, args, t.seq_len, t.mxfp4_qat)
+    check_pipeline(cfg, args)
     batch_layout(t, dp_degree=1)
     _choice("training.mixed_precision_param", t.mixed_precision_param, DTYPE_NAMES)
     _choice("training.mixed_precision_reduce", t.mixed_precision_reduce, DTYPE_NAMES)

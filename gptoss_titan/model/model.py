@@ -204,6 +204,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
 
+    def blocks(self) -> list[nn.Module]:
+        """The blocks this model holds, in order: all of them, or a pipeline stage's share (see forward)."""
+        return [b for b in self.layers if b is not None]
+
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | str | None = None, seed: int | None = None) -> None:
         """Set every parameter and buffer: N(0, std) weights, zero biases, unit norms, RoPE tables.
@@ -227,7 +231,7 @@ class Transformer(nn.Module):
         device = device or self.rope_cos.device
         cos, sin = rope_tables(self.args, device)
         self.rope_cos, self.rope_sin = cos, sin
-        for layer in self.layers:
+        for layer in self.blocks():
             if layer.moe.router.expert_bias is not None:
                 layer.moe.router.expert_bias.zero_()
 
@@ -236,7 +240,7 @@ class Transformer(nn.Module):
         `moe.resolve_expert_kernel` picks one for a device and dtype)."""
         if kernel not in EXPERT_KERNELS[1:]:
             raise ValueError(f"expert kernel {kernel!r} is not one of {', '.join(EXPERT_KERNELS[1:])}")
-        for layer in self.layers:
+        for layer in self.blocks():
             layer.moe.experts.kernel = kernel
 
     def set_mxfp4_qat(self, on: bool) -> None:
@@ -276,6 +280,8 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         start_pos: int | torch.Tensor = 0,
         documents: Documents | None = None,
+        hidden_states: bool = False,
+        seq_len: int | None = None,
     ):
         """tokens [B, T] -> logits [B, T, V].
 
@@ -292,8 +298,14 @@ class Transformer(nn.Module):
         (summed cross-entropy, router prob sums [L, E] or None, expert counts [L, E]) without
         materializing logits. The prob sums (asked for with router_probs=True) and counts feed
         `load_balancing_loss`; the caller pools the counts over ranks first when data-parallel.
+
+        hidden_states=True returns the final normed hidden states [B, T, H] instead (the caller
+        applies `output` itself). A model cut for a pipeline stage (modules set to None) runs what
+        it holds: without tok_embeddings, `tokens` are the previous stage's hidden states
+        [B, T, H] (seq_len: T, when they hold a share of the sequence, e.g. split over
+        tensor-parallel ranks); without norm it returns its last block's hidden states.
         """
-        B, T = tokens.shape
+        B, T = tokens.shape[0], seq_len or tokens.shape[1]
         if isinstance(start_pos, int) and start_pos + T > self.args.max_seq_len:
             raise ValueError(
                 f"sequence length {start_pos + T} exceeds the model's max_seq_len {self.args.max_seq_len}"
@@ -308,11 +320,12 @@ class Transformer(nn.Module):
         else:
             positions = start_pos + torch.arange(T, device=tokens.device)  # [T]
             cos, sin = self.rope_cos.index_select(0, positions), self.rope_sin.index_select(0, positions)
-        h = self.tok_embeddings(tokens)  # [B, T, H]
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # [B, T, H]
         cache_empty = cache is None or cache.empty
         masks = self._attention_masks(B, T, h, documents) if cache_empty else {}
         counts, prob_sums = [], []
-        for i, layer in enumerate(self.layers):
+        for layer in self.blocks():
+            i = layer.layer_id
             window = self.args.sliding_window if self.args.is_sliding(i) else None
             layer_cache = cache.layers[i] if cache is not None else None
             h, c, p = layer(h, cos, sin, masks.get(window), router_probs, layer_cache, positions, cache_empty)
@@ -320,7 +333,11 @@ class Transformer(nn.Module):
             prob_sums.append(p)
         if cache is not None:
             cache.empty = False
+        if self.norm is None:
+            return h
         h = self.norm(h)
+        if hidden_states:
+            return h
         if targets is None:
             return self.output(h)
         ce_sum = self.output(h, targets)

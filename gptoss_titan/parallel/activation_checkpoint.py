@@ -70,14 +70,14 @@ def apply_activation_checkpointing(
     per_op = cfg.mode == "selective" and cfg.selective_ac_option == "op"
     save = save_list(compiled)
     wrapped = 0
-    for i, block in enumerate(model.layers):
-        if i % every:
+    for name, block in model.layers.named_children():  # a pipeline stage holds some of them
+        if block.layer_id % every:
             continue
         if per_op:
             ctx = partial(create_selective_checkpoint_contexts, partial(_op_policy, save))
             block.attention = checkpoint_wrapper(block.attention, context_fn=ctx, preserve_rng_state=False)
         else:
-            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+            setattr(model.layers, name, checkpoint_wrapper(block, preserve_rng_state=False))
         wrapped += 1
     kind = "per-op selective" if per_op else ("full" if every == 1 else f"every {every} blocks")
-    logger.info(f"activation checkpointing ({kind}) on {wrapped}/{len(model.layers)} blocks")
+    logger.info(f"activation checkpointing ({kind}) on {wrapped}/{len(model.blocks())} blocks")

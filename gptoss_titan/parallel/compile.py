@@ -20,9 +20,9 @@ from .activation_checkpoint import unwrap
 
 
 def apply_compile(model: nn.Module) -> None:
-    for block in model.layers:
+    for block in model.blocks():
         b = unwrap(block)
         b.attention_norm.compile(fullgraph=True)
         b.attention.compile(fullgraph=True)  # the per-op checkpoint wrapper, when there is one
         b.ffn_norm.compile(fullgraph=True)
-    logger.info(f"compiled attention and norms of {len(model.layers)} blocks (MoE dispatch stays eager)")
+    logger.info(f"compiled attention and norms of {len(model.blocks())} blocks (MoE dispatch stays eager)")

@@ -1,13 +1,15 @@
 """ParallelDims: parallelism degrees from the config -> the named device meshes, with checks.
 
-World = dp_replicate x dp_shard x cp x tp (pipeline parallelism is not supported yet), tp
-innermost: the tp ranks of a data-parallel rank are adjacent, then its cp ranks. Context-parallel
+World = pp x dp_replicate x dp_shard x cp x tp, pp outermost (each pipeline stage is a copy of
+the other layouts), tp innermost: the tp ranks of a data-parallel rank are adjacent, then its cp
+ranks. Context-parallel
 ranks hold different tokens of the same sequences, so they shard parameters like data-parallel
 ranks (TorchTitan's dp_shard_cp): the FSDP shard group of dense parameters is dp_shard x cp.
 Expert parallelism borrows from it: dp_shard x cp = efsdp x ep. Tensor-parallel ranks hold the
 same tokens and different parts of the parameters (heads, expert columns, vocabulary rows).
 
-Meshes (views of one 1-D world mesh; the tp dimension exists only when tp > 1):
+Meshes (views of one 1-D world mesh; the pp and tp dimensions exist only when > 1; every view
+below is within this rank's pipeline stage):
   dense    ("dp_replicate", "dp_shard") or ("dp_shard",)   FSDP (HSDP when replicate > 1) of dense params,
            ("dp_shard_cp",) with cp                         dp_shard x cp ranks
   ep       ("ep",)                                         experts split by index; token all-to-all
@@ -15,8 +17,10 @@ Meshes (views of one 1-D world mesh; the tp dimension exists only when tp > 1):
   cp       ("cp",)                                         ranks sharing one batch, each a part of each sequence
   tp       ("tp",)                                         ranks sharing one batch and one sequence part
   experts  ("ep", "tp") / ("tp",) / ("ep",)                 the expert parameters' split before FSDP
-  batch    every rank, or ("batch",) with tp               global token counts, loss and expert loads
-Data loading: data-parallel rank = world rank // (cp x tp), degree = world / (cp x tp).
+  batch    every rank, or ("batch",) with tp or pp         global token counts, loss and expert loads
+  pp       ("pp",)                                         the ranks of one pipeline (stage order)
+Data loading: data-parallel rank = (world rank mod world / pp) // (cp x tp), degree = world /
+(pp x cp x tp); every stage reads its data-parallel rank's batch.
 """
 
 from __future__ import annotations
@@ -37,25 +41,27 @@ class ParallelDims:
     world_size: int
     cp: int = 1
     tp: int = 1
+    pp: int = 1
 
     @classmethod
     def from_config(cls, p: Parallelism, world_size: int, num_experts: int) -> ParallelDims:
         """Resolve -1 and check every degree against the world size and the experts."""
         check_degrees(p, num_experts)
-        rep, shard, ep, cp, tp = (
+        rep, shard, ep, cp, tp, pp = (
             p.data_parallel_replicate_degree,
             p.data_parallel_shard_degree,
             p.expert_parallel_degree,
             p.context_parallel_degree,
             p.tensor_parallel_degree,
+            p.pipeline_parallel_degree,
         )
-        others = rep * cp * tp
+        others = pp * rep * cp * tp
         if shard == -1:
             if world_size % others:
                 raise ConfigError(
-                    f"world size {world_size} is not divisible by parallelism.data_parallel_replicate_degree x "
-                    f"context_parallel_degree x tensor_parallel_degree = {rep} x {cp} x {tp} = {others}; "
-                    f"choose degrees whose product divides {world_size}"
+                    f"world size {world_size} is not divisible by parallelism.pipeline_parallel_degree x "
+                    f"data_parallel_replicate_degree x context_parallel_degree x tensor_parallel_degree = "
+                    f"{pp} x {rep} x {cp} x {tp} = {others}; choose degrees whose product divides {world_size}"
                 )
             shard = world_size // others
         if shard * others != world_size:
@@ -65,9 +71,9 @@ class ParallelDims:
                 else f"choose degrees whose product is {world_size}"
             )
             raise ConfigError(
-                f"data_parallel_replicate_degree x data_parallel_shard_degree x context_parallel_degree x "
-                f"tensor_parallel_degree = {rep} x {shard} x {cp} x {tp} = {shard * others} != world size "
-                f"{world_size}; {fix}"
+                f"pipeline_parallel_degree x data_parallel_replicate_degree x data_parallel_shard_degree x "
+                f"context_parallel_degree x tensor_parallel_degree = {pp} x {rep} x {shard} x {cp} x {tp} = "
+                f"{shard * others} != world size {world_size}; {fix}"
             )
         if (shard * cp) % ep:
             raise ConfigError(
@@ -75,7 +81,7 @@ class ParallelDims:
                 f"context_parallel_degree = {shard * cp} (expert parallelism borrows from the shard ranks); "
                 f"use a divisor of {shard * cp}"
             )
-        return cls(dp_replicate=rep, dp_shard=shard, ep=ep, world_size=world_size, cp=cp, tp=tp)
+        return cls(dp_replicate=rep, dp_shard=shard, ep=ep, world_size=world_size, cp=cp, tp=tp, pp=pp)
 
     @property
     def efsdp(self) -> int:
@@ -83,27 +89,28 @@ class ParallelDims:
 
     @property
     def dp_degree(self) -> int:
-        """Ranks that read different data (cp and tp ranks share theirs)."""
-        return self.world_size // (self.cp * self.tp)
+        """Ranks that read different data (cp, tp and pipeline ranks share theirs)."""
+        return self.world_size // (self.pp * self.cp * self.tp)
 
     def dp_rank(self, rank: int) -> int:
-        return rank // (self.cp * self.tp)
+        return rank % (self.world_size // self.pp) // (self.cp * self.tp)
 
     def build_meshes(self, device_type: str) -> Meshes:
         """One 1-D world mesh, unflattened into the dense (replicate, shard x cp), the expert
         (replicate, efsdp, ep), the cp, tp and batch views; all share the world as their root, as
         FSDP2 with expert- or tensor-sharded DTensors requires."""
-        W, tp = self.world_size, self.tp
+        W, tp, pp = self.world_size, self.tp, self.pp
         world = init_device_mesh(device_type, (W,), mesh_dim_names=("dp",))
         t_size, t_name = ((tp,), ("tp",)) if tp > 1 else ((), ())
+        p_size, p_name = ((pp,), ("pp",)) if pp > 1 else ((), ())
 
         def view(sizes: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
-            return unflatten_mesh(world, 0, sizes + t_size, names + t_name)
+            return unflatten_mesh(world, 0, p_size + sizes + t_size, p_name + names + t_name)
 
         shard_name = "dp_shard_cp" if self.cp > 1 else "dp_shard"
         dense = view((self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", shard_name))
         moe = view((self.dp_replicate, self.efsdp, self.ep), ("dp_replicate", "efsdp", "ep"))
-        cp = view((W // (self.cp * tp), self.cp), ("dp_data", "cp"))["cp"]
+        cp = view((W // (pp * self.cp * tp), self.cp), ("dp_data", "cp"))["cp"]
         rep = self.dp_replicate > 1
         tp_mesh = dense["tp"] if tp > 1 else None
         if tp > 1:
@@ -115,10 +122,11 @@ class ParallelDims:
             dense=dense["dp_replicate", shard_name] if rep else dense[shard_name],
             ep=moe["ep"],
             efsdp=moe["dp_replicate", "efsdp"] if rep else moe["efsdp"],
-            batch=view((W // tp,), ("batch",))["batch"] if tp > 1 else world,
+            batch=view((W // (pp * tp),), ("batch",))["batch"] if tp * pp > 1 else world,
             cp=cp,
             tp=tp_mesh,
             experts=experts,
+            pp=unflatten_mesh(world, 0, (pp, W // pp), ("pp", "stage"))["pp"] if pp > 1 else None,
         )
 
 
@@ -132,6 +140,7 @@ class Meshes:
     cp: DeviceMesh
     tp: DeviceMesh | None = None
     experts: DeviceMesh | None = None
+    pp: DeviceMesh | None = None
 
     @property
     def loss(self) -> DeviceMesh:
@@ -141,7 +150,7 @@ class Meshes:
     def groups(self) -> list:
         """Every process group behind these meshes (once each)."""
         out = []
-        for mesh in (self.world, self.dense, self.ep, self.efsdp, self.batch, self.cp, self.tp):
+        for mesh in (self.world, self.dense, self.ep, self.efsdp, self.batch, self.cp, self.tp, self.pp):
             if mesh is None:
                 continue
             for g in mesh.get_all_groups():

@@ -67,7 +67,7 @@ class ExpertParallel:
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     """Split every MoE layer's experts over ep_mesh and route tokens with all-to-all."""
-    for block in model.layers:
+    for block in model.blocks():
         experts = block.moe.experts
         style = ExpertParallel(block.moe.num_experts)
         distribute_module(

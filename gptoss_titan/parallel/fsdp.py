@@ -26,7 +26,10 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, cfg: JobConfig) -> None:
         param_dtype=dtype_of(t.mixed_precision_param), reduce_dtype=dtype_of(t.mixed_precision_reduce)
     )
     policy = cfg.parallelism.fsdp_reshard_after_forward
-    reshard = {"always": True, "never": False, "default": True}[policy]
+    # default: reshard after forward, except under pipeline parallelism (TorchTitan's choice: each
+    # micro-batch's forward would all-gather the stage's parameters again)
+    pipelined = cfg.parallelism.pipeline_parallel_degree > 1
+    reshard = {"always": True, "never": False, "default": not pipelined}[policy]
     local_experts = model.args.num_experts // meshes.ep.size()
     efsdp_size = meshes.efsdp.size()
     # Fewer local experts than FSDP shards: shard inside each expert (dim 1, which FSDP needs to be
@@ -39,7 +42,7 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, cfg: JobConfig) -> None:
         return Shard(1) if inside and dim1_free and p.shape[1] % efsdp_size == 0 else Shard(0)
 
     expert_dim = 1 if inside else 0
-    for block in model.layers:
+    for block in model.blocks():
         fully_shard(
             unwrap(block).moe.experts,
             mesh=meshes.efsdp,
@@ -48,14 +51,16 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, cfg: JobConfig) -> None:
             shard_placement_fn=expert_placement,
         )
         fully_shard(block, mesh=meshes.dense, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model.tok_embeddings, mesh=meshes.dense, mp_policy=mp, reshard_after_forward=reshard)
-    # The last modules run first in backward: keeping them unsharded after forward saves an all-gather.
-    fully_shard(
-        [model.norm, model.output],
-        mesh=meshes.dense,
-        mp_policy=mp,
-        reshard_after_forward=reshard if policy != "default" else False,
-    )
+    if model.tok_embeddings is not None:  # a pipeline stage holds some of the modules
+        fully_shard(model.tok_embeddings, mesh=meshes.dense, mp_policy=mp, reshard_after_forward=reshard)
+    if model.output is not None:
+        # The last modules run first in backward: keeping them unsharded after forward saves an all-gather.
+        fully_shard(
+            [model.norm, model.output],
+            mesh=meshes.dense,
+            mp_policy=mp,
+            reshard_after_forward=reshard if policy != "default" else False,
+        )
     fully_shard(model, mesh=meshes.dense, mp_policy=mp, reshard_after_forward=reshard)
     for m in model.modules():
         if isinstance(m, FSDPModule):

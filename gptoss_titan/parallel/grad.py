@@ -6,18 +6,20 @@ import math
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params, max_norm: float, stages_group=None) -> torch.Tensor:
     """Clip gradients in place to a global L2 norm of max_norm (0 or inf = no clipping); return the
     norm before clipping, as a 0-d fp64 tensor on the gradients' device (no host sync).
 
     Gradients are grouped by device mesh (dense and expert parameters live on different meshes);
     each group's norm is a DTensor reduction over its shards (replicas counted once), and the
     groups combine as a root sum of squares, so the result equals the one-process norm. Squares
-    are summed in fp64.
+    are summed in fp64. stages_group: the pipeline's ranks, each holding other parameters (their
+    sums of squares are added).
     """
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
     for p in params:
@@ -32,6 +34,10 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
         if isinstance(n, DTensor):
             n = n.full_tensor()
         total_sq = n.double() ** 2 if total_sq is None else total_sq + n.double() ** 2
+    if stages_group is not None:
+        device = next(iter(groups.values()))[0].device if groups else None
+        total_sq = total_sq if total_sq is not None else torch.zeros((), dtype=torch.float64, device=device)
+        dist.all_reduce(total_sq, group=stages_group)
     if total_sq is None:
         return torch.zeros((), dtype=torch.float64)
     total = total_sq.sqrt()

@@ -170,13 +170,15 @@ def apply_tensor_parallel(
     tp mesh. Returns the context; the model keeps it as `model.tp`."""
     tp = TPContext(tp_mesh)
     replicated = tp.replicated_grads
-    _shard(model.tok_embeddings, "weight", tp_mesh, [Shard(0)])
-    _swap(model.tok_embeddings, VocabParallelEmbedding, tp)
-    _shard(model.output, "weight", tp_mesh, [Shard(0)])
-    _swap(model.output, VocabParallelHead, tp)
-    replicated.add("norm.weight")
+    if model.tok_embeddings is not None:  # a pipeline stage holds some of the modules
+        _shard(model.tok_embeddings, "weight", tp_mesh, [Shard(0)])
+        _swap(model.tok_embeddings, VocabParallelEmbedding, tp)
+    if model.output is not None:
+        _shard(model.output, "weight", tp_mesh, [Shard(0)])
+        _swap(model.output, VocabParallelHead, tp)
+        replicated.add("norm.weight")
     lead = [Shard(0)] if ep > 1 else []  # the expert-parallel split of dim 0 comes first
-    for i, block in enumerate(model.layers):
+    for block in model.blocks():
         attn = block.attention
         for lin in (attn.wq, attn.wk, attn.wv):
             _shard(lin, "weight", tp_mesh, [Shard(0)])
@@ -196,7 +198,7 @@ def apply_tensor_parallel(
         if ep > 1:
             _shard(experts, "b_down", experts_mesh, [Shard(0), Replicate()])
         experts.register_forward_hook(_down_bias_share(tp.size))  # before expert parallelism's combine
-        prefix = f"layers.{i}."
+        prefix = f"layers.{block.layer_id}."
         replicated.update(
             prefix + n
             for n in (
@@ -210,8 +212,8 @@ def apply_tensor_parallel(
         )
 
     def split_if_whole_sequences(module, args, kwargs):
-        tokens = args[0] if args else kwargs["tokens"]  # [B, T]
-        tp.split = tokens.shape[1] % tp.size == 0
+        tokens = args[0] if args else kwargs["tokens"]  # [B, T], or a pipeline stage's [B, T/tp, H]
+        tp.split = tokens.dim() == 3 or tokens.shape[1] % tp.size == 0
 
     model.register_forward_pre_hook(split_if_whole_sequences, with_kwargs=True)
     model.tp = tp

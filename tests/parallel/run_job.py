@@ -28,11 +28,18 @@ def main() -> None:
     # the checkpoint's own process group exists only when a run saves or loads checkpoints
     assert tr.checkpoint._pg is None or cfg.checkpoint.enable or cfg.checkpoint.initial_load_path
     if tr.meshes is not None:
+        # cpu_offload keeps the full tensors on global rank 0 only: not for other pipeline stages
+        offload = tr.pipeline is None
         state = get_model_state_dict(
-            tr.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            tr.model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload)
         )
+        state = {k: v.detach().cpu() for k, v in state.items()}
     else:
         state = {k: v.detach().cpu() for k, v in tr.model.state_dict().items()}
+    if tr.pipeline is not None:  # each pipeline stage holds its own parameters: gather them on rank 0
+        parts = [None] * tr.world_size if tr.rank == 0 else None
+        torch.distributed.gather_object(state, parts, dst=0)
+        state = {k: v for part in parts or [] for k, v in part.items()}
     if tr.rank == 0:
         metrics = tr.dump / "metrics.jsonl"
         rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []

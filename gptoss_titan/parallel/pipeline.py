@@ -1,0 +1,179 @@
+"""Pipeline parallelism (pp) with torch.distributed.pipelining.
+
+Shape legend: M micro-batches (the gradient accumulation steps), b sequences per micro-batch
+(training.local_batch_size), T tokens, H hidden; under tp each rank holds T/tp of them.
+
+The layers are cut into pp x v stages (`config.pipeline_layout`: even by default, or
+parallelism.pipeline_parallel_layers); rank p of the pipeline holds stages p, p + pp, ... (v per
+rank for the interleaved schedules). Each stage is a copy of the meta model with the modules of
+the other stages set to None (the model's forward runs what it holds: model.py), so parameter
+names, and with them checkpoints, stay those of the whole model. The other passes (tp, ep, AC,
+compile, FSDP) then apply to each stage as to a whole model.
+
+The first stage embeds the tokens, the last applies the final norm; the schedule's loss function
+runs the last stage's lm_head with its fused loss (summed cross-entropy / the step's global target
+count, so gradients need no rescaling: scale_grads=False). Routing counts are collected by hooks
+on the blocks, the loss of each micro-batch by the loss function; the trainer sums both over the
+pipeline, so every rank logs and decides (skips, clipping) alike.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
+
+from ..config import ConfigError, Parallelism, pipeline_layout
+from ..model.loss import IGNORE_INDEX
+
+
+def split_stages(model: nn.Module, pp_rank: int, p: Parallelism) -> list[tuple[int, nn.Module]]:
+    """(stage index, that stage's copy of the meta model) for the stages of pipeline rank pp_rank."""
+    layout = pipeline_layout(p, model.args.n_layers)
+    starts = [sum(layout[:s]) for s in range(len(layout))]
+    out = []
+    for s in range(pp_rank, len(layout), p.pipeline_parallel_degree):
+        part = copy.deepcopy(model)
+        held = range(starts[s], starts[s] + layout[s])
+        for i in range(model.args.n_layers):
+            if i not in held:
+                part.layers[i] = None
+        if s != 0:
+            part.tok_embeddings = None
+        if s != len(layout) - 1:
+            part.norm = part.output = None
+        out.append((s, part))
+    return out
+
+
+class StageView(nn.Module):
+    """The parameters of one rank's stages under the whole model's names (modules shared with
+    the stages): what the optimizer, the checkpoint and gradient clipping see."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        first = parts[0]
+        self.args = first.args
+        self.tok_embeddings = next((m.tok_embeddings for m in parts if m.tok_embeddings is not None), None)
+        self.layers = nn.ModuleList([None] * first.args.n_layers)
+        for part in parts:
+            for name, block in part.layers.named_children():
+                self.layers[int(name)] = block
+        self.norm = next((m.norm for m in parts if m.norm is not None), None)
+        self.output = next((m.output for m in parts if m.output is not None), None)
+
+    def blocks(self) -> list[nn.Module]:
+        return [b for b in self.layers if b is not None]
+
+
+class Pipeline:
+    """This rank's stages and the schedule that runs them; `step` trains on one global step's
+    micro-batches, `evaluate` runs the forward only."""
+
+    def __init__(
+        self,
+        stages: list[tuple[int, nn.Module]],
+        p: Parallelism,
+        pp_mesh: DeviceMesh,
+        device: torch.device,
+        n_microbatches: int,
+        micro_shape: tuple[int, int],
+        hidden: tuple[int, torch.dtype],
+    ):
+        self.parts = [part for _, part in stages]
+        n_stages = p.pipeline_parallel_degree * p.pipeline_parallel_stages_per_rank
+        self.has_first = any(s == 0 for s, _ in stages)
+        self.last = next((part for s, part in stages if s == n_stages - 1), None)
+        b, T = micro_shape
+        dim, dtype = hidden
+        pipeline_stages = []
+        for s, part in stages:
+            # every stage passes hidden states [b, T (or T/tp), H]; the first reads tokens
+            tp = part.tp.size if getattr(part, "tp", None) is not None else 1
+            # (requires_grad: the received activations take it from these examples)
+            h = torch.empty(b, T // tp, dim, dtype=dtype, device="meta", requires_grad=True)
+            x = torch.empty(b, T, dtype=torch.long, device="meta") if s == 0 else h
+            pipeline_stages.append(
+                PipelineStage(
+                    part, s, n_stages, device, input_args=(x,), output_args=(h,), group=pp_mesh.get_group()
+                )
+            )
+        cls = get_schedule_class(p.pipeline_parallel_schedule)
+        multi = issubclass(cls, PipelineScheduleMulti)
+        try:
+            self.schedule = cls(
+                pipeline_stages if multi else pipeline_stages[0],
+                n_microbatches=n_microbatches,
+                loss_fn=self._loss,
+                scale_grads=False,
+            )
+        except ValueError as e:  # e.g. fewer micro-batches than stages
+            raise ConfigError(
+                f"parallelism.pipeline_parallel_schedule = {p.pipeline_parallel_schedule!r} with {n_microbatches} "
+                f"micro-batches (the gradient accumulation steps): {e}; raise training.global_batch_size"
+            ) from None
+        self.n_microbatches = n_microbatches
+        self.group = pp_mesh.get_group()
+        self.device = device
+        self.n_targets: torch.Tensor | None = None
+        self.ce: list[torch.Tensor] = []
+        self.counts: dict[int, torch.Tensor] = {}
+        for part in self.parts:
+            for block in part.blocks():
+                block.register_forward_hook(self._count(block.layer_id))
+
+    def _count(self, layer_id: int):
+        def hook(module, args, out):  # (h, counts [E], prob sums): once per micro-batch forward
+            c = out[1].detach()
+            self.counts[layer_id] = self.counts[layer_id] + c if layer_id in self.counts else c.clone()
+
+        return hook
+
+    def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ce = self.last.output(h, targets)  # summed cross-entropy of the micro-batch
+        self.ce.append(ce.detach())
+        return ce / self.n_targets
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, train: bool) -> torch.Tensor:
+        self.ce, self.counts = [], {}
+        args = (x,) if self.has_first else ()
+        target = y if self.last is not None else None
+        run = self.schedule.step if train else self.schedule.eval
+        kwargs = dict(hidden_states=True, seq_len=y.shape[1])  # every stage runs whole sequences' positions
+        run(*args, target=target, losses=[] if target is not None else None, **kwargs)
+        ce = torch.stack(self.ce).sum() if self.ce else torch.zeros((), device=self.device)
+        dist.all_reduce(ce, group=self.group)  # from the last stage to every stage
+        return ce
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, n_targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """x, y [M x b, T]: forward and backward of every micro-batch; returns the summed
+        cross-entropy (on every stage) and this rank's routing counts {layer: [E]}."""
+        self.n_targets = n_targets
+        return self._run(x, y, train=True), self.counts
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Summed cross-entropy of these batches (any number), M at a time; a short last group is
+        filled with batches whose targets are all ignored."""
+        self.n_targets = torch.ones((), device=self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for g in range(0, len(batches), self.n_microbatches):
+            group = batches[g : g + self.n_microbatches]
+            pad = self.n_microbatches - len(group)
+            group = group + [(group[0][0], torch.full_like(group[0][1], IGNORE_INDEX))] * pad
+            x = torch.cat([b[0] for b in group])
+            y = torch.cat([b[1] for b in group])
+            total += self._run(x, y, train=False).double()
+        return total
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+    def eval(self) -> None:
+        self.train(False)
