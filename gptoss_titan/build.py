@@ -72,7 +72,7 @@ def build_model(
         meshes.pp,
         device,
         accum_steps,
-        (t.local_batch_size, t.seq_len),
+        (t.local_batch_size, t.seq_len // dims.cp),  # each cp rank holds a share of every sequence
         (args.dim, dtype_of(t.mixed_precision_param)),
     )
     held = ", ".join(f"stage {s}: {len(p.blocks())} layers" for s, p in stages)

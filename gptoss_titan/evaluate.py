@@ -55,7 +55,7 @@ def validation_loss(
                 batches.append((tokens, targets))
         count += int((targets != IGNORE_INDEX).sum())
     if pipeline is not None:
-        total = float(pipeline.evaluate(batches))
+        total = float(pipeline.evaluate(batches, layout))
     model.train()
     sums = all_reduce(torch.tensor([total, count], dtype=torch.float64, device=inputs.device))
     return float(sums[0] / sums[1])

@@ -230,7 +230,7 @@ class Trainer:
         layer summed over the stages, so every rank holds them."""
         x = torch.cat([b[0] for b in batches])
         y = torch.cat([b[1] for b in batches])
-        ce_total, counts = self.pipeline.step(x, y, n_targets)
+        ce_total, counts = self.pipeline.step(x, y, n_targets, batches[0][2])
         a = self.model_args
         counts_total = torch.zeros(a.n_layers, a.num_experts, dtype=torch.int64, device=self.device)
         for layer, c in counts.items():

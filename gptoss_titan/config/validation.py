@@ -121,7 +121,6 @@ def check_pipeline(cfg: JobConfig, args: ModelArgs) -> None:
     pipeline_layout(p, args.n_layers)
     unsupported = (
         ("training.document_mask = true", cfg.training.document_mask),
-        (f"parallelism.context_parallel_degree = {p.context_parallel_degree}", p.context_parallel_degree > 1),
         (f"model.aux_loss_coef = {cfg.model.aux_loss_coef}", cfg.model.aux_loss_coef > 0),
         (f"metrics.sample_freq = {cfg.metrics.sample_freq}", cfg.metrics.sample_freq > 0),
     )

@@ -139,25 +139,28 @@ class Pipeline:
         self.ce.append(ce.detach())
         return ce / self.n_targets
 
-    def _run(self, x: torch.Tensor, y: torch.Tensor, train: bool) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, y: torch.Tensor, layout, train: bool) -> torch.Tensor:
         self.ce, self.counts = [], {}
         args = (x,) if self.has_first else ()
         target = y if self.last is not None else None
         run = self.schedule.step if train else self.schedule.eval
-        kwargs = dict(hidden_states=True, seq_len=y.shape[1])  # every stage runs whole sequences' positions
+        # every stage runs the positions of whole sequences (of its cp share: layout, the same for
+        # every micro-batch without document masking)
+        kwargs = dict(hidden_states=True, seq_len=y.shape[1], documents=layout)
         run(*args, target=target, losses=[] if target is not None else None, **kwargs)
         ce = torch.stack(self.ce).sum() if self.ce else torch.zeros((), device=self.device)
         dist.all_reduce(ce, group=self.group)  # from the last stage to every stage
         return ce
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, n_targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """x, y [M x b, T]: forward and backward of every micro-batch; returns the summed
-        cross-entropy (on every stage) and this rank's routing counts {layer: [E]}."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, n_targets: torch.Tensor, layout=None) -> tuple:
+        """x, y [M x b, T]: forward and backward of every micro-batch (layout: context
+        parallelism's CPBatch of one micro-batch); returns the summed cross-entropy (on every
+        stage) and this rank's routing counts {layer: [E]}."""
         self.n_targets = n_targets
-        return self._run(x, y, train=True), self.counts
+        return self._run(x, y, layout, train=True), self.counts
 
     @torch.no_grad()
-    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]], layout=None) -> torch.Tensor:
         """Summed cross-entropy of these batches (any number), M at a time; a short last group is
         filled with batches whose targets are all ignored."""
         self.n_targets = torch.ones((), device=self.device)
@@ -168,7 +171,7 @@ class Pipeline:
             group = group + [(group[0][0], torch.full_like(group[0][1], IGNORE_INDEX))] * pad
             x = torch.cat([b[0] for b in group])
             y = torch.cat([b[1] for b in group])
-            total += self._run(x, y, train=False).double()
+            total += self._run(x, y, layout, train=False).double()
         return total
 
     def train(self, mode: bool = True) -> None:

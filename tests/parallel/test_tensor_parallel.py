@@ -79,18 +79,9 @@ TP = "--parallelism.tensor_parallel_degree=2"
 CASES = {
     "tp2": (2, 1, [TP]),
     "tp2_fsdp2_ep2": (4, 2, [TP, "--parallelism.expert_parallel_degree=2"]),
-    # everything at once: cp 2 x tp 2 x FSDP 2 with EP 2 over the FSDP x CP ranks, per-op AC, compile
-    "cp2_tp2_fsdp2_ep2_ac_compile": (
-        8,
-        2,
-        [
-            TP,
-            "--parallelism.context_parallel_degree=2",
-            "--parallelism.expert_parallel_degree=2",
-            "--activation_checkpoint.mode=selective",
-            "--compile.enable=true",
-        ],
-    ),
+    # cp 2 x tp 2 with documents (every sequence split over cp, then over tp)
+    "cp2_tp2": (4, 1, [TP, "--parallelism.context_parallel_degree=2"]),
+    # everything together (with pipeline parallelism, per-op AC and compile): test_pipeline_parallel.py
 }
 
 

@@ -1,0 +1,117 @@
+"""Pipeline parallelism trains exactly like one process (CPU, gloo, torchrun) with every schedule,
+composes with FSDP, EP, TP, CP, activation checkpointing and compile, and its checkpoints resume at
+one process (and the reverse).
+
+Every run: the debug flavor (4 layers), 4 sequences of 64 tokens per step as 2 micro-batches
+(the one-process reference accumulates the same 2), balancing biases on, validation at the last
+step through the pipeline, a checkpoint every 3 steps.
+"""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .test_equivalence import assert_same, run
+from .test_tensor_parallel import logged
+
+pytestmark = pytest.mark.slow
+COMMON = (
+    "--model.args.sliding_window=16",
+    "--training.seq_len=64",
+    "--training.global_batch_size=4",
+    "--model.load_balance_bias=true",
+    "--model.load_balance_bias_rate=0.01",
+    "--validation.enable=true",
+    "--validation.freq=5",
+    "--validation.steps=3",  # 3 batches through 2 micro-batches: the last group is padded
+    "--checkpoint.enable=true",
+    "--checkpoint.interval=3",
+)
+PP = "--parallelism.pipeline_parallel_degree=2"
+
+
+@pytest.fixture(scope="module")
+def ppdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pp") / "runs"
+    d.mkdir(parents=True)
+    return d
+
+
+def pp_run(ppdir: Path, name: str, nproc: int, dp: int, *extra: str) -> dict:
+    """2 micro-batches of 4 / (2 x dp) sequences per data-parallel rank."""
+    return run(ppdir, name, nproc, *COMMON, f"--training.local_batch_size={4 // (2 * dp)}", *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(ppdir):
+    return pp_run(ppdir, "reference", 1, 1)
+
+
+def schedule(name: str, per_rank: int = 1) -> list[str]:
+    return [
+        PP,
+        f"--parallelism.pipeline_parallel_schedule={name}",
+        f"--parallelism.pipeline_parallel_stages_per_rank={per_rank}",
+    ]
+
+
+CASES = {
+    "pp2_1f1b": (2, 1, schedule("1F1B")),
+    "pp2_gpipe_uneven": (2, 1, [*schedule("GPipe"), "--parallelism.pipeline_parallel_layers=1,3"]),
+    "pp2_interleaved_1f1b": (2, 1, schedule("Interleaved1F1B", 2)),
+    "pp2_interleaved_zero_bubble": (2, 1, schedule("InterleavedZeroBubble", 2)),
+    "pp2_fsdp2_ep2": (4, 2, [PP, "--parallelism.expert_parallel_degree=2"]),
+    # everything at once: pp 2 x cp 2 x tp 2 (8 ranks), FSDP over the cp ranks, EP 2 borrowed from
+    # them, per-op AC and compile
+    "pp2_cp2_tp2_ep2_ac_compile": (
+        8,
+        1,
+        [
+            PP,
+            "--parallelism.context_parallel_degree=2",
+            "--parallelism.tensor_parallel_degree=2",
+            "--parallelism.expert_parallel_degree=2",
+            "--activation_checkpoint.mode=selective",
+            "--compile.enable=true",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pipeline_equals_one_process(case, reference, ppdir):
+    nproc, dp, extra = CASES[case]
+    got = pp_run(ppdir, case, nproc, dp, *extra)
+    assert_same(reference, got)
+    want_val = logged(ppdir, "reference", "val_loss")
+    assert len(want_val) == 1
+    np.testing.assert_allclose(logged(ppdir, case, "val_loss"), want_val, rtol=1e-5)
+
+
+def test_pipeline_checkpoints_resume_at_one_process_and_back(reference, ppdir):
+    """Saved at pp 2 x FSDP 2 x EP 2, resumed at one process; saved at one process, resumed at pp 2."""
+    if not (ppdir / "pp2_fsdp2_ep2.pt").exists():
+        pp_run(ppdir, "pp2_fsdp2_ep2", 4, 2, PP, "--parallelism.expert_parallel_degree=2")
+    for src, name, nproc, extra in (
+        ("pp2_fsdp2_ep2", "resume_pp_to_one", 1, []),
+        ("reference", "resume_one_to_pp2", 2, [PP]),
+    ):
+        (ppdir / name / "checkpoint").mkdir(parents=True)
+        shutil.copytree(ppdir / src / "checkpoint" / "step-3", ppdir / name / "checkpoint" / "step-3")
+        got = pp_run(ppdir, name, nproc, 1, *extra)
+        np.testing.assert_allclose(got["losses"], reference["losses"][3:], rtol=1e-5)
+        assert_same({**reference, "losses": got["losses"], "grad_norms": got["grad_norms"]}, got)
+
+
+def test_pipeline_rejects_what_it_does_not_support(ppdir):
+    from gptoss_titan.config import ConfigError, parse_args
+
+    for extra, match in (
+        (["--parallelism.pipeline_parallel_schedule=Interleaved1F1B"], "2 or more stages per rank"),
+        (["--model.aux_loss_coef=0.01"], "aux_loss_coef = 0.01 is not supported with pipeline"),
+        (["--parallelism.pipeline_parallel_layers=2,1"], r"\[2, 1\] must list 2 stages"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            parse_args(["--model.flavor=debug", "--data.dataset=kjv", PP, *extra])
