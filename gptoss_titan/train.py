@@ -44,7 +44,7 @@ from .metrics import (
     warn_slow_cpu_bf16,
 )
 from .model.loss import IGNORE_INDEX
-from .model.moe import load_balancing_loss, update_expert_bias
+from .model.moe import update_expert_bias
 from .optim import build_lr_scheduler, build_optimizer
 from .parallel import ParallelDims, sync_replicated_grads
 from .parallel.context_parallel import CPLayout
@@ -52,6 +52,7 @@ from .parallel.dry_run import dry_run, is_dry_run
 from .parallel.grad import clip_grad_norm_
 from .profiling import Profiler
 from .runlock import claim_run_folder
+from .step import forward_backward, pipeline_forward_backward
 from .train_state import TrainState
 
 
@@ -170,10 +171,8 @@ class Trainer:
         data_time = data_timer.lap()
         batches = [self.inputs(x, y) for x, y in batches]
         n_targets = self.all_reduce(sum((y != IGNORE_INDEX).sum() for _, y, _ in batches))  # the global count
-        if self.pipeline is not None:
-            ce_total, aux_total, counts_total = self._pipeline_forward_backward(batches, n_targets)
-        else:
-            ce_total, aux_total, counts_total = self._forward_backward(batches, n_targets)
+        run = pipeline_forward_backward if self.pipeline is not None else forward_backward
+        ce_total, aux_total, counts_total = run(self, batches, n_targets)
         coef = cfg.model.aux_loss_coef
         for part in self.parts():  # tensor parallelism: whole parameters' shares summed
             sync_replicated_grads(part)
@@ -199,44 +198,6 @@ class Trainer:
             self.all_reduce(aux_total)
         aux = aux_total if coef > 0 else None
         return StepResult(loss, lr, grad_norm, counts_total, aux, data_time, skip, n_targets)
-
-    def _forward_backward(self, batches: list, n_targets: torch.Tensor) -> tuple:
-        """Forward and backward of each micro-batch; (summed cross-entropy, aux loss, counts [L, E])."""
-        ce_total = torch.zeros((), device=self.device)
-        aux_total = torch.zeros((), device=self.device)
-        counts_total = None
-        coef = self.cfg.model.aux_loss_coef
-        for x, y, docs in batches:
-            with self.autocast():
-                ce_sum, prob_sums, counts = self.model(x, y, router_probs=coef > 0, documents=docs)
-            loss = ce_sum / n_targets
-            if prob_sums is not None:
-                # The aux loss of this micro-batch over all ranks: pooled counts, local probabilities.
-                global_counts = self.all_reduce(counts.detach().clone())
-                rows = self.all_reduce(torch.full((), x.numel(), device=self.device))
-                aux = load_balancing_loss(
-                    global_counts, prob_sums, rows, self.cfg.model.aux_loss_type == "per_layer"
-                )
-                # every tp rank computes this loss in full: each counts 1/tp (tensor_parallel.py)
-                loss = loss + coef * aux / (self.accum_steps * self.dims.tp)
-                aux_total += aux.detach() / self.accum_steps
-            loss.backward()
-            ce_total += ce_sum.detach()
-            counts_total = counts if counts_total is None else counts_total + counts
-        return ce_total, aux_total, counts_total
-
-    def _pipeline_forward_backward(self, batches: list, n_targets: torch.Tensor) -> tuple:
-        """The micro-batches through the pipeline schedule; the loss and the counts of every
-        layer summed over the stages, so every rank holds them."""
-        x = torch.cat([b[0] for b in batches])
-        y = torch.cat([b[1] for b in batches])
-        ce_total, counts = self.pipeline.step(x, y, n_targets, batches[0][2])
-        a = self.model_args
-        counts_total = torch.zeros(a.n_layers, a.num_experts, dtype=torch.int64, device=self.device)
-        for layer, c in counts.items():
-            counts_total[layer] = c
-        dist.all_reduce(counts_total, group=self.meshes.pp.get_group())
-        return ce_total, torch.zeros((), device=self.device), counts_total
 
     def parts(self) -> list:
         """The modules this rank runs: the model, or its pipeline stages."""
@@ -330,6 +291,9 @@ class Trainer:
         timer = Timer()
         tokens_since, steps_since, data_time = 0, 0, 0.0
         first_step = self.step + 1
+        sampling = cfg.metrics.sample_freq > 0 and self.pipeline is None
+        if cfg.metrics.sample_freq and not sampling:
+            logger.info("metrics.sample_freq: no in-run samples under pipeline parallelism yet")
         while self.step < t.steps:
             progress.step += 1
             result = self.train_step()
@@ -368,7 +332,7 @@ class Trainer:
             if self.val_tokens is not None and (self.step % cfg.validation.freq == 0 or last):
                 self.metrics.log(self.step, {"val_loss": self.validate()})
                 timer.lap()
-            if cfg.metrics.sample_freq and (self.step % cfg.metrics.sample_freq == 0 or last):
+            if sampling and (self.step % cfg.metrics.sample_freq == 0 or last):
                 logger.info(f"sample at step {self.step}: {self.sample_text()!r}")
                 timer.lap()
             if self.checkpoint.due(self.step, last):

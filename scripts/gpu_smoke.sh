@@ -18,6 +18,8 @@
 #   throughput  a 20b-shaped stack (4 layers; 2 on one GPU) at seq 4096: tokens/s per GPU and MFU
 #   long_packed document masking (flex document block masks on CUDA) with context parallelism over
 #               2 GPUs when there are 2 or more (the ring and halo exchanges on NCCL), compiled
+#   tp_pp       tensor parallelism over 2 GPUs (even counts), with pipeline parallelism 2 (multiples of 4),
+#               compiled, full activation checkpointing
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -130,6 +132,19 @@ if ./scripts/run_train.sh --model.flavor=debug "--data.dataset_path=${OUT}/data"
      --compile.enable=true --metrics.log_freq=2 --validation.steps=1 --validation.freq=4 --metrics.sample_freq=0 \
      > "${OUT}/long_packed.log" 2>&1; then st=PASS; else st=FAIL; fi
 record long_packed "${st}" $((SECONDS - t0)) "cp ${CP}, seq $((SEQ * 4)); loss $(last_metric "${OUT}/long_packed/metrics.jsonl" loss), val $(last_metric "${OUT}/long_packed/metrics.jsonl" val_loss)"
+
+# 7. Tensor parallelism (tp 2 with an even number of processes), pipeline parallelism with it (pp 2 x tp 2
+#    with a multiple of 4)
+TP=$([ $((NGPU % 2)) -eq 0 ] && echo 2 || echo 1)
+PPD=$([ $((NGPU % 4)) -eq 0 ] && echo 2 || echo 1)
+t0=$SECONDS
+if ./scripts/run_train.sh --model.flavor=debug "--data.dataset_path=${OUT}/data" "--job.dump_folder=${OUT}/tp_pp" \
+     "--training.mixed_precision_param=${DTYPE}" "--training.seq_len=${SEQ}" --training.local_batch_size=1 \
+     --training.global_batch_size=$((2 * NGPU / (TP * PPD))) --training.steps=4 --compile.enable=true \
+     --activation_checkpoint.mode=full "--parallelism.tensor_parallel_degree=${TP}" \
+     "--parallelism.pipeline_parallel_degree=${PPD}" --metrics.log_freq=2 --validation.steps=2 \
+     --validation.freq=4 --metrics.sample_freq=0 > "${OUT}/tp_pp.log" 2>&1; then st=PASS; else st=FAIL; fi
+record tp_pp "${st}" $((SECONDS - t0)) "tp ${TP}, pp ${PPD}; loss $(last_metric "${OUT}/tp_pp/metrics.jsonl" loss), val $(last_metric "${OUT}/tp_pp/metrics.jsonl" val_loss)"
 
 echo
 echo "gpu_smoke (${MODE}, ${NGPU} processes, $(python -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")'))"

@@ -20,7 +20,15 @@ from .job_config import (
     Validation,
 )
 from .loading import help_text, load_toml, parse_args
-from .validation import batch_layout, check_degrees, model_args, model_name, pipeline_layout, validate
+from .validation import (
+    batch_layout,
+    check_degrees,
+    check_micro_batches,
+    model_args,
+    model_name,
+    pipeline_layout,
+    validate,
+)
 
 __all__ = [
     "ActivationCheckpoint",
@@ -41,6 +49,7 @@ __all__ = [
     "Validation",
     "batch_layout",
     "check_degrees",
+    "check_micro_batches",
     "pipeline_layout",
     "help_text",
     "load_toml",

@@ -122,7 +122,6 @@ def check_pipeline(cfg: JobConfig, args: ModelArgs) -> None:
     unsupported = (
         ("training.document_mask = true", cfg.training.document_mask),
         (f"model.aux_loss_coef = {cfg.model.aux_loss_coef}", cfg.model.aux_loss_coef > 0),
-        (f"metrics.sample_freq = {cfg.metrics.sample_freq}", cfg.metrics.sample_freq > 0),
     )
     for what, bad in unsupported:
         if bad:
@@ -130,6 +129,18 @@ def check_pipeline(cfg: JobConfig, args: ModelArgs) -> None:
                 f"{what} is not supported with pipeline parallelism yet; turn it off or set "
                 "parallelism.pipeline_parallel_degree = 1"
             )
+
+
+def check_micro_batches(p: Parallelism, micro_batches: int, per_micro: int) -> None:
+    """The pipeline's micro-batches are the gradient accumulation steps; the 1F1B-style schedules
+    need at least one per pipeline rank. per_micro: sequences per micro-batch over all data ranks."""
+    pp = p.pipeline_parallel_degree
+    if pp > 1 and p.pipeline_parallel_schedule != "GPipe" and micro_batches < pp:
+        raise ConfigError(
+            f"parallelism.pipeline_parallel_schedule = {p.pipeline_parallel_schedule!r} over {pp} pipeline ranks "
+            f"needs at least {pp} micro-batches (gradient accumulation steps), got {micro_batches}; set "
+            f"training.global_batch_size to a multiple of {per_micro} of at least {pp * per_micro}"
+        )
 
 
 def check_tensor_parallel(p: Parallelism, args: ModelArgs, seq_len: int, mxfp4_qat: bool = False) -> None:

@@ -23,12 +23,17 @@ __all__ = ["Meshes", "ParallelDims", "parallelize", "sync_replicated_grads"]
 def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, cfg: JobConfig) -> nn.Module:
     """Apply every pass the config asks for, in order; meshes is None for a single process."""
     if dims.tp > 1:
-        apply_tensor_parallel(model, meshes.tp, meshes.experts, dims.ep)
+        apply_tensor_parallel(model, meshes.tp, meshes.experts, dims.ep, dims.moe_split)
         a = model.args
+        experts = (
+            f"{a.moe_inter_dim // dims.tp} of {a.moe_inter_dim} expert columns"
+            if dims.moe_split
+            else "whole experts (expert parallelism spans the tp ranks)"
+        )
         logger.info(
             f"tensor parallelism: {dims.tp} ranks, each {a.n_heads // dims.tp} of {a.n_heads} query heads, "
-            f"{a.n_kv_heads // dims.tp} kv heads, {a.moe_inter_dim // dims.tp} of {a.moe_inter_dim} expert columns, "
-            f"{a.vocab_size // dims.tp:,} vocabulary rows; sequence-parallel norms"
+            f"{a.n_kv_heads // dims.tp} kv heads, {experts}, {a.vocab_size // dims.tp:,} vocabulary rows; "
+            "sequence-parallel norms"
         )
     if dims.ep > 1:
         apply_expert_parallel(model, meshes.ep)

@@ -6,7 +6,9 @@ ranks. Context-parallel
 ranks hold different tokens of the same sequences, so they shard parameters like data-parallel
 ranks (TorchTitan's dp_shard_cp): the FSDP shard group of dense parameters is dp_shard x cp.
 Expert parallelism borrows from it: dp_shard x cp = efsdp x ep. Tensor-parallel ranks hold the
-same tokens and different parts of the parameters (heads, expert columns, vocabulary rows).
+same tokens and different parts of the parameters (heads, expert columns, vocabulary rows); with
+expert_tensor_parallel_degree = 1 the experts stay whole and the tp ranks join expert parallelism
+instead (each routes its share of the sequence): dp_shard x cp x tp = efsdp x ep.
 
 Meshes (views of one 1-D world mesh; the pp and tp dimensions exist only when > 1; every view
 below is within this rank's pipeline stage):
@@ -17,6 +19,7 @@ below is within this rank's pipeline stage):
   cp       ("cp",)                                         ranks sharing one batch, each a part of each sequence
   tp       ("tp",)                                         ranks sharing one batch and one sequence part
   experts  ("ep", "tp") / ("tp",) / ("ep",)                 the expert parameters' split before FSDP
+                                                           (("ep",) also when ep borrows the tp ranks)
   batch    every rank, or ("batch",) with tp or pp         global token counts, loss and expert loads
   pp       ("pp",)                                         the ranks of one pipeline (stage order)
 Data loading: data-parallel rank = (world rank mod world / pp) // (cp x tp), degree = world /
@@ -42,6 +45,7 @@ class ParallelDims:
     cp: int = 1
     tp: int = 1
     pp: int = 1
+    etp: int = 1  # tp ranks that split each expert's columns: tp, or 1 (ep borrows the tp ranks)
 
     @classmethod
     def from_config(cls, p: Parallelism, world_size: int, num_experts: int) -> ParallelDims:
@@ -75,17 +79,32 @@ class ParallelDims:
                 f"context_parallel_degree x tensor_parallel_degree = {pp} x {rep} x {shard} x {cp} x {tp} = "
                 f"{shard * others} != world size {world_size}; {fix}"
             )
-        if (shard * cp) % ep:
+        etp = tp if p.expert_tensor_parallel_degree == -1 else p.expert_tensor_parallel_degree
+        if etp not in (1, tp):
             raise ConfigError(
-                f"parallelism.expert_parallel_degree = {ep} does not divide data_parallel_shard_degree x "
-                f"context_parallel_degree = {shard * cp} (expert parallelism borrows from the shard ranks); "
-                f"use a divisor of {shard * cp}"
+                f"parallelism.expert_tensor_parallel_degree = {etp} must be -1 (= tensor_parallel_degree {tp}: "
+                "experts split by columns) or 1 (whole experts; the tp ranks join expert parallelism)"
             )
-        return cls(dp_replicate=rep, dp_shard=shard, ep=ep, world_size=world_size, cp=cp, tp=tp, pp=pp)
+        pool, what = (shard * cp, "data_parallel_shard_degree x context_parallel_degree")
+        if etp == 1 and tp > 1:
+            pool, what = shard * cp * tp, f"{what} x tensor_parallel_degree"
+        if pool % ep:
+            raise ConfigError(
+                f"parallelism.expert_parallel_degree = {ep} does not divide {what} = {pool} (expert parallelism "
+                f"borrows from those ranks); use a divisor of {pool}"
+            )
+        return cls(
+            dp_replicate=rep, dp_shard=shard, ep=ep, world_size=world_size, cp=cp, tp=tp, pp=pp, etp=etp
+        )
 
     @property
     def efsdp(self) -> int:
-        return self.dp_shard * self.cp // self.ep
+        return self.dp_shard * self.cp * (self.tp // self.etp) // self.ep
+
+    @property
+    def moe_split(self) -> bool:
+        """tp ranks hold the same tokens in the MoE, each a share of every expert's columns."""
+        return self.tp > 1 and self.etp == self.tp
 
     @property
     def dp_degree(self) -> int:
@@ -109,11 +128,17 @@ class ParallelDims:
 
         shard_name = "dp_shard_cp" if self.cp > 1 else "dp_shard"
         dense = view((self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", shard_name))
-        moe = view((self.dp_replicate, self.efsdp, self.ep), ("dp_replicate", "efsdp", "ep"))
+        moe_names = ("dp_replicate", "efsdp", "ep")
+        if self.moe_split or tp == 1:
+            moe = view((self.dp_replicate, self.efsdp, self.ep), moe_names)
+        else:  # ep borrows the tp ranks: no tp dimension in the experts' view
+            moe = unflatten_mesh(
+                world, 0, p_size + (self.dp_replicate, self.efsdp, self.ep), p_name + moe_names
+            )
         cp = view((W // (pp * self.cp * tp), self.cp), ("dp_data", "cp"))["cp"]
         rep = self.dp_replicate > 1
         tp_mesh = dense["tp"] if tp > 1 else None
-        if tp > 1:
+        if self.moe_split:
             experts = moe["ep", "tp"] if self.ep > 1 else tp_mesh
         else:
             experts = moe["ep"]

@@ -11,6 +11,7 @@ activations of one micro-batch (local_batch_size x seq_len / context_parallel_de
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -20,10 +21,11 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from ..compat import fake_process_group, fsdp_mesh_size
-from ..config import JobConfig, model_args, model_name
+from ..config import JobConfig, batch_layout, check_micro_batches, model_args, model_name
 from ..model import Transformer
 from ..model.loss import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS
 from . import ParallelDims, parallelize
+from .pipeline import split_stages
 
 GIB = 2**30
 
@@ -82,52 +84,90 @@ def activation_bytes(
     return {"blocks": blocks * tokens, "loss": loss}
 
 
+def _rank_plan(cfg: JobConfig, args, dims, meshes, pp_rank: int, micro_batches: int) -> dict:
+    """What one rank of pipeline rank pp_rank holds (every rank when pp = 1): its stages built on
+    the meta model with every pass; parameter elements (dense, experts), FSDP groups, activations."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    stages = split_stages(model, pp_rank, cfg.parallelism) if dims.pp > 1 else [(0, model)]
+    t, pbytes = cfg.training, (2 if cfg.training.mixed_precision_param == "bfloat16" else 4)
+    out = {"dense": 0, "experts": 0, "groups": [], "blocks": 0.0, "loss": 0.0, "layers": 0}
+    tokens = t.local_batch_size * t.seq_len // dims.cp
+    for _, part in stages:
+        parallelize(part, dims, meshes, cfg)
+        for n, p in part.named_parameters():
+            out["experts" if ".moe.experts." in n else "dense"] += _local_numel(p)
+        out["groups"] += _fsdp_groups(part)
+        n_layers = len(part.blocks())
+        out["layers"] += n_layers
+        if n_layers:
+            # 1F1B-style schedules keep up to pp - rank micro-batches in flight on a rank, GPipe all
+            gpipe = cfg.parallelism.pipeline_parallel_schedule == "GPipe"
+            in_flight = micro_batches if gpipe or dims.pp == 1 else min(micro_batches, dims.pp - pp_rank)
+            a = dataclasses.replace(args, n_layers=n_layers)
+            act = activation_bytes(a, tokens, cfg.activation_checkpoint, pbytes, tp=dims.tp)
+            out["blocks"] += act["blocks"] * (in_flight if dims.pp > 1 else 1)
+        if part.output is not None:
+            out["loss"] = activation_bytes(args, tokens, cfg.activation_checkpoint, pbytes, tp=dims.tp)[
+                "loss"
+            ]
+    return out
+
+
+def _total_gib(plan: dict) -> float:
+    return ((plan["dense"] + plan["experts"]) * 16 + plan["blocks"] + plan["loss"]) / GIB
+
+
 def dry_run(cfg: JobConfig, world_size: int) -> None:
     fake_process_group(world_size)
     args = model_args(cfg)
     dims = ParallelDims.from_config(cfg.parallelism, world_size, args.num_experts)
     meshes = dims.build_meshes("cpu")
-    with torch.device("meta"):
-        model = Transformer(args)
-    parallelize(model, dims, meshes, cfg)
-
-    dense = sum(_local_numel(p) for n, p in model.named_parameters() if ".moe.experts." not in n)
-    experts = sum(_local_numel(p) for n, p in model.named_parameters() if ".moe.experts." in n)
-    pbytes = 2 if cfg.training.mixed_precision_param == "bfloat16" else 4
-    groups = _fsdp_groups(model)
-    name, mesh, n = max(groups, key=lambda g: g[2] * g[1])
+    t = cfg.training
+    _, micro_batches = batch_layout(t, dims.dp_degree)
+    check_micro_batches(cfg.parallelism, micro_batches, t.local_batch_size * dims.dp_degree)
+    plans = [_rank_plan(cfg, args, dims, meshes, p, micro_batches) for p in range(dims.pp)]
+    worst = max(range(dims.pp), key=lambda p: _total_gib(plans[p]))
+    plan = plans[worst]
+    dense, experts = plan["dense"], plan["experts"]
+    pbytes = 2 if t.mixed_precision_param == "bfloat16" else 4
+    name, mesh, n = max(plan["groups"], key=lambda g: g[2] * g[1])
     rows = [("parameters (fp32)", 4), ("gradients (fp32)", 4), ("AdamW state (2 x fp32)", 8)]
     print(
-        f"dry run: {model_name(cfg)} ({args.num_params():,} parameters) on {world_size} ranks: "
+        f"dry run: {model_name(cfg)} ({args.num_params():,} parameters) on {world_size} ranks: pp {dims.pp} x "
         f"replicate {dims.dp_replicate} x shard {dims.dp_shard} x cp {dims.cp} x tp {dims.tp} "
         f"(efsdp {dims.efsdp} x ep {dims.ep})"
     )
+    if dims.pp > 1:
+        per_stage = ", ".join(f"{_total_gib(q):.1f} GiB ({q['layers']} layers)" for q in plans)
+        print(
+            f"pipeline ranks (schedule {cfg.parallelism.pipeline_parallel_schedule}, {micro_batches} micro-batches): "
+            f"{per_stage}; the table is pipeline rank {worst}'s"
+        )
     print(f"{'per rank':<26}{'dense GiB':>12}{'experts GiB':>14}{'total GiB':>12}")
     total = 0.0
     for label, b in rows:
         d, e = dense * b / GIB, experts * b / GIB
         total += d + e
         print(f"{label:<26}{d:>12.3f}{e:>14.3f}{d + e:>12.3f}")
-    t = cfg.training
     tokens = t.local_batch_size * t.seq_len // dims.cp
-    act = activation_bytes(args, tokens, cfg.activation_checkpoint, pbytes, tp=dims.tp)
     ac = cfg.activation_checkpoint.mode + (
         f" {cfg.activation_checkpoint.selective_ac_option}"
         if cfg.activation_checkpoint.mode == "selective"
         else ""
     )
-    print(f"{'activations (estimate)':<26}{'':>12}{'':>14}{act['blocks'] / GIB:>12.3f}")
-    print(f"{'loss (fused, chunked)':<26}{'':>12}{'':>14}{act['loss'] / GIB:>12.3f}")
-    total += (act["blocks"] + act["loss"]) / GIB
+    print(f"{'activations (estimate)':<26}{'':>12}{'':>14}{plan['blocks'] / GIB:>12.3f}")
+    print(f"{'loss (fused, chunked)':<26}{'':>12}{'':>14}{plan['loss'] / GIB:>12.3f}")
+    total += (plan["blocks"] + plan["loss"]) / GIB
     print(f"{'sum':<26}{'':>12}{'':>14}{total:>12.3f}")
     print(
         f"activations for {tokens:,} tokens per rank (local_batch_size {t.local_batch_size} x seq_len {t.seq_len:,}"
-        f"{f' / cp {dims.cp}' if dims.cp > 1 else ''}{f', sequence-parallel over tp {dims.tp}' if dims.tp > 1 else ''}), "
-        f"activation checkpointing {ac}"
+        f"{f' / cp {dims.cp}' if dims.cp > 1 else ''}{f', sequence-parallel over tp {dims.tp}' if dims.tp > 1 else ''}"
+        f"{', micro-batches in flight per pipeline schedule' if dims.pp > 1 else ''}), activation checkpointing {ac}"
     )
     print(
         f"largest all-gather: {name} over {mesh} ranks, {n * mesh * pbytes / GIB:.3f} GiB "
-        f"({cfg.training.mixed_precision_param}); FSDP groups: {len(groups)}"
+        f"({t.mixed_precision_param}); FSDP groups: {len(plan['groups'])}"
     )
     dist.destroy_process_group()
 

@@ -16,7 +16,9 @@ reduce-scatter) and returns partial sums that are reduce-scattered back to the s
   MoE        gather -> router replicated (every rank routes alike) -> experts split along I (the
              interleaved gate/up columns in pairs, the down rows), optionally also by expert
              index over ep -> weighted sum (partial) -> reduce-scatter; the down bias, which every
-             rank adds in full, counts 1/tp on each
+             rank adds in full, counts 1/tp on each. Or (expert_tensor_parallel_degree = 1) on the
+             rank's share of the sequence with whole experts, expert parallelism spanning the tp
+             ranks; the routing counts are summed over tp
   lm_head    gather -> rows of the vocabulary; the fused loss combines the row maxima, sums of
              exponentials and target logits over tp (model/loss.py): no rank holds full logits
 
@@ -56,6 +58,12 @@ class TPContext:
         self.rank = mesh.get_local_rank()
         self.split = True
         self.replicated_grads: set[str] = set()  # parameter names whose gradients sync_replicated_grads sums
+
+    def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Routing counts [E] of this rank's tokens -> of the tp ranks' tokens together."""
+        counts = counts.clone()
+        dist.all_reduce(counts, group=self.group)
+        return counts
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T/tp, H] -> [B, T, H] (backward: the gradients of the tp ranks summed, then split)."""
@@ -163,11 +171,13 @@ def _swap(module: nn.Module, cls: type, tp: TPContext) -> None:
 
 
 def apply_tensor_parallel(
-    model: nn.Module, tp_mesh: DeviceMesh, experts_mesh: DeviceMesh, ep: int
+    model: nn.Module, tp_mesh: DeviceMesh, experts_mesh: DeviceMesh, ep: int, split_experts: bool = True
 ) -> TPContext:
     """Split the model over tp_mesh (see the module doc); experts_mesh is ("ep", "tp") when expert
     parallelism also splits the experts (their parameters then carry both placements), else the
-    tp mesh. Returns the context; the model keeps it as `model.tp`."""
+    tp mesh. split_experts False (expert_tensor_parallel_degree = 1): the MoE runs on each rank's
+    share of the sequence with whole experts, the tp ranks being expert-parallel ranks; the
+    routing counts are then summed over tp. Returns the context; the model keeps it as `model.tp`."""
     tp = TPContext(tp_mesh)
     replicated = tp.replicated_grads
     if model.tok_embeddings is not None:  # a pipeline stage holds some of the modules
@@ -190,26 +200,21 @@ def apply_tensor_parallel(
         attn.n_heads, attn.n_kv_heads = attn.n_heads // tp.size, attn.n_kv_heads // tp.size
         attn.register_forward_pre_hook(lambda m, args: (tp.gather(args[0]), *args[1:]))
         moe = block.moe
-        moe.register_forward_pre_hook(lambda m, args: (tp.gather(args[0]), *args[1:]))
-        moe.register_forward_hook(lambda m, args, out: (tp.scatter(out[0]), *out[1:]))
-        experts = moe.experts
-        for name, dim in (("w_gate_up", 2), ("b_gate_up", 1), ("w_down", 1)):
-            _shard(experts, name, experts_mesh, [*lead, Shard(dim)])
-        if ep > 1:
-            _shard(experts, "b_down", experts_mesh, [Shard(0), Replicate()])
-        experts.register_forward_hook(_down_bias_share(tp.size))  # before expert parallelism's combine
-        prefix = f"layers.{block.layer_id}."
-        replicated.update(
-            prefix + n
-            for n in (
-                "attention_norm.weight",
-                "ffn_norm.weight",
-                "attention.wo.bias",
-                "moe.router.gate.weight",
-                "moe.router.gate.bias",
-                "moe.experts.b_down",
-            )
-        )
+        names = ["attention_norm.weight", "ffn_norm.weight", "attention.wo.bias"]
+        names += ["moe.router.gate.weight", "moe.router.gate.bias"]
+        if split_experts:
+            moe.register_forward_pre_hook(lambda m, args: (tp.gather(args[0]), *args[1:]))
+            moe.register_forward_hook(lambda m, args, out: (tp.scatter(out[0]), *out[1:]))
+            experts = moe.experts
+            for name, dim in (("w_gate_up", 2), ("b_gate_up", 1), ("w_down", 1)):
+                _shard(experts, name, experts_mesh, [*lead, Shard(dim)])
+            if ep > 1:
+                _shard(experts, "b_down", experts_mesh, [Shard(0), Replicate()])
+            experts.register_forward_hook(_down_bias_share(tp.size))  # before expert parallelism's combine
+            names.append("moe.experts.b_down")
+        else:
+            moe.register_forward_hook(lambda m, args, out: (out[0], tp.sum_counts(out[1]), out[2]))
+        replicated.update(f"layers.{block.layer_id}.{n}" for n in names)
 
     def split_if_whole_sequences(module, args, kwargs):
         tokens = args[0] if args else kwargs["tokens"]  # [B, T], or a pipeline stage's [B, T/tp, H]

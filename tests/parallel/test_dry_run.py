@@ -7,24 +7,52 @@ from ..conftest import ROOT, run_train_sh
 pytestmark = pytest.mark.slow
 
 
+PP4 = ("--parallelism.pipeline_parallel_degree=4", "--training.global_batch_size=512")
+
+
 @pytest.mark.parametrize(
-    "config, tp, params",
+    "config, extra, params, layout",
     [
-        ("gpt_oss_120b", 1, "116,829,156,672"),
-        ("gpt_oss_120b", 2, "116,829,156,672"),  # experts over ep 8 x efsdp 4 x tp 2 (columns)
-        ("gpt_oss_20b", 1, "20,914,757,184"),
-        ("gpt_oss_1b_active", 1, "7,440,322,048"),  # a custom shape ([model.args] over 20b)
+        (
+            "gpt_oss_120b",
+            (),
+            "116,829,156,672",
+            "pp 1 x replicate 1 x shard 64 x cp 1 x tp 1 (efsdp 8 x ep 8)",
+        ),
+        # experts over ep 8 x efsdp 4 x tp 2 (columns)
+        (
+            "gpt_oss_120b",
+            ("--parallelism.tensor_parallel_degree=2",),
+            "116,829,156,672",
+            "tp 2 (efsdp 4 x ep 8)",
+        ),
+        # 4 stages of 9 layers, 8 micro-batches (the table shows the largest pipeline rank)
+        (
+            "gpt_oss_120b",
+            PP4,
+            "116,829,156,672",
+            "pp 4 x replicate 1 x shard 16 x cp 1 x tp 1 (efsdp 2 x ep 8)",
+        ),
+        ("gpt_oss_20b", (), "20,914,757,184", "(efsdp 8 x ep 8)"),
+        (
+            "gpt_oss_1b_active",
+            (),
+            "7,440,322,048",
+            "(efsdp 8 x ep 8)",
+        ),  # a custom shape ([model.args] over 20b)
     ],
 )
-def test_fake_backend_dry_run_at_scale(config, tp, params):
+def test_fake_backend_dry_run_at_scale(config, extra, params, layout):
     r = run_train_sh(
         {"COMM_MODE": "fake_backend", "NGPU": "64", "CONFIG_FILE": f"train_configs/{config}.toml"},
         "--parallelism.expert_parallel_degree=8",
-        f"--parallelism.tensor_parallel_degree={tp}",
+        *extra,
     )
     assert r.returncode == 0, r.stderr[-4000:]
     out = r.stdout
-    assert f"({params} parameters) on 64 ranks" in out and f"tp {tp} (efsdp {8 // tp} x ep 8)" in out
+    assert f"({params} parameters) on 64 ranks" in out and layout in out, out
+    if extra == PP4:
+        assert "8 micro-batches" in out and out.count("(9 layers)") == 4
     for row in ("parameters (fp32)", "gradients (fp32)", "AdamW state (2 x fp32)", "largest all-gather"):
         assert row in out
     # experts per rank: all expert params / 64 ranks, in GiB of fp32
@@ -37,12 +65,19 @@ def test_fake_backend_dry_run_at_scale(config, tp, params):
     assert abs(experts_gib - expected) < 2e-3
 
 
-def test_dry_run_rejects_bad_mesh():
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (("--parallelism.expert_parallel_degree=3",), "does not divide"),
+        (("--parallelism.pipeline_parallel_degree=4",), "needs at least 4 micro-batches"),
+    ],
+)
+def test_dry_run_rejects_bad_mesh(extra, match):
     r = run_train_sh(
-        {"COMM_MODE": "fake_backend", "NGPU": "64", "CONFIG_FILE": "train_configs/gpt_oss_120b.toml"},
-        "--parallelism.expert_parallel_degree=3",
+        {"COMM_MODE": "fake_backend", "NGPU": "64", "CONFIG_FILE": "train_configs/gpt_oss_120b.toml"}, *extra
     )
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+    assert match in r.stderr
 
 
 def test_activation_estimate_matches_what_autograd_saves():

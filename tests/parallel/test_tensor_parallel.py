@@ -79,6 +79,13 @@ TP = "--parallelism.tensor_parallel_degree=2"
 CASES = {
     "tp2": (2, 1, [TP]),
     "tp2_fsdp2_ep2": (4, 2, [TP, "--parallelism.expert_parallel_degree=2"]),
+    # whole experts, the tp ranks joining expert parallelism: EP 4 over FSDP 2 x tp 2 (each tp rank
+    # routes its share of the sequence; counts summed over tp, the aux loss not weighted 1/tp)
+    "tp2_ep4_whole_experts": (
+        4,
+        2,
+        [TP, "--parallelism.expert_parallel_degree=4", "--parallelism.expert_tensor_parallel_degree=1"],
+    ),
     # cp 2 x tp 2 with documents (every sequence split over cp, then over tp)
     "cp2_tp2": (4, 1, [TP, "--parallelism.context_parallel_degree=2"]),
     # everything together (with pipeline parallelism, per-op AC and compile): test_pipeline_parallel.py
@@ -93,6 +100,11 @@ def test_tensor_parallel_equals_one_process(case, reference, tpdir):
     want_val = logged(tpdir, "reference", "val_loss")
     np.testing.assert_allclose(logged(tpdir, case, "val_loss"), want_val, rtol=1e-5)
     assert len(want_val) == 1
+    aux = logged(tpdir, "reference", "aux_loss")
+    assert len(aux) == 5
+    np.testing.assert_allclose(
+        logged(tpdir, case, "aux_loss"), aux, rtol=1e-5
+    )  # logged once per step, not per rank
     bias = [v for k, v in got["state"].items() if k.endswith("expert_bias")]
     assert bias and all(b.abs().sum() > 0 for b in bias)  # the balancing biases moved, as one process's
 
