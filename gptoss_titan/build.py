@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ConfigError, JobConfig, check_micro_batches
+from .config import ConfigError, JobConfig
 from .dtypes import dtype_of
 from .metrics import Timer, logger
 from .model import ModelArgs, Transformer
@@ -65,7 +65,6 @@ def build_model(
         logger.info(f"initialized the weights in {timer.lap():.2f} s")
     if dims.pp == 1:
         return model, None
-    check_micro_batches(cfg.parallelism, accum_steps, t.local_batch_size * dims.dp_degree)
     parts = [part for _, part in stages]
     pipeline = Pipeline(
         stages,

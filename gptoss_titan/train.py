@@ -25,7 +25,16 @@ from .checkpoint.integrity import IntegrityWriter
 from .checkpoint.manager import CheckpointManager, CheckpointSaveError
 from .checkpoint.resume import Resume, choose_resume, import_hf
 from .compat import set_pg_timeout
-from .config import ConfigError, JobConfig, batch_layout, help_text, model_args, model_name, parse_args
+from .config import (
+    ConfigError,
+    JobConfig,
+    batch_layout,
+    check_micro_batches,
+    help_text,
+    model_args,
+    model_name,
+    parse_args,
+)
 from .data import open_data
 from .distributed import apply_process_settings, init_distributed, local_device, shutdown, world_size
 from .errors import TrainingStopped, UserError
@@ -81,6 +90,7 @@ class Trainer:
             logger.info(f"job: {cfg.job.description}")
         # global batch = local x dp x accumulation steps
         self.global_bs, self.accum_steps = batch_layout(t, self.dp_degree)
+        check_micro_batches(cfg.parallelism, self.accum_steps, t.local_batch_size * self.dp_degree)
         # Data (all checks happen before anything is written to the run folder).
         self.train_loader, self.val_tokens = open_data(
             cfg, self.model_args.vocab_size, self.dp_rank, self.dp_degree
@@ -206,7 +216,7 @@ class Trainer:
     def clip_gradients(self) -> torch.Tensor:
         """The global gradient norm, clipped to training.max_norm (tests inject bad gradients here)."""
         pp = self.meshes.pp.get_group() if self.pipeline is not None else None
-        return clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm, pp)
+        return clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm, pp, self.device)
 
     def settle(self) -> None:
         """Account for the last step's skip decision on the host: advance the LR schedule if it was
@@ -366,6 +376,11 @@ def seed_checkpoint_config(cfg: JobConfig) -> JobConfig:
         expert_parallel_degree=1,
         context_parallel_degree=1,
         tensor_parallel_degree=1,
+        expert_tensor_parallel_degree=-1,
+        pipeline_parallel_degree=1,
+        pipeline_parallel_stages_per_rank=1,
+        pipeline_parallel_schedule="1F1B",
+        pipeline_parallel_layers=[],
     )
     c = dataclasses.replace(cfg.checkpoint, enable=True, async_mode="disabled", initial_load_path="")
     return dataclasses.replace(cfg, parallelism=p, checkpoint=c)

@@ -92,6 +92,12 @@ def test_mixture_sources_from_toml_and_command_line(tmp_path):
             ],
             "interleaved schedules need 2 or more stages per rank",
         ),
+        ("", ["--parallelism.pipeline_parallel_layers=2,2"], "pipeline_parallel_degree = 1; set pipeline"),
+        (
+            "",
+            ["--parallelism.pipeline_parallel_degree=3", "--parallelism.pipeline_parallel_layers=2,0,2"],
+            r"\[2, 0, 2\] must list 3 stages .* each >= 1",
+        ),
         (
             "",
             ["--parallelism.pipeline_parallel_degree=2", "--parallelism.pipeline_parallel_schedule=ZBV"],

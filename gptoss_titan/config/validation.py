@@ -89,10 +89,12 @@ def pipeline_layout(p: Parallelism, n_layers: int) -> list[int]:
     n_stages = p.pipeline_parallel_degree * p.pipeline_parallel_stages_per_rank
     if p.pipeline_parallel_layers:
         layers = list(p.pipeline_parallel_layers)
-        if len(layers) != n_stages or sum(layers) != n_layers or min(layers) < 0:
+        inner = layers[1:-1]
+        if len(layers) != n_stages or sum(layers) != n_layers or min(layers) < 0 or 0 in inner:
             raise ConfigError(
                 f"parallelism.pipeline_parallel_layers = {layers} must list {n_stages} stages "
-                f"(pipeline_parallel_degree x stages_per_rank) of >= 0 layers adding up to the model's {n_layers}"
+                f"(pipeline_parallel_degree x stages_per_rank) adding up to the model's {n_layers} layers, "
+                "each >= 1 (the first and last may hold 0: they have the embedding and the lm_head)"
             )
         return layers
     if n_layers < n_stages:
@@ -108,6 +110,11 @@ def check_pipeline(cfg: JobConfig, args: ModelArgs) -> None:
     """What pipeline parallelism supports so far, and a valid schedule and split."""
     p = cfg.parallelism
     if p.pipeline_parallel_degree == 1:
+        if p.pipeline_parallel_layers or p.pipeline_parallel_stages_per_rank != 1:
+            raise ConfigError(
+                "parallelism.pipeline_parallel_layers / pipeline_parallel_stages_per_rank are set but "
+                "pipeline_parallel_degree = 1; set pipeline_parallel_degree or remove them"
+            )
         return
     _choice("parallelism.pipeline_parallel_schedule", p.pipeline_parallel_schedule, PP_SCHEDULES)
     interleaved = p.pipeline_parallel_schedule.startswith("Interleaved")
@@ -151,7 +158,7 @@ def check_tensor_parallel(p: Parallelism, args: ModelArgs, seq_len: int, mxfp4_q
         return
     for field, value in (
         ("n_kv_heads", args.n_kv_heads),
-        ("moe_inter_dim", args.moe_inter_dim),
+        ("moe_inter_dim", args.moe_inter_dim if p.expert_tensor_parallel_degree in (-1, tp) else 0),
         ("vocab_size", args.vocab_size),
     ):
         if value % tp:
@@ -159,7 +166,8 @@ def check_tensor_parallel(p: Parallelism, args: ModelArgs, seq_len: int, mxfp4_q
                 f"parallelism.tensor_parallel_degree = {tp} does not divide the model's {field} = {value} "
                 f"(each tp rank holds an equal share); use a divisor of {value}"
             )
-    if mxfp4_qat and (args.moe_inter_dim // tp) % 32:
+    split_experts = p.expert_tensor_parallel_degree in (-1, tp)
+    if mxfp4_qat and split_experts and (args.moe_inter_dim // tp) % 32:
         raise ConfigError(
             f"training.mxfp4_qat with tensor_parallel_degree = {tp}: each rank's {args.moe_inter_dim // tp} expert "
             "columns must be whole MXFP4 blocks of 32; use a smaller tensor_parallel_degree"

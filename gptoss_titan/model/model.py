@@ -247,7 +247,7 @@ class Transformer(nn.Module):
         """MXFP4-aware training: every expert matrix is quantized to MXFP4 and back in the forward
         (as the export will store it; model/mxfp4.py), gradients pass straight through to the
         full-precision weights."""
-        for layer in self.layers:
+        for layer in self.blocks():
             layer.moe.experts.mxfp4_qat = on
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:

@@ -175,7 +175,17 @@ class Meshes:
     def groups(self) -> list:
         """Every process group behind these meshes (once each)."""
         out = []
-        for mesh in (self.world, self.dense, self.ep, self.efsdp, self.batch, self.cp, self.tp, self.pp):
+        for mesh in (
+            self.world,
+            self.dense,
+            self.ep,
+            self.efsdp,
+            self.batch,
+            self.cp,
+            self.tp,
+            self.pp,
+            self.experts,
+        ):
             if mesh is None:
                 continue
             for g in mesh.get_all_groups():

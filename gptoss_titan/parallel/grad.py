@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float, stages_group=None) -> torch.Tensor:
+def clip_grad_norm_(params, max_norm: float, stages_group=None, device=None) -> torch.Tensor:
     """Clip gradients in place to a global L2 norm of max_norm (0 or inf = no clipping); return the
     norm before clipping, as a 0-d fp64 tensor on the gradients' device (no host sync).
 
@@ -34,8 +34,7 @@ def clip_grad_norm_(params, max_norm: float, stages_group=None) -> torch.Tensor:
         if isinstance(n, DTensor):
             n = n.full_tensor()
         total_sq = n.double() ** 2 if total_sq is None else total_sq + n.double() ** 2
-    if stages_group is not None:
-        device = next(iter(groups.values()))[0].device if groups else None
+    if stages_group is not None:  # device: where a rank without gradients puts its zero
         total_sq = total_sq if total_sq is not None else torch.zeros((), dtype=torch.float64, device=device)
         dist.all_reduce(total_sq, group=stages_group)
     if total_sq is None:

@@ -18,12 +18,15 @@ by 7e-7 after 5 steps: 7e-5 of that tensor's norm 0.0095 (plain FSDP 2: 8.7e-6; 
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from ..conftest import ROOT, run_ok
 from .test_context_parallel import doc_data
 from .test_equivalence import assert_same, run
 
@@ -86,6 +89,8 @@ CASES = {
         2,
         [TP, "--parallelism.expert_parallel_degree=4", "--parallelism.expert_tensor_parallel_degree=1"],
     ),
+    # HSDP 2 replicas x tp 2
+    "hsdp2_tp2": (4, 2, [TP, "--parallelism.data_parallel_replicate_degree=2"]),
     # cp 2 x tp 2 with documents (every sequence split over cp, then over tp)
     "cp2_tp2": (4, 1, [TP, "--parallelism.context_parallel_degree=2"]),
     # everything together (with pipeline parallelism, per-op AC and compile): test_pipeline_parallel.py
@@ -127,3 +132,24 @@ def test_tensor_parallel_checkpoints_resume_at_one_process_and_back(reference, t
         np.testing.assert_allclose(got["losses"], reference["losses"][3:], rtol=1e-5)
         np.testing.assert_allclose(got["losses"], tp4["losses"][3:], rtol=1e-5)
         assert_same({**reference, "losses": got["losses"], "grad_norms": got["grad_norms"]}, got, floor=0.1)
+    # the Hugging Face exporter reads a tp checkpoint as it reads a one-process one
+    exported = {}
+    for src in ("tp2_fsdp2_ep2", "reference"):
+        out = tpdir / f"hf_{src}"
+        run_ok(
+            [
+                sys.executable,
+                str(ROOT / "scripts/convert_dcp_to_safetensors.py"),
+                "--checkpoint",
+                str(tpdir / src / "checkpoint" / "step-3"),
+                "--output",
+                str(out),
+                "--dtype",
+                "float32",
+            ]
+        )
+        exported[src] = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert set(exported["tp2_fsdp2_ep2"]) == set(exported["reference"])
+    for k, v in exported["reference"].items():
+        rel = ((exported["tp2_fsdp2_ep2"][k] - v).norm() / v.norm().clamp(min=0.1)).item()
+        assert rel <= 1e-5, (k, rel)
