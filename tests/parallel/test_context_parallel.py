@@ -7,6 +7,7 @@ holds documents of 3 to 40 tokens, so document masking changes the result (check
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,8 @@ def cp_run(cpdir: Path, name: str, nproc: int, cp: int, docs: bool, *extra: str)
         "--validation.steps=2",
         "--metrics.sample_freq=5",
         "--metrics.sample_tokens=4",
+        "--checkpoint.enable=true",  # every run saves at step 3 (test_checkpoint_resumes_across_cp_degrees)
+        "--checkpoint.interval=3",
         *extra,
     )
 
@@ -99,20 +102,17 @@ def test_document_masking_changes_the_result(references):
     assert not np.allclose(references[True]["losses"], references[False]["losses"], rtol=1e-4)
 
 
-def test_checkpoint_resumes_across_cp_degrees(cpdir):
-    """Saved at cp 2, resumed at cp 1, and the reverse: the resumed steps equal the uninterrupted run."""
-    ck = ("--checkpoint.enable=true", "--checkpoint.interval=3")
-    full = {cp: cp_run(cpdir, f"ck_cp{cp}", cp, cp, True, *ck) for cp in (1, 2)}
-    for saved, resumed in ((2, 1), (1, 2)):
+def test_checkpoint_resumes_across_cp_degrees(references, cpdir):
+    """Saved at cp 2, resumed at cp 1, and the reverse: the resumed steps equal the uninterrupted run
+    (the saved runs are the documents reference and the cp2 case above)."""
+    if not (cpdir / "cp2_docs1.pt").exists():
+        cp_run(cpdir, "cp2_docs1", 2, 2, True)
+    full = {1: references[True], 2: torch.load(cpdir / "cp2_docs1.pt")}
+    for saved, resumed, src in ((2, 1, "cp2_docs1"), (1, 2, "ref_docs1")):
         name = f"resume_cp{saved}_to_cp{resumed}"
-        (cpdir / name).mkdir()
-        src = cpdir / f"ck_cp{saved}" / "checkpoint"
-        (cpdir / name / "checkpoint").mkdir()
-        step3 = src / "step-3"
-        import shutil
-
-        shutil.copytree(step3, cpdir / name / "checkpoint" / "step-3")
-        got = cp_run(cpdir, name, resumed, resumed, True, *ck)
+        (cpdir / name / "checkpoint").mkdir(parents=True)
+        shutil.copytree(cpdir / src / "checkpoint" / "step-3", cpdir / name / "checkpoint" / "step-3")
+        got = cp_run(cpdir, name, resumed, resumed, True)
         np.testing.assert_allclose(got["losses"], full[saved]["losses"][3:], rtol=1e-5)
         np.testing.assert_allclose(got["losses"], full[resumed]["losses"][3:], rtol=1e-5)
         for k, v in full[saved]["state"].items():

@@ -74,7 +74,6 @@ def assert_same(ref: dict, got: dict, rtol: float = 1e-5, floor: float = 1e-12) 
 CASES = {
     "fsdp2": (2, []),
     "fsdp2_no_reshard": (2, ["--parallelism.fsdp_reshard_after_forward=never"]),
-    "fsdp2_reshard_always": (2, ["--parallelism.fsdp_reshard_after_forward=always"]),
     "hsdp2x2": (4, ["--parallelism.data_parallel_replicate_degree=2"]),
     "fsdp2_ep2": (2, ["--parallelism.expert_parallel_degree=2"]),
     "fsdp4_ep2": (4, ["--parallelism.expert_parallel_degree=2"]),

@@ -59,7 +59,16 @@ def schedule(name: str, per_rank: int = 1) -> list[str]:
 
 CASES = {
     "pp2_1f1b": (2, 1, schedule("1F1B")),
-    "pp2_gpipe_uneven": (2, 1, [*schedule("GPipe"), "--parallelism.pipeline_parallel_layers=1,3"]),
+    # uneven stages; FSDP reshards after every micro-batch's forward (pp's default keeps them)
+    "pp2_gpipe_uneven_reshard": (
+        2,
+        1,
+        [
+            *schedule("GPipe"),
+            "--parallelism.pipeline_parallel_layers=1,3",
+            "--parallelism.fsdp_reshard_after_forward=always",
+        ],
+    ),
     "pp2_interleaved_1f1b": (2, 1, schedule("Interleaved1F1B", 2)),
     "pp2_interleaved_zero_bubble": (2, 1, schedule("InterleavedZeroBubble", 2)),
     "pp2_fsdp2_ep2": (4, 2, [PP, "--parallelism.expert_parallel_degree=2"]),
