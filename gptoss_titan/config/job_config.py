@@ -116,7 +116,7 @@ class Parallelism:
     data_parallel_shard_degree: int = -1  # FSDP shards (-1 = the rest of the world)
     expert_parallel_degree: int = 1  # borrows from the shard dimension
     tensor_parallel_degree: int = 1  # heads, expert columns and vocabulary split; sequence-parallel norms
-    expert_tensor_parallel_degree: int = -1  # -1: experts split by columns over tp; 1: whole, tp ranks join ep
+    expert_tensor_parallel_degree: int = -1  # -1: experts split by columns over tp; 1: tp ranks join ep
     pipeline_parallel_degree: int = 1  # pipeline stages over ranks (micro-batches: the accumulation steps)
     pipeline_parallel_schedule: str = "1F1B"  # 1F1B, GPipe, Interleaved1F1B or InterleavedZeroBubble
     pipeline_parallel_stages_per_rank: int = 1  # 2 or more for the interleaved schedules
