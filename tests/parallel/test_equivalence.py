@@ -76,10 +76,9 @@ CASES = {
     "fsdp2_no_reshard": (2, ["--parallelism.fsdp_reshard_after_forward=never"]),
     "hsdp2x2": (4, ["--parallelism.data_parallel_replicate_degree=2"]),
     "fsdp2_ep2": (2, ["--parallelism.expert_parallel_degree=2"]),
-    "fsdp4_ep2": (4, ["--parallelism.expert_parallel_degree=2"]),
     "ep4": (4, ["--parallelism.expert_parallel_degree=4"]),
-    "full_ac": (2, ["--activation_checkpoint.mode=full"]),
-    # the 20b/120b layout: full AC, experts split over EP 2 and sharded over FSDP 2
+    # the 20b/120b layout: full AC, experts split over EP 2 and sharded over FSDP 2 (also the FSDP 4 x
+    # EP 2 and full-AC checks)
     "full_ac_fsdp2_ep2": (4, ["--activation_checkpoint.mode=full", "--parallelism.expert_parallel_degree=2"]),
     "selective_op_ac_ep2": (
         2,
