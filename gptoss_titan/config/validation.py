@@ -156,17 +156,16 @@ def check_tensor_parallel(p: Parallelism, args: ModelArgs, seq_len: int, mxfp4_q
     tp, cp = p.tensor_parallel_degree, p.context_parallel_degree
     if tp == 1:
         return
-    for field, value in (
-        ("n_kv_heads", args.n_kv_heads),
-        ("moe_inter_dim", args.moe_inter_dim if p.expert_tensor_parallel_degree in (-1, tp) else 0),
-        ("vocab_size", args.vocab_size),
-    ):
+    split_experts = p.expert_tensor_parallel_degree in (-1, tp)  # else whole experts: no column split
+    shares = [("n_kv_heads", args.n_kv_heads), ("vocab_size", args.vocab_size)]
+    if split_experts:
+        shares.append(("moe_inter_dim", args.moe_inter_dim))
+    for field, value in shares:
         if value % tp:
             raise ConfigError(
                 f"parallelism.tensor_parallel_degree = {tp} does not divide the model's {field} = {value} "
                 f"(each tp rank holds an equal share); use a divisor of {value}"
             )
-    split_experts = p.expert_tensor_parallel_degree in (-1, tp)
     if mxfp4_qat and split_experts and (args.moe_inter_dim // tp) % 32:
         raise ConfigError(
             f"training.mxfp4_qat with tensor_parallel_degree = {tp}: each rank's {args.moe_inter_dim // tp} expert "

@@ -240,7 +240,7 @@ def _down_bias_share(tp_size: int):
 
 
 def _clean(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+    return name.replace("_checkpoint_wrapped_module.", "")  # compile works in place: no _orig_mod
 
 
 @torch.no_grad()
