@@ -19,7 +19,7 @@ import torch
 
 from gptoss_titan.model.attention import flash_sink_attention
 from gptoss_titan.model.documents import document_attention, find_documents
-from gptoss_titan.tokens import EOT_ID
+from gptoss_titan.model.tokens import EOT_ID
 
 
 def best_of(fn, inputs, repeats: int) -> float:

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from gptoss_titan.generate import generate
+from gptoss_titan.infer.generate import generate
 from gptoss_titan.model import FLAVORS, Transformer
 from gptoss_titan.model.hf import hf_config, to_hf
 

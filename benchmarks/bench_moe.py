@@ -23,9 +23,9 @@ import time
 
 import torch
 
-from gptoss_titan.distributed import keep_freed_cpu_memory
 from gptoss_titan.model import FLAVORS, Transformer
 from gptoss_titan.model.moe import resolve_expert_kernel
+from gptoss_titan.runtime.distributed import keep_freed_cpu_memory
 
 
 def main() -> None:

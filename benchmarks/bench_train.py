@@ -39,11 +39,11 @@ from pathlib import Path
 
 import torch
 
-from gptoss_titan.distributed import keep_freed_cpu_memory
-from gptoss_titan.metrics import measure_matmul_tflops
 from gptoss_titan.model import FLAVORS, ModelArgs, Transformer
 from gptoss_titan.model.hf import hf_config, to_hf
 from gptoss_titan.model.moe import resolve_expert_kernel
+from gptoss_titan.runtime.distributed import keep_freed_cpu_memory
+from gptoss_titan.train.metrics import measure_matmul_tflops
 
 
 def parse() -> argparse.Namespace:

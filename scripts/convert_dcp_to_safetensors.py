@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptoss_titan.distributed import quiet_single_process_warnings
-from gptoss_titan.errors import UserError
-from gptoss_titan.export import QUANTIZE, dcp_to_hf
+from gptoss_titan.interop.export import QUANTIZE, dcp_to_hf
+from gptoss_titan.runtime.distributed import quiet_single_process_warnings
+from gptoss_titan.runtime.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptoss_titan.convert import hf_to_dcp
-from gptoss_titan.distributed import quiet_single_process_warnings
-from gptoss_titan.errors import UserError
+from gptoss_titan.interop.convert import hf_to_dcp
+from gptoss_titan.runtime.distributed import quiet_single_process_warnings
+from gptoss_titan.runtime.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:

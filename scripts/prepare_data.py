@@ -26,7 +26,7 @@ from pathlib import Path
 
 from gptoss_titan.data.prepare import BUNDLED, DEFAULT_SHARD_TOKENS, prepare
 from gptoss_titan.data.sources import file_items, hf_documents, kjv_documents
-from gptoss_titan.errors import DataError, UserError
+from gptoss_titan.runtime.errors import DataError, UserError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ fi
 # not a torchrun trace.
 python -m gptoss_titan.config --config "${CONFIG_FILE}" "$@"
 if [ "${COMM_MODE:-}" != "fake_backend" ]; then
-  python -m gptoss_titan.launch --nproc "${NGPU}" --port "${MASTER_PORT}"
+  python -m gptoss_titan.runtime.launch --nproc "${NGPU}" --port "${MASTER_PORT}"
 fi
 
 if [ "${COMM_MODE:-}" = "fake_backend" ]; then

@@ -7,8 +7,8 @@ import argparse
 import json
 import sys
 
-from gptoss_titan.distributed import init_distributed, shutdown
-from gptoss_titan.sample import load_model
+from gptoss_titan.infer.sample import load_model
+from gptoss_titan.runtime.distributed import init_distributed, shutdown
 
 
 def hwm_mib() -> int:

@@ -12,8 +12,8 @@ from gptoss_titan.config.validation import model_args
 
 from .checkpoint.test_manager import weights
 from .conftest import run_ok, synthetic_data
-from .test_convert import convert, import_, ours_from
-from .test_sample import sample
+from .infer.test_sample import sample
+from .interop.test_convert import convert, import_, ours_from
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow

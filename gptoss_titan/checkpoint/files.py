@@ -13,8 +13,8 @@ from pathlib import Path
 
 from torch.distributed.checkpoint import FileSystemReader
 
-from ..errors import UserError
 from ..model import ModelArgs
+from ..runtime.errors import UserError
 
 STEP_DIR = re.compile(r"step-(\d+)$")
 MODEL_ARGS_FILE = "model_args.json"

@@ -30,12 +30,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..compat import pinned_memory_stager
 from ..config import Checkpoint as CkptConfig
-from ..dtypes import dtype_of
-from ..metrics import logger
 from ..model.hf import is_native_only
-from ..train_state import TrainState
+from ..runtime.compat import pinned_memory_stager
+from ..runtime.dtypes import dtype_of
+from ..runtime.log import logger
+from ..train.state import TrainState
 from .files import LOADABLE, CheckpointError, checkpoint_fqns, checkpoint_keys, complete_steps, step_dir
 from .integrity import IntegrityWriter
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from ..runtime.errors import UserError
 
 
 class ConfigError(UserError):

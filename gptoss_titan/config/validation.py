@@ -10,9 +10,9 @@ import dataclasses
 import difflib
 
 from ..checkpoint.files import LOADABLE
-from ..dtypes import DTYPE_NAMES
 from ..model import FLAVORS, ModelArgs
 from ..model.moe import EXPERT_KERNELS
+from ..runtime.dtypes import DTYPE_NAMES
 from .job_config import ConfigError, JobConfig, Parallelism, Training
 
 

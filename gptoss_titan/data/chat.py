@@ -33,7 +33,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import DataError
+from ..runtime.errors import DataError
 from .tokenizer import write_o200k_base
 
 MASK_MODES = ("last_turn", "final", "all")
@@ -246,7 +246,7 @@ def prepare_chat(
 
     import numpy as np
 
-    from ..tokens import EOT_ID
+    from ..model.tokens import EOT_ID
 
     if mask_mode not in MASK_MODES:
         raise DataError(f"--mask {mask_mode!r} is not one of {', '.join(MASK_MODES)}")

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
 from ..model.loss import IGNORE_INDEX
-from ..tokens import EOT_ID
+from ..model.tokens import EOT_ID
+from ..runtime.errors import DataError
 from .order import EpochOrder
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from ..tokens import EOT_ID
+from ..model.tokens import EOT_ID
+from ..runtime.errors import DataError
 from .shards import FORMAT, SPLITS, write_shard
 from .sources import JsonLine, document_tokens, file_documents, hf_documents, kjv_documents
 from .tokenizer import get_tokenizer

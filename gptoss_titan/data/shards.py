@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..runtime.errors import DataError
 
 FORMAT = 2
 MAX_OPEN = 64  # open shard maps per stream (file descriptors)

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import DataError
-from ..tokens import EOT_ID
+from ..model.tokens import EOT_ID
+from ..runtime.errors import DataError
 
 TEXT_SUFFIXES = (".txt",)
 JSON_SUFFIXES = (".jsonl", ".json")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..errors import DataError
+from ..runtime.errors import DataError
 from .sources import document_tokens, file_items, hf_documents
 from .tokenizer import get_tokenizer
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tiktoken
 
-from ..errors import DataError
+from ..runtime.errors import DataError
 
 O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"

@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..compat import FLASH_CPU, FLASH_CPU_BWD, flex_attention_lse, flex_compile_options
+from ..runtime.compat import FLASH_CPU, FLASH_CPU_BWD, flex_attention_lse, flex_compile_options
 
 
 def causal_mask(T: int, S: int, window: int | None, device: torch.device) -> torch.Tensor:

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compat import FLASH_CPU, FLASH_CPU_BWD
-from ..tokens import EOT_ID
+from ..runtime.compat import FLASH_CPU, FLASH_CPU_BWD
 from .attention import (
     _cpu_window_mask,
     fold_key_blocks,
@@ -33,6 +32,7 @@ from .attention import (
     sink_grad,
     unblock_queries,
 )
+from .tokens import EOT_ID
 
 
 @dataclass(frozen=True)

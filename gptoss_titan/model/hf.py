@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import torch
 
-from ..errors import UserError
-from ..tokens import CALL_ID, EOT_ID, RETURN_ID, STARTOFTEXT_ID
+from ..runtime.errors import UserError
 from .args import ModelArgs
+from .tokens import CALL_ID, EOT_ID, RETURN_ID, STARTOFTEXT_ID
 
 # (native name, Hugging Face name); "{L}" stands for the layer index.
 NAME_TABLE: tuple[tuple[str, str], ...] = (

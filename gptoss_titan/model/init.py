@@ -33,7 +33,7 @@ def global_indices(param: torch.Tensor) -> dict[int, torch.Tensor]:
     as FSDP's strided split of a tensor-parallel shard; each rank's part of a dim is one run)."""
     from torch.distributed.tensor import DTensor, Replicate
 
-    from ..compat import local_shape_and_offset
+    from ..runtime.compat import local_shape_and_offset
 
     if not isinstance(param, DTensor):
         return {}

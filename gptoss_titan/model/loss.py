@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from ..compat import addmm_fp32_, mm_fp32_out
+from ..runtime.compat import addmm_fp32_, mm_fp32_out
 
 IGNORE_INDEX = -100
 CPU_CHUNK_ELEMS = 1 << 25  # 128 MiB of fp32 logits: ~166 rows at V = 201088

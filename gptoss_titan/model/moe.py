@@ -19,7 +19,7 @@ import functools
 import torch
 from torch import nn
 
-from ..compat import grouped_mm, has_grouped_mm
+from ..runtime.compat import grouped_mm, has_grouped_mm
 from . import blas_batch
 from .args import ModelArgs
 from .expert_mm import expert_linear

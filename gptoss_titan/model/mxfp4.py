@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
+from ..runtime.errors import UserError
 
 FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 BLOCK = 32

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import JobConfig
-from ..metrics import logger
+from ..runtime.log import logger
 from .activation_checkpoint import apply_activation_checkpointing
 from .compile import apply_compile
 from .dims import Meshes, ParallelDims

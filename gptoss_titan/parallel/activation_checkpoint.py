@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from ..compat import attention_save_ops, checkpoint_wrapper
 from ..config import ActivationCheckpoint
-from ..metrics import logger
+from ..runtime.compat import attention_save_ops, checkpoint_wrapper
+from ..runtime.log import logger
 
 
 def unwrap(module: nn.Module) -> nn.Module:

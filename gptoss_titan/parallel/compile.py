@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..metrics import logger
+from ..runtime.log import logger
 from .activation_checkpoint import unwrap
 
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from ..compat import unflatten_mesh
 from ..config import ConfigError, Parallelism, check_degrees
+from ..runtime.compat import unflatten_mesh
 
 
 @dataclass

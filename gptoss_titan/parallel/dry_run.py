@@ -20,10 +20,10 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from ..compat import fake_process_group, fsdp_mesh_size
 from ..config import JobConfig, batch_layout, check_micro_batches, model_args, model_name
 from ..model import Transformer
 from ..model.loss import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS
+from ..runtime.compat import fake_process_group, fsdp_mesh_size
 from . import ParallelDims, parallelize
 from .pipeline import split_stages
 

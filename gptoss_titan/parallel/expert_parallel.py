@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_module, distribute_tensor
 
-from ..compat import all_to_all_single_autograd
+from ..runtime.compat import all_to_all_single_autograd
 
 
 class ExpertParallel:

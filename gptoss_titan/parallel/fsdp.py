@@ -14,8 +14,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from ..config import JobConfig
-from ..dtypes import dtype_of
-from ..metrics import logger
+from ..runtime.dtypes import dtype_of
+from ..runtime.log import logger
 from .activation_checkpoint import unwrap
 from .dims import Meshes
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..compat import FLASH_CPU, FLASH_CPU_BWD, all_to_all_single_autograd
 from ..model.attention import sink_gate, sink_grad
+from ..runtime.compat import FLASH_CPU, FLASH_CPU_BWD, all_to_all_single_autograd
 
 _NEG = float("-inf")
 

@@ -191,7 +191,7 @@ def test_seed_checkpoint_same_start_any_world_size(tmp_path):
 def test_resume_follows_the_current_schedule(tmp_path):
     """Extending a run (more training.steps) continues on the new schedule, not the saved lr."""
     from gptoss_titan.config import LRScheduler
-    from gptoss_titan.optim import lr_factor
+    from gptoss_titan.train.optim import lr_factor
 
     args = [a for a in base_args(tmp_path, "run") if not a.startswith("--lr_scheduler.decay_steps")]
     assert main(args + ["--training.steps=3"]) == 0

@@ -13,7 +13,7 @@ import torch
 from gptoss_titan.data.chat import harmony, prepare_chat
 from gptoss_titan.data.packed import ChatSplit
 from gptoss_titan.model.loss import IGNORE_INDEX
-from gptoss_titan.tokens import EOT_ID
+from gptoss_titan.model.tokens import EOT_ID
 
 from ..conftest import ROOT
 

@@ -3,9 +3,9 @@
 import subprocess
 import sys
 
-from gptoss_titan import tokens
 from gptoss_titan.data import get_tokenizer
 from gptoss_titan.data.tokenizer import O200K_SHA256
+from gptoss_titan.model import tokens
 
 
 def test_o200k_harmony_known_encodings():

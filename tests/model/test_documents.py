@@ -7,7 +7,7 @@ import torch
 
 from gptoss_titan.model.attention import sink_attention
 from gptoss_titan.model.documents import doc_flash_sink_op, document_attention, find_documents
-from gptoss_titan.tokens import EOT_ID
+from gptoss_titan.model.tokens import EOT_ID
 
 
 def packed(lengths_per_row: list[list[int]], vocab: int = 50, seed: int = 0) -> torch.Tensor:

@@ -6,8 +6,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from gptoss_titan.compat import fake_process_group
 from gptoss_titan.model import init
+from gptoss_titan.runtime.compat import fake_process_group
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,9 @@ import torch.distributed as dist
 
 from gptoss_titan.model.attention import sink_attention
 from gptoss_titan.model.documents import find_documents
+from gptoss_titan.model.tokens import EOT_ID
 from gptoss_titan.parallel import ring_attention
 from gptoss_titan.parallel.context_parallel import CPBatch, CPLayout
-from gptoss_titan.tokens import EOT_ID
 
 
 def reference(q, k, v, sinks, window, ids):

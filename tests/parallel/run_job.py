@@ -12,7 +12,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from gptoss_titan.config import parse_args
-from gptoss_titan.distributed import apply_process_settings, shutdown
+from gptoss_titan.runtime.distributed import apply_process_settings, shutdown
 from gptoss_titan.train import Trainer
 
 

@@ -24,7 +24,7 @@ def test_save_list_covers_the_attention_op_of_every_device_path():
         assert torch.ops.aten.mm.default in ops and torch.ops.aten._grouped_mm.default in ops
     assert torch.ops.higher_order.flex_attention in compiled
     assert torch.ops.higher_order.inductor_compiled_code in eager
-    from gptoss_titan.compat import flex_compile_options
+    from gptoss_titan.runtime.compat import flex_compile_options
 
     assert flex_compile_options() == {
         "wrap_inductor_compiled_regions": True

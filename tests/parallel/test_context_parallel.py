@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptoss_titan.tokens import EOT_ID
+from gptoss_titan.model.tokens import EOT_ID
 
 from .test_equivalence import assert_same, run
 

@@ -66,7 +66,7 @@ def chaos_trainer(faults: dict) -> type[Trainer]:
             return super().train_step()
 
         def _skipped_result(self):
-            from gptoss_titan.metrics import StepResult
+            from gptoss_titan.train.metrics import StepResult
 
             zero = torch.zeros((), device=self.device)
             counts = torch.zeros(self.model_args.n_layers, self.model_args.num_experts, dtype=torch.long)

@@ -133,7 +133,7 @@ def test_sigkill_of_the_launcher_then_restart_at_once(straight, point):
         time.sleep(0.2)
     assert workers_of(run) == [], "a worker outlived its launcher"
     # at once, the same command on the same port, after the launch script's pre-launch check
-    run_ok([sys.executable, "-m", "gptoss_titan.launch", "--nproc", "2", "--port", str(port)])
+    run_ok([sys.executable, "-m", "gptoss_titan.runtime.launch", "--nproc", "2", "--port", str(port)])
     r = run_ok(chaos(2, port, argv), cwd=ROOT)
     resumed_from = {"mid_step": "step-4", "mid_async_save": "step-2", "mid_validation": "step-2"}[point]
     assert f"checkpoint/{resumed_from}" in r.stdout + r.stderr
