@@ -12,6 +12,7 @@
 #   MASTER_PORT  rendezvous port on localhost (default 29500)
 #   COMM_MODE    fake_backend: one process builds the meshes and applies every pass for NGPU ranks
 #                on a fake process group, prints per-rank memory, and exits without training
+#                (passed on as the config field --comm.mode=fake_backend)
 # Extra arguments are config overrides: --section.field=value.
 set -euo pipefail
 
@@ -36,8 +37,8 @@ if [ "${COMM_MODE:-}" != "fake_backend" ]; then
 fi
 
 if [ "${COMM_MODE:-}" = "fake_backend" ]; then
-  exec env WORLD_SIZE="${NGPU}" RANK=0 LOCAL_RANK=0 COMM_MODE=fake_backend \
-    python -m gptoss_titan.train --config "${CONFIG_FILE}" "$@"
+  exec env WORLD_SIZE="${NGPU}" RANK=0 LOCAL_RANK=0 \
+    python -m gptoss_titan.train --config "${CONFIG_FILE}" --comm.mode=fake_backend "$@"
 fi
 
 exec torchrun --nproc_per_node="${NGPU}" --rdzv_backend=c10d --rdzv_endpoint="localhost:${MASTER_PORT}" \

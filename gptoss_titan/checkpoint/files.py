@@ -19,8 +19,6 @@ from ..runtime.errors import UserError
 STEP_DIR = re.compile(r"step-(\d+)$")
 MODEL_ARGS_FILE = "model_args.json"
 CONFIG_FILE = "config.json"
-# The saved state's keys a user may list in checkpoint.exclude_from_loading ("rng": rng_rank<r>).
-LOADABLE = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "step_guard", "rng")
 
 
 class CheckpointError(UserError):

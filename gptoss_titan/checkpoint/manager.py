@@ -1,5 +1,6 @@
-"""CheckpointManager: saves and loads a run's Stateful objects with DCP, in the background if
-asked, and keeps the newest k. It knows nothing of what it saves (train_state.py does).
+"""CheckpointManager: saves and loads the state dicts it is handed with DCP, in the background if
+asked, and keeps the newest k. It knows nothing of what they hold (train/state.py does) nor when
+to save (the trainer decides).
 
 Layout (files.py): `<folder>/step-<N>/` holds the DCP files plus metadata files (the resolved
 config and the model args). A save is written to `step-<N>.tmp/` and renamed to `step-<N>/` by
@@ -31,12 +32,9 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..config import Checkpoint as CkptConfig
-from ..model.hf import is_native_only
 from ..runtime.compat import pinned_memory_stager
-from ..runtime.dtypes import dtype_of
 from ..runtime.log import logger
-from ..train.state import TrainState
-from .files import LOADABLE, CheckpointError, checkpoint_fqns, checkpoint_keys, complete_steps, step_dir
+from .files import checkpoint_keys, complete_steps, step_dir
 from .integrity import IntegrityWriter
 
 
@@ -77,7 +75,6 @@ class CheckpointManager:
         self,
         folder: Path,
         cfg: CkptConfig,
-        states: TrainState,
         metadata: dict[str, dict],
         writer: Callable[[str], FileSystemWriter] = IntegrityWriter,
         stager: Callable[[], object] | None = None,
@@ -85,7 +82,7 @@ class CheckpointManager:
         """folder: where step-<N>/ go; metadata: file name -> JSON content written into every step;
         writer: path -> DCP storage writer (tests inject a slow one); stager: makes the stager of
         async_with_pinned_mem, once per run (default: pinned host memory, CUDA only)."""
-        self.folder, self.cfg, self.states, self.metadata, self.writer = folder, cfg, states, metadata, writer
+        self.folder, self.cfg, self.metadata, self.writer = folder, cfg, metadata, writer
         pinned = cfg.async_mode == "async_with_pinned_mem"
         self.make_stager = stager or (pinned_memory_stager if pinned and torch.cuda.is_available() else None)
         self.distributed = dist.is_initialized()
@@ -107,11 +104,7 @@ class CheckpointManager:
             self._pg = dist.new_group(backend="gloo")
         return self._pg
 
-    def _barrier(self) -> None:
-        if self.distributed:
-            dist.barrier(group=self.pg)
-
-    def _any_rank(self, flag: bool) -> bool:
+    def any_rank(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (a barrier too: every rank must call it)."""
         if not self.distributed:
             return flag
@@ -120,11 +113,6 @@ class CheckpointManager:
         return bool(t)
 
     # ----- saving ---------------------------------------------------------------------------
-    def _state_dicts(self, model_only: bool, dtype: torch.dtype | None) -> dict:
-        if model_only:
-            return {"model": self.states.model.state_dict(dtype)}
-        return {k: m.state_dict() for k, m in self.states.members(self.rank).items()}
-
     def wait(self) -> None:
         """Block until the save in flight (if any) is written and renamed into place; raise
         CheckpointSaveError if it failed (its step folder was removed, older ones are intact)."""
@@ -139,23 +127,9 @@ class CheckpointManager:
             failure, self._failure = self._failure, None
             raise CheckpointSaveError(failure)
 
-    def due(self, step: int, last: bool) -> bool:
-        """Whether `maybe_save(step, last)` saves."""
-        return self.cfg.enable and (step % self.cfg.interval == 0 or last) and step != self.last_saved
-
-    def maybe_save(self, step: int, last: bool) -> None:
-        if self.due(step, last):
-            model_only = last and self.cfg.last_save_model_only
-            dtype = dtype_of(self.cfg.export_dtype) if model_only else None
-            self.save(step, model_only=model_only, export_dtype=dtype, blocking=last)
-
-    def save(
-        self,
-        step: int,
-        model_only: bool = False,
-        export_dtype: torch.dtype | None = None,
-        blocking: bool = False,
-    ) -> None:
+    def save(self, step: int, state: dict[str, dict], blocking: bool = False) -> None:
+        """Write `state` (key -> state dict) as step-<step>, in the background unless blocking or
+        async_mode is disabled; raise CheckpointSaveError (now or from a later wait()) if it fails."""
         self.wait()  # one save at a time (a failure of the previous one is raised here, on every rank)
         tmp = self.folder / f"step-{step}.tmp"
         t0 = time.perf_counter()
@@ -171,12 +145,11 @@ class CheckpointManager:
                     (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
             except OSError as e:
                 error = e
-        if self._any_rank(error is not None):  # every rank learns it, or the others would wait forever
+        if self.any_rank(error is not None):  # every rank learns it, or the others would wait forever
             self._finalize(
                 step, t0, error=error or OSError("the step folder could not be prepared on rank 0")
             )
             self.wait()
-        state = self._state_dicts(model_only, export_dtype)
         writer = self.writer(str(tmp))
         try:
             if self.cfg.async_mode == "disabled":
@@ -254,54 +227,22 @@ class CheckpointManager:
                 shutil.rmtree(step_dir(self.folder, s), ignore_errors=True)
 
     # ----- loading --------------------------------------------------------------------------
-    def load(self, path: Path, model_only: bool) -> None:
-        """Load the members of the TrainState that `path` holds (the model alone if model_only)."""
-        keys = checkpoint_keys(path)
-        members = self.states.members(self.rank)
-        excluded = set(self.cfg.exclude_from_loading) | (
-            {k for k in LOADABLE if k != "model"} if model_only else set()
-        )
-        rng_key = f"rng_rank{self.rank}"
-        rng = members.pop(rng_key)
-        members = {k: m for k, m in members.items() if k.partition("_dp")[0] not in excluded}
-        if "rng" not in excluded:
-            # Resharded to more ranks than saved: new ranks take rank 0's generator state.
-            saved_rng = next((k for k in (rng_key, "rng_rank0") if k in keys), None)
-            if saved_rng is not None:
-                members[saved_rng] = rng
-        members = {k: m for k, m in members.items() if k in keys or k not in self.states.OPTIONAL}
-        missing = [k for k in members if k not in keys]
-        stream_missing = self._any_rank(any(k.startswith("dataloader_dp") for k in missing))
-        if stream_missing:  # decided together: one rank alone would leave the others in dcp.load
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} has no stream position for every data-parallel rank of this run "
-                "(saved by another layout or without data.stream); resume a streaming run with the same layout, "
-                "or add dataloader to checkpoint.exclude_from_loading to restart the stream"
-            )
-        if missing:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} has no {missing[0]!r} state; "
-                "add it to checkpoint.exclude_from_loading or use a full checkpoint"
-            )
+    @staticmethod
+    def saved_keys(path: Path) -> set[str]:
+        """The top-level keys a checkpoint holds (a one-line CheckpointError if unreadable)."""
+        return checkpoint_keys(path)
+
+    def load(self, path: Path, state: dict[str, dict]) -> float:
+        """Fill `state` (key -> state dict, as the members' state_dict() gave them) in place from
+        `path`, every rank its own shards; the seconds it took."""
         t0 = time.perf_counter()
-        state = {k: m.state_dict() for k, m in members.items()}
-        if "model" in state:  # balancing biases are ours alone: a checkpoint without them (an HF
-            saved = checkpoint_fqns(path)  # import, a run without balancing) starts them at zero
-            absent = [k for k in state["model"] if f"model.{k}" not in saved and is_native_only(k)]
-            for k in absent:
-                del state["model"][k]
-            if absent:
-                logger.info(f"{len(absent)} expert-bias buffers are not in {path}: they start at zero")
         dcp.load(
             state,
             storage_reader=FileSystemReader(str(path)),
             process_group=self.pg,
             no_dist=not self.distributed,
         )
-        for k, m in members.items():
-            m.load_state_dict(state[k])
-        what = "model" if model_only else ", ".join(k if not k.startswith("rng") else "rng" for k in members)
-        logger.info(f"loaded {what} from {path} in {time.perf_counter() - t0:.2f}s")
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         """Wait for the save in flight and free the stager and the group (a failure of that save was

@@ -2,6 +2,7 @@
 (validation.py); `python -m gptoss_titan.config` checks a config file (__main__.py)."""
 
 from .job_config import (
+    SAVED_STATES,
     ActivationCheckpoint,
     Checkpoint,
     Comm,
@@ -31,6 +32,7 @@ from .validation import (
 )
 
 __all__ = [
+    "SAVED_STATES",
     "ActivationCheckpoint",
     "Checkpoint",
     "Comm",

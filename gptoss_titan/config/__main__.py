@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..runtime.cli import run_cli
 from .job_config import ConfigError
 from .loading import help_text, parse_args
 
@@ -17,20 +18,17 @@ def check_main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
-    try:
-        cfg = parse_args(argv)
-        for folder in (
-            [cfg.data.dataset_path] if cfg.data.dataset_path else [s.path for s in cfg.data.sources]
-        ):
-            if not ((Path(folder) / "meta.json").is_file() or (Path(folder) / "train.bin").is_file()):
-                raise ConfigError(
-                    f"data folder {folder!r} has no meta.json (nor train.bin); "
-                    "create it with scripts/prepare_data.py --output <folder>"
-                )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: check(argv))
+
+
+def check(argv: list[str]) -> None:
+    cfg = parse_args(argv)
+    for folder in [cfg.data.dataset_path] if cfg.data.dataset_path else [s.path for s in cfg.data.sources]:
+        if not ((Path(folder) / "meta.json").is_file() or (Path(folder) / "train.bin").is_file()):
+            raise ConfigError(
+                f"data folder {folder!r} has no meta.json (nor train.bin); "
+                "create it with scripts/prepare_data.py --output <folder>"
+            )
 
 
 if __name__ == "__main__":

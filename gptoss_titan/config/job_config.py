@@ -19,6 +19,12 @@ class ConfigError(UserError):
     """A user-caused configuration problem; entry points print it as one line and exit 2."""
 
 
+# The parts of a run a checkpoint holds, by key: TrainState's members (train/state.py builds its
+# checkpoint layout from this tuple, in this order) and the choices of checkpoint.exclude_from_loading
+# ("rng" stands for every rank's rng_rank<r>; "dataloader" for a streaming run's dataloader_dp<r>).
+SAVED_STATES = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state", "step_guard", "rng")
+
+
 @dataclass
 class Job:
     dump_folder: str = "./outputs"  # run folder: metrics.jsonl, TensorBoard, checkpoints, config
@@ -187,6 +193,9 @@ class Validation:
 
 @dataclass
 class Comm:
+    # fake_backend: a dry run - one process builds the meshes and every pass for the world size on
+    # a fake process group, prints per-rank memory, and exits (run_train.sh: COMM_MODE=fake_backend)
+    mode: str = "default"
     init_timeout_seconds: int = 300  # collectives' timeout until the first step ends (start-up, loading)
     train_timeout_seconds: int = 100  # collectives' timeout after that: a hung rank fails the run
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
-from ..checkpoint.files import LOADABLE
 from ..model import FLAVORS, ModelArgs
 from ..model.moe import EXPERT_KERNELS
+from ..model.tokens import VOCAB_SIZE
 from ..runtime.dtypes import DTYPE_NAMES
-from .job_config import ConfigError, JobConfig, Parallelism, Training
+from .job_config import SAVED_STATES, ConfigError, JobConfig, Parallelism, Training
 
 
 def closest(name: str, options: list[str]) -> str:
@@ -47,7 +47,7 @@ def model_args(cfg: JobConfig) -> ModelArgs:
         raise ConfigError(
             f"model.args on flavor {cfg.model.flavor} (overrides: {overrides}): {e}; change [model.args]"
         ) from None
-    corpus_vocab = 201088  # the bundled corpora are tokenized with o200k_harmony
+    corpus_vocab = VOCAB_SIZE  # the bundled corpora are tokenized with o200k_harmony
     bundled = cfg.data.dataset and not (cfg.data.dataset_path or cfg.data.sources or cfg.data.stream)
     if bundled and args.vocab_size < corpus_vocab:
         raise ConfigError(
@@ -286,13 +286,14 @@ def validate(cfg: JobConfig) -> None:
     for item in cfg.compile.components:
         _choice("compile.components", item, ("model",))
     for item in c.exclude_from_loading:
-        _choice("checkpoint.exclude_from_loading", item, LOADABLE)
+        _choice("checkpoint.exclude_from_loading", item, SAVED_STATES)
+    _choice("comm.mode", cfg.comm.mode, ("default", "fake_backend"))
     if cfg.comm.init_timeout_seconds < 1 or cfg.comm.train_timeout_seconds < 1:
         raise ConfigError(
             f"comm timeouts ({cfg.comm.init_timeout_seconds}, {cfg.comm.train_timeout_seconds}) "
             "must be >= 1 second"
         )
-    if cfg.metrics.sample_freq > 0 and args.vocab_size < 201088:
+    if cfg.metrics.sample_freq > 0 and args.vocab_size < VOCAB_SIZE:
         raise ConfigError(
             f"metrics.sample_freq = {cfg.metrics.sample_freq} needs the o200k_harmony vocabulary, but flavor "
             f"{cfg.model.flavor} has {args.vocab_size} tokens; set --metrics.sample_freq=0"

@@ -24,9 +24,10 @@ from ..config import JobConfig
 from ..data.tokenizer import get_tokenizer
 from ..interop.convert import HFFolder, args_from_hf_config, load_hf_into
 from ..model import FLAVORS, ModelArgs, Transformer
-from ..model.moe import resolve_expert_kernel
+from ..model.local import local
 from ..model.tokens import STOP_IDS
-from ..parallel import ParallelDims, parallelize
+from ..parallel.build import build_model, plan_run
+from ..runtime.cli import run_cli
 from ..runtime.distributed import (
     check_torch_version,
     device_type,
@@ -94,19 +95,17 @@ def default_dtype() -> str:
     return "bfloat16" if device_type() == "cuda" else "float32"
 
 
-def build_model(args: ModelArgs, dtype: str, rows: int, world: int) -> Transformer:
-    """The model on the meta device in `dtype`, with its expert kernel, sharded over the world by
-    `parallelize()` with the training defaults (FSDP2 over every rank) when there are several."""
-    with torch.device("meta"):
-        model = Transformer(args).to(dtype_of(dtype))
-    kernel, _ = resolve_expert_kernel("auto", device_type(), dtype_of(dtype), args.num_experts, rows)
-    model.set_expert_kernel(kernel)
-    if world > 1:
-        cfg = JobConfig()
-        cfg.training.mixed_precision_param = dtype  # parameters are stored and gathered in this dtype
-        dims = ParallelDims.from_config(cfg.parallelism, world, args.num_experts)
-        parallelize(model, dims, dims.build_meshes(device_type()), cfg)
-    return model
+def rank_model(args: ModelArgs, dtype: str, batch: int, world: int, device: torch.device) -> Transformer:
+    """The model this rank holds (parallel/build.py, as in training) with weights in `dtype`, its
+    expert kernel chosen for `batch` sequences per decode step, sharded over the world with the
+    training defaults (FSDP2 over every rank) when there are several; buffers set, weights empty
+    (device meta: shapes only)."""
+    cfg = JobConfig()
+    cfg.training.mixed_precision_param = dtype  # parameters are stored and gathered in this dtype
+    cfg.training.local_batch_size, cfg.training.seq_len = batch, 1  # one decode step's routed rows
+    plan = plan_run(cfg, world, args)
+    meshes = plan.dims.build_meshes(device_type()) if world > 1 else None
+    return build_model(cfg, plan, meshes, device, init=False, weights_dtype=dtype_of(dtype)).model
 
 
 def load_model(a: argparse.Namespace) -> Transformer:
@@ -121,9 +120,7 @@ def load_model(a: argparse.Namespace) -> Transformer:
         damage = verify_integrity(step)
         if damage:
             raise SampleError(f"checkpoint {str(step)!r} is damaged ({damage}); pass another step")
-    model = build_model(args, a.dtype, a.num_samples * args.top_k, world_size())
-    model.to_empty(device=device_type())
-    model.init_buffers()
+    model = rank_model(args, a.dtype, a.num_samples, world_size(), torch.device(device_type()))
     if a.hf:
         load_hf_into(model, folder, args)
     else:
@@ -138,18 +135,14 @@ def memory_plan(args: ModelArgs, world: int, dtype: str, batch: int, context: in
     with the real sharding (a fake process group, so no GPU is needed): the weights (this rank's
     shard), the largest FSDP unit gathered at once, and the KV cache for `batch` sequences of
     `context` tokens (every rank holds the whole cache). GiB."""
-    from torch.distributed.tensor import DTensor
-
     from ..runtime.compat import fake_process_group
 
     if world > 1:
         fake_process_group(world)
     try:
-        model = build_model(args, dtype, batch * args.top_k, world)
+        model = rank_model(args, dtype, batch, world, torch.device("meta"))
         size = dtype_of(dtype).itemsize
-        local = {
-            n: (p.to_local() if isinstance(p, DTensor) else p).numel() for n, p in model.named_parameters()
-        }
+        held = {n: local(p).numel() for n, p in model.named_parameters()}
         units = [m for m in model.modules() if hasattr(m, "unshard")] or [model]
         largest = max(
             sum(p.numel() for p in u.parameters()) for u in units[1:] or units
@@ -167,7 +160,7 @@ def memory_plan(args: ModelArgs, world: int, dtype: str, batch: int, context: in
         for i in range(args.n_layers)
     )
     gib = 2**30
-    weights = sum(local.values()) * size / gib
+    weights = sum(held.values()) * size / gib
     gathered = largest * size / gib if world > 1 else 0.0
     return {
         "weights_gib": weights,
@@ -251,35 +244,35 @@ def plan(a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(sys.argv[1:] if argv is None else argv)
-    try:
-        check_torch_version()
-        die_with_launcher()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    code = run_cli(_check_process)
+    if code:
+        return code
     quiet_single_process_warnings()
     if a.plan:
-        try:
-            plan(a)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
+        return run_cli(lambda: plan(a))
     rank, _ = init_distributed()
-    try:
-        check(a)
-        ids = prompt_ids(a)
-        model = load_model(a)
-        limit = model.args.max_seq_len
-        if len(ids) + a.max_new_tokens > limit:
-            raise SampleError(
-                f"prompt ({len(ids)} tokens) + --max_new_tokens {a.max_new_tokens} exceeds the "
-                f"model's context of {limit} tokens; shorten the prompt or ask for fewer tokens"
-            )
-    except UserError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    code = run_cli(lambda: sample(a, rank), show=rank == 0)  # every rank fails alike: rank 0 says it
+    if code == 0:
+        shutdown()
+    return code
+
+
+def _check_process() -> None:
+    check_torch_version()
+    die_with_launcher()
+
+
+def sample(a: argparse.Namespace, rank: int) -> None:
+    """Load the model, generate, print (rank 0) and write --output_json."""
+    check(a)
+    ids = prompt_ids(a)
+    model = load_model(a)
+    limit = model.args.max_seq_len
+    if len(ids) + a.max_new_tokens > limit:
+        raise SampleError(
+            f"prompt ({len(ids)} tokens) + --max_new_tokens {a.max_new_tokens} exceeds the "
+            f"model's context of {limit} tokens; shorten the prompt or ask for fewer tokens"
+        )
     enc = get_tokenizer()
     stops = STOP_IDS
     device = model.rope_cos.device
@@ -318,8 +311,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--- sample {i}\n{text}")
         if a.output_json:
             Path(a.output_json).write_text(json.dumps({"prompt": ids, "tokens": new}) + "\n")
-    shutdown()
-    return 0
 
 
 if __name__ == "__main__":

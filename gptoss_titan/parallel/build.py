@@ -1,13 +1,21 @@
-"""The model of a training run, as this process holds it: built on the meta device, cut into
-pipeline stages, given its expert kernel, parallelized by every pass, then materialized and
-initialized (the same values at any layout) unless a checkpoint will overwrite them."""
+"""The one way to build the model a rank holds, for the trainer, the dry run and the sampler.
+
+plan_run(cfg, world): the model's shape, the parallel degrees against the world size, and the batch
+layout (global batch = local x data-parallel x accumulation steps), every check with its one line.
+build_model(cfg, plan, meshes, device): built on the meta device, cut into pipeline stages, given
+its expert kernel, parallelized by every pass, then - unless the device is meta (the dry run's
+plans) - materialized and initialized (the same values at any layout), or only its buffers set
+when a checkpoint will overwrite every parameter.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, JobConfig
+from ..config import ConfigError, JobConfig, batch_layout, check_micro_batches, model_args
 from ..model import ModelArgs, Transformer
 from ..model.moe import resolve_expert_kernel
 from ..runtime.dtypes import dtype_of
@@ -16,16 +24,48 @@ from . import Meshes, ParallelDims, parallelize
 from .pipeline import Pipeline, StageView, split_stages
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run is, before any process group exists: shape, degrees, batch layout."""
+
+    args: ModelArgs
+    dims: ParallelDims
+    global_batch: int  # sequences per optimizer step, over every data-parallel rank
+    accum_steps: int  # micro-batches per optimizer step (the pipeline's micro-batches under pp)
+
+
+def plan_run(cfg: JobConfig, world: int, args: ModelArgs | None = None) -> RunPlan:
+    """The plan of `cfg` on `world` processes (args: a checkpoint's shape instead of the config's)."""
+    args = args or model_args(cfg)
+    dims = ParallelDims.from_config(cfg.parallelism, world, args.num_experts)
+    t = cfg.training
+    global_batch, accum_steps = batch_layout(t, dims.dp_degree)
+    check_micro_batches(cfg.parallelism, accum_steps, t.local_batch_size * dims.dp_degree)
+    return RunPlan(args, dims, global_batch, accum_steps)
+
+
+@dataclass
+class RankModel:
+    """The model as this rank holds it: the whole Transformer (pp = 1) or a StageView of its
+    pipeline stages; `stages` lists (stage index, module); `pipeline` runs them (None at pp = 1 and
+    on the meta device)."""
+
+    model: nn.Module
+    stages: list[tuple[int, Transformer]]
+    pipeline: Pipeline | None
+
+
 def choose_expert_kernel(
     model: Transformer, cfg: JobConfig, dims: ParallelDims, device: torch.device
 ) -> None:
     """Resolve model.expert_kernel once for this device, compute dtype and routed rows; log it."""
     t = cfg.training
-    dtype = torch.bfloat16 if t.mixed_precision_param == "bfloat16" else torch.float32
     local = model.args.num_experts // dims.ep
     rows = t.local_batch_size * t.seq_len * model.args.top_k  # routed rows per micro-batch per rank
     try:
-        kernel, why = resolve_expert_kernel(cfg.model.expert_kernel, device.type, dtype, local, rows)
+        kernel, why = resolve_expert_kernel(
+            cfg.model.expert_kernel, device.type, dtype_of(t.mixed_precision_param), local, rows
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model.set_expert_kernel(kernel)
@@ -34,49 +74,61 @@ def choose_expert_kernel(
 
 def build_model(
     cfg: JobConfig,
-    args: ModelArgs,
-    dims: ParallelDims,
+    plan: RunPlan,
     meshes: Meshes | None,
     device: torch.device,
-    init: bool,
-    accum_steps: int,
-) -> tuple[nn.Module, Pipeline | None]:
-    """(the model, the pipeline): the whole Transformer and None, or under pipeline parallelism a
-    StageView of this rank's stages and the Pipeline that runs them (accum_steps micro-batches).
-    init False: only the buffers are set (a checkpoint loads every parameter)."""
-    t = cfg.training
+    init: bool = True,
+    pp_rank: int | None = None,
+    weights_dtype: torch.dtype | None = None,
+) -> RankModel:
+    """This rank's model (pp_rank: another pipeline rank's stages, for the dry run). init False:
+    only the buffers are set (a checkpoint loads every parameter). weights_dtype: parameters stored
+    in this dtype (the sampler's bf16 weights) instead of fp32 masters."""
+    t, args, dims = cfg.training, plan.args, plan.dims
     with torch.device("meta"):
         model = Transformer(args)
-    stages = split_stages(model, meshes.pp.get_local_rank(), cfg.parallelism) if dims.pp > 1 else [(0, model)]
+    if weights_dtype is not None:
+        model = model.to(weights_dtype)
+    if dims.pp > 1:
+        pp_rank = meshes.pp.get_local_rank() if pp_rank is None else pp_rank
+        stages = split_stages(model, pp_rank, cfg.parallelism)
+    else:
+        stages = [(0, model)]
+    on_meta = device.type == "meta"
     timer = Timer()
     for _, part in stages:
-        choose_expert_kernel(part, cfg, dims, device)
+        if not on_meta:  # the dry run never runs a forward
+            choose_expert_kernel(part, cfg, dims, device)
         if t.mxfp4_qat:
             part.set_mxfp4_qat(True)
         parallelize(part, dims, meshes, cfg)
+        if on_meta:
+            continue
         part.to_empty(device=device)
         if init:
             part.init_weights(seed=t.seed)
         else:
             part.init_buffers()
-    if t.mxfp4_qat:
+    if t.mxfp4_qat and not on_meta:
         logger.info("MXFP4-aware training: expert weights quantized to MXFP4 in the forward")
-    if init:
+    if init and not on_meta:
         logger.info(f"initialized the weights in {timer.lap():.2f} s")
     if dims.pp == 1:
-        return model, None
+        return RankModel(model, stages, None)
     parts = [part for _, part in stages]
+    if on_meta:
+        return RankModel(StageView(parts), stages, None)
     pipeline = Pipeline(
         stages,
         cfg.parallelism,
         meshes.pp,
         device,
-        accum_steps,
+        plan.accum_steps,
         (t.local_batch_size, t.seq_len // dims.cp),  # each cp rank holds a share of every sequence
         (args.dim, dtype_of(t.mixed_precision_param)),
     )
     held = ", ".join(f"stage {s}: {len(p.blocks())} layers" for s, p in stages)
     logger.info(
-        f"pipeline: {cfg.parallelism.pipeline_parallel_schedule}, {accum_steps} micro-batches; {held}"
+        f"pipeline: {cfg.parallelism.pipeline_parallel_schedule}, {plan.accum_steps} micro-batches; {held}"
     )
-    return StageView(parts), pipeline
+    return RankModel(StageView(parts), stages, pipeline)

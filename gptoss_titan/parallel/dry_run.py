@@ -13,25 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
-from ..config import JobConfig, batch_layout, check_micro_batches, model_args, model_name
-from ..model import Transformer
+from ..config import JobConfig, model_name
+from ..model.local import local
 from ..model.loss import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS
 from ..runtime.compat import fake_process_group, fsdp_mesh_size
-from . import ParallelDims, parallelize
-from .pipeline import split_stages
+from ..runtime.dtypes import dtype_of
+from .build import RunPlan, build_model, plan_run
 
 GIB = 2**30
-
-
-def _local_numel(p: torch.Tensor) -> int:
-    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
 
 
 def _fsdp_groups(model: torch.nn.Module) -> list[tuple[str, int, int]]:
@@ -45,7 +39,7 @@ def _fsdp_groups(model: torch.nn.Module) -> list[tuple[str, int, int]]:
     sizes: dict[tuple[str, int], int] = {}
     for p in model.parameters():
         key = owner[id(p)]
-        sizes[key] = sizes.get(key, 0) + _local_numel(p)
+        sizes[key] = sizes.get(key, 0) + local(p).numel()
     return [(name, mesh, n) for (name, mesh), n in sizes.items()]
 
 
@@ -84,19 +78,18 @@ def activation_bytes(
     return {"blocks": blocks * tokens, "loss": loss}
 
 
-def _rank_plan(cfg: JobConfig, args, dims, meshes, pp_rank: int, micro_batches: int) -> dict:
+def _rank_plan(cfg: JobConfig, plan: RunPlan, meshes, pp_rank: int) -> dict:
     """What one rank of pipeline rank pp_rank holds (every rank when pp = 1): its stages built on
-    the meta model with every pass; parameter elements (dense, experts), FSDP groups, activations."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    stages = split_stages(model, pp_rank, cfg.parallelism) if dims.pp > 1 else [(0, model)]
-    t, pbytes = cfg.training, (2 if cfg.training.mixed_precision_param == "bfloat16" else 4)
+    the meta device with every pass; parameter elements (dense, experts), FSDP groups, activations."""
+    args, dims, micro_batches = plan.args, plan.dims, plan.accum_steps
+    stages = build_model(cfg, plan, meshes, torch.device("meta"), pp_rank=pp_rank).stages
+    t = cfg.training
+    pbytes = dtype_of(t.mixed_precision_param).itemsize
     out = {"dense": 0, "experts": 0, "groups": [], "blocks": 0.0, "loss": 0.0, "layers": 0}
     tokens = t.local_batch_size * t.seq_len // dims.cp
     for _, part in stages:
-        parallelize(part, dims, meshes, cfg)
         for n, p in part.named_parameters():
-            out["experts" if ".moe.experts." in n else "dense"] += _local_numel(p)
+            out["experts" if ".moe.experts." in n else "dense"] += local(p).numel()
         out["groups"] += _fsdp_groups(part)
         n_layers = len(part.blocks())
         out["layers"] += n_layers
@@ -119,19 +112,17 @@ def _total_gib(plan: dict) -> float:
 
 
 def dry_run(cfg: JobConfig, world_size: int) -> None:
+    plan = plan_run(cfg, world_size)
     fake_process_group(world_size)
-    args = model_args(cfg)
-    dims = ParallelDims.from_config(cfg.parallelism, world_size, args.num_experts)
+    args, dims, micro_batches = plan.args, plan.dims, plan.accum_steps
     meshes = dims.build_meshes("cpu")
     t = cfg.training
-    _, micro_batches = batch_layout(t, dims.dp_degree)
-    check_micro_batches(cfg.parallelism, micro_batches, t.local_batch_size * dims.dp_degree)
-    plans = [_rank_plan(cfg, args, dims, meshes, p, micro_batches) for p in range(dims.pp)]
+    plans = [_rank_plan(cfg, plan, meshes, p) for p in range(dims.pp)]
     worst = max(range(dims.pp), key=lambda p: _total_gib(plans[p]))
-    plan = plans[worst]
-    dense, experts = plan["dense"], plan["experts"]
-    pbytes = 2 if t.mixed_precision_param == "bfloat16" else 4
-    name, mesh, n = max(plan["groups"], key=lambda g: g[2] * g[1])
+    held = plans[worst]
+    dense, experts = held["dense"], held["experts"]
+    pbytes = dtype_of(t.mixed_precision_param).itemsize
+    name, mesh, n = max(held["groups"], key=lambda g: g[2] * g[1])
     rows = [("parameters (fp32)", 4), ("gradients (fp32)", 4), ("AdamW state (2 x fp32)", 8)]
     print(
         f"dry run: {model_name(cfg)} ({args.num_params():,} parameters) on {world_size} ranks: pp {dims.pp} x "
@@ -156,9 +147,9 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
         if cfg.activation_checkpoint.mode == "selective"
         else ""
     )
-    print(f"{'activations (estimate)':<26}{'':>12}{'':>14}{plan['blocks'] / GIB:>12.3f}")
-    print(f"{'loss (fused, chunked)':<26}{'':>12}{'':>14}{plan['loss'] / GIB:>12.3f}")
-    total += (plan["blocks"] + plan["loss"]) / GIB
+    print(f"{'activations (estimate)':<26}{'':>12}{'':>14}{held['blocks'] / GIB:>12.3f}")
+    print(f"{'loss (fused, chunked)':<26}{'':>12}{'':>14}{held['loss'] / GIB:>12.3f}")
+    total += (held["blocks"] + held["loss"]) / GIB
     print(f"{'sum':<26}{'':>12}{'':>14}{total:>12.3f}")
     print(
         f"activations for {tokens:,} tokens per rank (local_batch_size {t.local_batch_size} x seq_len {t.seq_len:,}"
@@ -167,10 +158,6 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     )
     print(
         f"largest all-gather: {name} over {mesh} ranks, {n * mesh * pbytes / GIB:.3f} GiB "
-        f"({t.mixed_precision_param}); FSDP groups: {len(plan['groups'])}"
+        f"({t.mixed_precision_param}); FSDP groups: {len(held['groups'])}"
     )
     dist.destroy_process_group()
-
-
-def is_dry_run() -> bool:
-    return os.environ.get("COMM_MODE", "") == "fake_backend"

@@ -11,11 +11,11 @@ import platform
 import signal
 import warnings
 from datetime import timedelta
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from ..config import JobConfig
 from .compat import TORCH_FLOOR, raise_recompile_limit, set_cuda_allocator_settings, torch_version
 from .errors import UserError
 
@@ -91,9 +91,18 @@ def check_torch_version() -> None:
         )
 
 
-def apply_process_settings(cfg: JobConfig) -> list[str]:
+class ProcessConfig(Protocol):
+    """What apply_process_settings reads of a JobConfig (config/ sits above this layer)."""
+
+    training: Any  # deterministic, allow_tf32, cuda_expandable_segments, cpu_keep_freed_memory
+    compile: Any  # enable
+
+
+def apply_process_settings(cfg: ProcessConfig) -> list[str]:
     """Settings that hold for the whole process, from the config, applied once by the entry point
-    before any model or tensor exists. Returns one line per setting for the log."""
+    before any model or tensor exists. Returns one line per setting for the log. The one process-wide
+    environment variable the package sets is here, for the entry points: CUBLAS_WORKSPACE_CONFIG
+    (deterministic cuBLAS; read when CUDA initializes)."""
     t = cfg.training
     done = []
     check_torch_version()

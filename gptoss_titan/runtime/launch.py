@@ -15,6 +15,7 @@ import errno
 import socket
 import sys
 
+from .cli import run_cli
 from .errors import UserError
 
 
@@ -60,14 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int)
     p.add_argument("--host", default="")
     a = p.parse_args(argv)
-    try:
+
+    def check() -> None:
         check_nproc(a.nproc)
         if a.port is not None:
             check_port(a.port, a.host)
-    except LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(check)
 
 
 if __name__ == "__main__":

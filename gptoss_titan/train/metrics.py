@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from ..config import Metrics as MetricsConfig
-from ..runtime.log import Timer, init_logging, logger  # noqa: F401  (re-exported for the trainer)
+from ..runtime.dtypes import dtype_of
+from ..runtime.log import logger
 
 # Dense peak TFLOP/s per GPU (vendor datasheets, no sparsity). "float32" is the TF32 tensor-core
 # rate, used when TF32 matmuls are allowed; otherwise the plain FP32 rate "float32_no_tf32".
@@ -87,7 +88,7 @@ def peak_tflops(device: torch.device, dtype: str, configured: float = 0.0) -> tu
         peak = gpu_peak_tflops(name, dtype, torch.backends.cuda.matmul.allow_tf32)
         if peak is not None:
             return peak, f"{name} datasheet"
-    tdtype = torch.bfloat16 if dtype == "bfloat16" and device.type == "cuda" else torch.float32
+    tdtype = dtype_of(dtype) if device.type == "cuda" else torch.float32
     return measure_matmul_tflops(device, tdtype), f"measured {tdtype} matmul on {device.type}"
 
 

@@ -1,13 +1,16 @@
 """Everything a run needs to resume exactly, as Stateful objects gathered in one TrainState.
 
-Each member has `state_dict()` / `load_state_dict()`; the CheckpointManager saves and loads them
-under fixed keys, knowing nothing about what they hold. Model and optimizer go through
+Each member has `state_dict()` / `load_state_dict()`. TrainState owns the checkpoint's layout: its
+keys (config.SAVED_STATES), which a checkpoint may lack, the per-rank ones (RNG, a stream's
+position) and what to do when a checkpoint was saved by fewer ranks. The CheckpointManager only
+saves and loads the state dicts it is handed. Model and optimizer go through
 torch.distributed.checkpoint's state-dict helpers, so the same files load at any sharding.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,7 +22,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..checkpoint.files import CheckpointError, checkpoint_fqns
+from ..checkpoint.manager import CheckpointManager
+from ..config import SAVED_STATES
 from ..data import TokenLoader
+from ..model.hf import is_native_only
+from ..runtime.log import logger
 from .guard import StepGuard
 
 
@@ -134,16 +142,65 @@ class TrainState:
         )
 
     def members(self, rank: int) -> dict[str, object]:
-        """Checkpoint key -> Stateful. RNG states (and a streaming loader's position) are per rank
-        (`rng_rank<r>`, `dataloader_dp<data-parallel rank>`); the rest is global."""
-        out = {
+        """Checkpoint key -> Stateful, in SAVED_STATES' order. RNG states (and a streaming loader's
+        position) are per rank (`rng_rank<r>`, `dataloader_dp<data-parallel rank>`); the rest is global."""
+        by_name = {
             "model": self.model,
             "optimizer": self.optimizer,
             "lr_scheduler": self.lr_scheduler,
-            getattr(self.dataloader, "state_key", "dataloader"): self.dataloader,
+            "dataloader": self.dataloader,
             "train_state": self.progress,
-            f"rng_rank{rank}": self.rng,
+            "step_guard": self.guard,
+            "rng": self.rng,
         }
-        if self.guard is not None:
-            out["step_guard"] = self.guard
-        return out
+        keys = {"dataloader": getattr(self.dataloader, "state_key", "dataloader"), "rng": f"rng_rank{rank}"}
+        return {keys.get(n, n): by_name[n] for n in SAVED_STATES if by_name[n] is not None}
+
+    def state_dicts(self, rank: int, model_only: bool = False, dtype: torch.dtype | None = None) -> dict:
+        """What a save writes: every member's state dict, or the model's alone (in `dtype`)."""
+        if model_only:
+            return {"model": self.model.state_dict(dtype)}
+        return {k: m.state_dict() for k, m in self.members(rank).items()}
+
+    def load(self, checkpoint: CheckpointManager, path: Path, exclude: list[str], model_only: bool) -> None:
+        """Load the members `path` holds (the model alone if model_only; none of `exclude`, names of
+        SAVED_STATES). A checkpoint saved by fewer ranks gives new ranks rank 0's generator state;
+        a member it lacks is a one-line CheckpointError unless optional or excluded."""
+        keys = checkpoint.saved_keys(path)
+        rank = checkpoint.rank
+        members = self.members(rank)
+        excluded = set(exclude) | ({k for k in SAVED_STATES if k != "model"} if model_only else set())
+        rng = members.pop(f"rng_rank{rank}")
+        members = {k: m for k, m in members.items() if k.partition("_dp")[0] not in excluded}
+        if "rng" not in excluded:
+            # Resharded to more ranks than saved: new ranks take rank 0's generator state.
+            saved_rng = next((k for k in (f"rng_rank{rank}", "rng_rank0") if k in keys), None)
+            if saved_rng is not None:
+                members[saved_rng] = rng
+        members = {k: m for k, m in members.items() if k in keys or k not in self.OPTIONAL}
+        missing = [k for k in members if k not in keys]
+        # decided together: one rank alone would leave the others waiting in the load
+        if checkpoint.any_rank(any(k.startswith("dataloader_dp") for k in missing)):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has no stream position for every data-parallel rank of this run "
+                "(saved by another layout or without data.stream); resume a streaming run with the same layout, "
+                "or add dataloader to checkpoint.exclude_from_loading to restart the stream"
+            )
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} has no {missing[0]!r} state; "
+                "add it to checkpoint.exclude_from_loading or use a full checkpoint"
+            )
+        state = {k: m.state_dict() for k, m in members.items()}
+        if "model" in state:  # balancing biases are ours alone: a checkpoint without them (an HF
+            saved = checkpoint_fqns(path)  # import, a run without balancing) starts them at zero
+            absent = [k for k in state["model"] if f"model.{k}" not in saved and is_native_only(k)]
+            for k in absent:
+                del state["model"][k]
+            if absent:
+                logger.info(f"{len(absent)} expert-bias buffers are not in {path}: they start at zero")
+        seconds = checkpoint.load(path, state)
+        for k, m in members.items():
+            m.load_state_dict(state[k])
+        what = "model" if model_only else ", ".join(k if not k.startswith("rng") else "rng" for k in members)
+        logger.info(f"loaded {what} from {path} in {seconds:.2f}s")

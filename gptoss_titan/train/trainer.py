@@ -8,7 +8,6 @@ loop (micro-batches, backward, clip, step; metrics, validation, samples, checkpo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -19,78 +18,54 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.files import CONFIG_FILE, MODEL_ARGS_FILE
 from ..checkpoint.integrity import IntegrityWriter
 from ..checkpoint.manager import CheckpointManager, CheckpointSaveError
-from ..config import (
-    ConfigError,
-    JobConfig,
-    batch_layout,
-    check_micro_batches,
-    help_text,
-    model_args,
-    model_name,
-    parse_args,
-)
+from ..config import ConfigError, JobConfig, help_text, model_name, parse_args
 from ..data import open_data
-from ..model.loss import IGNORE_INDEX
-from ..model.moe import update_expert_bias
-from ..parallel import ParallelDims, sync_replicated_grads
-from ..parallel.build import build_model
-from ..parallel.context_parallel import CPLayout
-from ..parallel.dry_run import dry_run, is_dry_run
-from ..parallel.grad import clip_grad_norm_
+from ..parallel.build import build_model, plan_run
+from ..parallel.dry_run import dry_run
+from ..runtime.cli import run_cli
 from ..runtime.compat import set_pg_timeout
 from ..runtime.distributed import apply_process_settings, init_distributed, local_device, shutdown, world_size
-from ..runtime.errors import TrainingStopped, UserError
+from ..runtime.dtypes import dtype_of
+from ..runtime.errors import TrainingStopped
+from ..runtime.log import Timer, init_logging, logger
 from ..runtime.runlock import claim_run_folder
-from .batching import ModelInputs
 from .evaluate import greedy_sample, validation_loss
-from .guard import StepGuard
 from .metrics import (
     MetricsLogger,
     StepResult,
-    Timer,
-    init_logging,
-    logger,
     memory_stats,
     peak_tflops,
     reset_peak_memory,
     throughput_stats,
     warn_slow_cpu_bf16,
 )
-from .optim import build_lr_scheduler, build_optimizer
 from .profiling import Profiler
 from .resume import Resume, choose_resume, import_hf
 from .state import TrainState
-from .step import forward_backward, pipeline_forward_backward
+from .step import SkipLimitReached, TrainStep
 
 
 class Trainer:
+    step_class = TrainStep  # tests inject a fault-injecting subclass here
+
     def __init__(self, cfg: JobConfig, checkpoint_writer=None, checkpoint_stager=None):
         """checkpoint_writer / checkpoint_stager: see CheckpointManager (tests inject their own)."""
         self.cfg = cfg
-        t = cfg.training
-        self.model_args = model_args(cfg)
-        # Checks that need the world size, before any process group exists.
-        self.dims = ParallelDims.from_config(cfg.parallelism, world_size(), self.model_args.num_experts)
+        # The model's shape, the degrees against the world size and the batch layout (global batch
+        # = local x dp x accumulation steps): checked before any process group exists.
+        self.plan = plan_run(cfg, world_size())
+        self.model_args, self.dims = self.plan.args, self.plan.dims
+        self.global_bs, self.accum_steps = self.plan.global_batch, self.plan.accum_steps
         self.rank, self.world_size = init_distributed(cfg.comm.init_timeout_seconds)
         self.device = local_device()
         self.meshes = self.dims.build_meshes(self.device.type) if self.world_size > 1 else None
         self.dp_rank, self.dp_degree = self.dims.dp_rank(self.rank), self.dims.dp_degree
-        cp = self.dims.cp
-        self.inputs = ModelInputs(
-            t.document_mask,
-            self.device,
-            CPLayout.balanced(t.seq_len, cp, (self.model_args.sliding_window,)) if cp > 1 else None,
-            self.meshes.cp.get_local_rank() if cp > 1 else 0,
-            self.meshes.cp.get_group().group_name if cp > 1 else None,
-        )
         init_logging(self.rank)
         if cfg.job.description:
             logger.info(f"job: {cfg.job.description}")
-        # global batch = local x dp x accumulation steps
-        self.global_bs, self.accum_steps = batch_layout(t, self.dp_degree)
-        check_micro_batches(cfg.parallelism, self.accum_steps, t.local_batch_size * self.dp_degree)
         # Data (all checks happen before anything is written to the run folder).
         self.train_loader, self.val_tokens = open_data(
             cfg, self.model_args.vocab_size, self.dp_rank, self.dp_degree
@@ -101,21 +76,14 @@ class Trainer:
         ckpt_folder = self.dump / cfg.checkpoint.folder
         resume = choose_resume(cfg.checkpoint, ckpt_folder, self.model_args)
 
-        # Model: meta -> pipeline stages -> expert kernel -> parallel passes -> to_empty -> init
-        # (same values at any layout; skipped when a checkpoint will overwrite every parameter).
+        # Model (parallel/build.py), then the step that trains it: optimizer, schedule, guard.
+        # Initialization (the same values at any layout) is skipped when a checkpoint will
+        # overwrite every parameter.
         init = resume is None or "model" in cfg.checkpoint.exclude_from_loading
-        model, self.pipeline = build_model(
-            cfg, self.model_args, self.dims, self.meshes, self.device, init, self.accum_steps
-        )
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg.optimizer)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, t.steps, cfg.lr_scheduler)
-        self.guard = StepGuard(t, self.device)
-        self.state = TrainState.build(model, self.optimizer, self.lr_scheduler, self.train_loader, self.guard)
-        # Without FSDP, bf16 compute is autocast; with FSDP it is the MixedPrecisionPolicy.
-        self.autocast_dtype = (
-            torch.bfloat16 if t.mixed_precision_param == "bfloat16" and self.meshes is None else None
-        )
+        built = build_model(cfg, self.plan, self.meshes, self.device, init)
+        self.train_module = self.step_class(cfg, self.plan, built, self.meshes, self.device)
+        m = self.train_module
+        self.state = TrainState.build(m.model, m.optimizer, m.lr_scheduler, self.train_loader, m.guard)
 
         # The run folder: one run at a time (rank 0 holds its lock until the run ends).
         self.run_lock = claim_run_folder(self.dump, self.rank, self.world_size)
@@ -130,26 +98,39 @@ class Trainer:
     ) -> None:
         cfg, t = self.cfg, self.cfg.training
         if self.rank == 0:
-            cfg.write(self.dump / "config.json")
-            (self.dump / "model_args.json").write_text(json.dumps(self.model_args.to_dict(), indent=2) + "\n")
+            cfg.write(self.dump / CONFIG_FILE)
+            (self.dump / MODEL_ARGS_FILE).write_text(json.dumps(self.model_args.to_dict(), indent=2) + "\n")
         self.barrier()
-        meta = {"config.json": cfg.to_dict(), "model_args.json": self.model_args.to_dict()}
+        meta = {CONFIG_FILE: cfg.to_dict(), MODEL_ARGS_FILE: self.model_args.to_dict()}
         writer = checkpoint_writer or IntegrityWriter
-        self.checkpoint = CheckpointManager(
-            ckpt_folder, cfg.checkpoint, self.state, meta, writer, checkpoint_stager
-        )
+        self.checkpoint = CheckpointManager(ckpt_folder, cfg.checkpoint, meta, writer, checkpoint_stager)
         self.metrics = MetricsLogger(self.dump, cfg.metrics, self.rank)
         for warning in resume.warnings if resume is not None else ():
             logger.info(f"warning: {warning}")
         if resume is not None and resume.format == "hf":
             resume = import_hf(resume, ckpt_folder / "hf-import", self.model_args, self.rank, self.world_size)
         if resume is not None:
-            self.checkpoint.load(resume.path, resume.model_only)
+            self.state.load(
+                self.checkpoint, resume.path, cfg.checkpoint.exclude_from_loading, resume.model_only
+            )
         n, a = self.model_args.num_params(), self.model_args.num_active_params()
         logger.info(
             f"model {model_name(cfg)}: {n:,} parameters, {a:,} active; {self.world_size} x {self.device}; "
             f"global batch {self.global_bs} x {t.seq_len} ({self.accum_steps} accumulation steps)"
         )
+
+    # What the step owns, by the names tools and tests use.
+    @property
+    def model(self):
+        return self.train_module.model
+
+    @property
+    def pipeline(self):
+        return self.train_module.pipeline
+
+    @property
+    def optimizer(self):
+        return self.train_module.optimizer
 
     @property
     def step(self) -> int:
@@ -159,104 +140,24 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over the loss mesh (every data-parallel rank)."""
-        if self.meshes is not None:
-            dist.all_reduce(t, group=self.meshes.loss.get_group())
-        return t
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def train_step(self) -> StepResult:
-        """One optimizer step over accum_steps micro-batches. The host does not wait for the device's
-        queue here: batches go over asynchronously, results stay tensors until a log step reads them;
-        the only waits are EP's split-size exchange and settle()'s wait for the previous step's skip
-        flag, recorded a step earlier (see guard.py)."""
-        cfg = self.cfg
+        """One optimizer step over accum_steps micro-batches (train/step.py)."""
         data_timer = Timer()
         batches = [self.train_loader.next_batch() for _ in range(self.accum_steps)]
         data_time = data_timer.lap()
-        batches = [self.inputs(x, y) for x, y in batches]
-        n_targets = self.all_reduce(sum((y != IGNORE_INDEX).sum() for _, y, _ in batches))  # the global count
-        run = pipeline_forward_backward if self.pipeline is not None else forward_backward
-        ce_total, aux_total, counts_total = run(self, batches, n_targets)
-        coef = cfg.model.aux_loss_coef
-        for part in self.parts():  # tensor parallelism: whole parameters' shares summed
-            sync_replicated_grads(part)
-        grad_norm = self.clip_gradients()
-        loss = self.all_reduce(ce_total).double() / n_targets  # global: every rank decides alike
-        self.settle()  # the previous step's skip decision (its copy arrived meanwhile): the LR schedule
-        skip = self.guard.check(loss, grad_norm, self.step)  # 1.0: skip this update (see guard.py)
-        lr = self.optimizer.param_groups[0]["lr"]
-        if cfg.optimizer.implementation == "fused":
-            self.optimizer.found_inf = skip  # the fused kernel leaves everything as it is when set
-            self.optimizer.step()
-        elif not bool(skip):  # the other implementations decide on the host (one sync)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.all_reduce(counts_total)  # expert loads over the whole batch
-        if self.model_args.load_balance_bias:
-            blocks = self.model.blocks()  # a pipeline stage holds some of them
-            rows = counts_total[[b.layer_id for b in blocks]]
-            update_expert_bias(
-                [b.moe.router for b in blocks], rows, cfg.model.load_balance_bias_rate * (1 - skip)
-            )
-        if coef > 0:
-            self.all_reduce(aux_total)
-        aux = aux_total if coef > 0 else None
-        return StepResult(loss, lr, grad_norm, counts_total, aux, data_time, skip, n_targets)
-
-    def parts(self) -> list:
-        """The modules this rank runs: the model, or its pipeline stages."""
-        return self.pipeline.parts if self.pipeline is not None else [self.model]
-
-    def clip_gradients(self) -> torch.Tensor:
-        """The global gradient norm, clipped to training.max_norm (tests inject bad gradients here)."""
-        pp = self.meshes.pp.get_group() if self.pipeline is not None else None
-        return clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm, pp, self.device)
+        result = self.train_module(batches, self.step)
+        result.data_time = data_time
+        return result
 
     def settle(self) -> None:
-        """Account for the last step's skip decision on the host: advance the LR schedule if it was
-        applied; stop the run (exit 3) after training.max_skipped_steps skips in a row."""
-        skipped = self.guard.settle()
-        if skipped is None:
-            return
-        if not skipped:
-            self.lr_scheduler.step()
-        else:
-            logger.info(
-                f"step {self.guard.last_step} skipped: loss or gradient norm not finite"
-                f"{', or a loss spike' if self.guard.sigma else ''} ({self.guard.skipped_in_a_row} in a row, "
-                f"{self.guard.skipped_total} in all)"
-            )
-        if self.guard.must_stop:
-            raise TrainingStopped(
-                f"{self.guard.skipped_in_a_row} steps in a row were skipped (loss or gradient norm not finite"
-                f"{', or a loss spike' if self.guard.sigma else ''}), the last at step {self.guard.last_step}; the last intact "
-                f"checkpoint is {self.checkpoint.last_intact()}: resume from it with a lower optimizer.lr, or check the data"
-            )
+        self.train_module.settle()
 
     def validate(self) -> float:
-        return validation_loss(
-            self.model,
-            self.val_tokens,
-            self.cfg,
-            self.dp_rank,
-            self.dp_degree,
-            self.inputs,
-            self.autocast,
-            self.all_reduce,
-            self.pipeline,
-        )
+        return validation_loss(self.train_module, self.val_tokens, self.cfg)
 
     def sample_text(self) -> str:
         m = self.cfg.metrics
-        return greedy_sample(
-            self.model, m.sample_prompt, m.sample_tokens, self.cfg.data.tokenizer, self.device, self.autocast
-        )
+        return greedy_sample(self.train_module, m.sample_prompt, m.sample_tokens, self.cfg.data.tokenizer)
 
     def train(self) -> None:
         cfg, t = self.cfg, self.cfg.training
@@ -277,6 +178,11 @@ class Trainer:
             self._loop(flops_per_token, peak, profiler)
             self.settle()
             self._save_guarded(self.checkpoint.wait)  # the save in flight
+        except SkipLimitReached as e:
+            raise TrainingStopped(
+                f"{e}; the last intact checkpoint is {self.checkpoint.last_intact()}: resume from it with a "
+                "lower optimizer.lr, or check the data"
+            ) from None
         finally:
             profiler.close()
             self.checkpoint.close()
@@ -319,7 +225,7 @@ class Trainer:
             if self.step == 1 or self.step % cfg.metrics.log_freq == 0 or last:
                 self.settle()  # the step's results are read from the device here anyway
                 stats = result.stats()
-                stats["skipped_steps"] = self.guard.skipped_total
+                stats["skipped_steps"] = self.train_module.guard.skipped_total
                 stats.update(
                     throughput_stats(
                         tokens_since,
@@ -345,10 +251,24 @@ class Trainer:
             if sampling and (self.step % cfg.metrics.sample_freq == 0 or last):
                 logger.info(f"sample at step {self.step}: {self.sample_text()!r}")
                 timer.lap()
-            if self.checkpoint.due(self.step, last):
+            if self.save_due(last):
                 self.settle()  # the checkpoint holds the schedule and counters after this step
                 self._save_guarded(self.checkpoint.wait)  # the previous save's failure, reported once
-                self._save_guarded(functools.partial(self.checkpoint.maybe_save, self.step, last))
+                self._save_guarded(functools.partial(self.save, last))
+
+    def save_due(self, last: bool) -> bool:
+        """Every checkpoint.interval steps and after the last one (once per step)."""
+        c = self.cfg.checkpoint
+        return c.enable and (self.step % c.interval == 0 or last) and self.step != self.checkpoint.last_saved
+
+    def save(self, last: bool) -> None:
+        """This step's checkpoint: in the background, but the last one blocks; with
+        checkpoint.last_save_model_only the last holds the model alone, in export_dtype."""
+        c = self.cfg.checkpoint
+        model_only = last and c.last_save_model_only
+        dtype = dtype_of(c.export_dtype) if model_only else None
+        state = self.state.state_dicts(self.rank, model_only, dtype)
+        self.checkpoint.save(self.step, state, blocking=last)
 
     def _set_train_timeout(self) -> None:
         """From the second step on, a collective that waits longer than comm.train_timeout_seconds
@@ -360,7 +280,8 @@ class Trainer:
     def save_seed_checkpoint(self) -> None:
         """Step 0 model only, so later runs at any world size start from the same weights."""
         try:
-            self._save_guarded(lambda: self.checkpoint.save(0, model_only=True, blocking=True))
+            state = self.state.state_dicts(self.rank, model_only=True)
+            self._save_guarded(lambda: self.checkpoint.save(0, state, blocking=True))
         finally:
             self.checkpoint.close()
             self.run_lock.release()
@@ -393,35 +314,31 @@ def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) ->
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
-    try:
-        cfg = parse_args(argv)
-        if is_dry_run():
-            dry_run(cfg, world_size())
-            return 0
-        seed_only = cfg.checkpoint.create_seed_checkpoint
-        if seed_only:
-            if world_size() != 1:
-                raise ConfigError("checkpoint.create_seed_checkpoint runs on one process; use NGPU=1")
-            cfg = seed_checkpoint_config(cfg)
-        settings = apply_process_settings(cfg)
-        trainer = trainer_cls(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        shutdown(barrier=False)  # every rank reaches this (the checks agree across ranks)
-        return 2
+    # every rank reaches the error path alike (the checks agree across ranks): leave at once
+    code = run_cli(lambda: _run(argv, trainer_cls), on_error=lambda: shutdown(barrier=False))
+    if code == 0:
+        shutdown()
+    return code
+
+
+def _run(argv: list[str], trainer_cls: type[Trainer]) -> None:
+    cfg = parse_args(argv)
+    if cfg.comm.mode == "fake_backend":
+        dry_run(cfg, world_size())
+        return
+    seed_only = cfg.checkpoint.create_seed_checkpoint
+    if seed_only:
+        if world_size() != 1:
+            raise ConfigError("checkpoint.create_seed_checkpoint runs on one process; use NGPU=1")
+        cfg = seed_checkpoint_config(cfg)
+    settings = apply_process_settings(cfg)
+    trainer = trainer_cls(cfg)
     for line in settings:
         logger.info(f"process: {line}")
-    try:
-        if seed_only:
-            trainer.save_seed_checkpoint()
-        else:
-            trainer.train()
-    except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        shutdown(barrier=False)
-        return e.exit_code
-    shutdown()
-    return 0
+    if seed_only:
+        trainer.save_seed_checkpoint()
+    else:
+        trainer.train()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 
 from gptoss_titan.checkpoint.integrity import IntegrityWriter
 from gptoss_titan.train import Trainer, main
+from gptoss_titan.train.step import TrainStep
 
 FAULTS = ("--slow-save", "--slow-val", "--nan-at", "--nan-from", "--skip-at")
 
@@ -46,17 +47,20 @@ def chaos_trainer(faults: dict) -> type[Trainer]:
             time.sleep(slow_save)
             return super().write_data(plan, planner)
 
-    class Chaos(Trainer):
-        def __init__(self, cfg):
-            super().__init__(cfg, checkpoint_writer=SlowWriter if slow_save else None)
-
-        def clip_gradients(self):
-            poison = self.step in nan_steps or (nan_from is not None and self.step >= nan_from)
+    class ChaosStep(TrainStep):
+        def clip_gradients(self, step):
+            poison = step in nan_steps or (nan_from is not None and step >= nan_from)
             if poison and self.rank == 0:
                 p = next(p for p in self.model.parameters() if p.grad is not None)
                 g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
                 g.view(-1)[0] = float("nan")
-            return super().clip_gradients()
+            return super().clip_gradients(step)
+
+    class Chaos(Trainer):
+        step_class = ChaosStep
+
+        def __init__(self, cfg):
+            super().__init__(cfg, checkpoint_writer=SlowWriter if slow_save else None)
 
         def train_step(self):
             if self.step == skip_at:  # consume the batches, update nothing
