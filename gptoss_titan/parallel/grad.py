@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from ..model.local import local
+
 
 @torch.no_grad()
 def clip_grad_norm_(params, max_norm: float, stages_group=None, device=None) -> torch.Tensor:
@@ -43,6 +45,6 @@ def clip_grad_norm_(params, max_norm: float, stages_group=None, device=None) -> 
     if max_norm and math.isfinite(max_norm):
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # 1 (no change) when the norm is within max_norm
         for grads in groups.values():
-            local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-            torch._foreach_mul_(local, coef.to(local[0].dtype))
+            local_grads = [local(g) for g in grads]
+            torch._foreach_mul_(local_grads, coef.to(local_grads[0].dtype))
     return total

@@ -1,9 +1,9 @@
 """The base of every error a user can cause (a bad config value, path, file or flag).
 
-Entry points catch `UserError`, print it as one line (`error: ...`) and exit with code 2; each
-subclass lives beside the code that raises it (ConfigError in config.py, DataError in data/,
-CheckpointError in checkpoint/, ConvertError in convert.py, ...). Anything else is a bug and keeps
-its traceback.
+Entry points run through `runtime/cli.run_cli`, which prints a `UserError` as one line
+(`error: ...`) and exits with code 2, a `TrainingStopped` with its own code; each subclass lives
+beside the code that raises it (ConfigError in config/, DataError here for data/, CheckpointError in
+checkpoint/files.py, ConvertError in interop/, ...). Anything else is a bug and keeps its traceback.
 """
 
 

@@ -1,6 +1,6 @@
 """Pre-launch checks for scripts/run_train.sh and scripts/multinode_trainer.slurm.
 
-  python -m gptoss_titan.launch --nproc N [--port P] [--host H]
+  python -m gptoss_titan.runtime.launch --nproc N [--port P] [--host H]
 
 Exit 2 with one line when N processes per node ask for more GPUs than this node has, or when
 the rendezvous port is already taken by a listening socket (checked only where it will be opened:
