@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import Profiling
-from .metrics import logger
+from ..runtime.log import logger
 
 
 class Profiler:

@@ -11,25 +11,8 @@ from gptoss_titan.config import parse_args
 from gptoss_titan.runtime.distributed import apply_process_settings
 from gptoss_titan.train import Trainer, main
 
-from ..conftest import build, read_metrics, synthetic_data, tiny_args
-
-
-def argv_for(tmp_path, *extra):
-    data = synthetic_data(tmp_path / "data")
-    return [
-        "--model.flavor=bench",
-        f"--data.dataset_path={data}",
-        f"--job.dump_folder={tmp_path / 'run'}",
-        "--training.steps=4",
-        "--training.seq_len=32",
-        "--training.local_batch_size=2",
-        "--metrics.log_freq=1",
-        "--validation.freq=2",
-        "--validation.steps=2",
-        "--lr_scheduler.warmup_steps=1",
-        "--optimizer.lr=3e-3",
-        *extra,
-    ]
+from ..conftest import read_metrics, synthetic_data
+from ..helpers.training import argv_for
 
 
 def test_training_learns_and_writes_metrics(tmp_path):
@@ -100,36 +83,6 @@ def test_bf16_close_to_fp32_and_balancing_options(tmp_path):
     assert all(r["aux_loss"] >= 0 for r in rows)
     bias = aux_run.model.layers[0].moe.router.expert_bias
     assert bias.abs().sum() > 0 and bias.sum().abs() < 1e-6 * 8 + 1e-3 * 8
-
-
-def test_lr_schedule():
-    from gptoss_titan.config import LRScheduler
-    from gptoss_titan.train.optim import lr_factor
-
-    cfg = LRScheduler(warmup_steps=10, decay_steps=100, decay_type="cosine", min_lr_factor=0.1)
-    assert lr_factor(1, 1000, cfg) == pytest.approx(1 / 11)
-    assert lr_factor(10, 1000, cfg) == pytest.approx(10 / 11)
-    assert lr_factor(11, 1000, cfg) == pytest.approx(1.0, abs=1e-3)
-    assert lr_factor(60, 1000, cfg) == pytest.approx(0.55)
-    assert lr_factor(110, 1000, cfg) == pytest.approx(0.1) and lr_factor(500, 1000, cfg) == pytest.approx(0.1)
-    cfg.decay_type = "linear"
-    assert lr_factor(60, 1000, cfg) == pytest.approx(0.55)
-
-
-def test_no_weight_decay_on_norms_biases_sinks_embeddings():
-    from gptoss_titan.config import Optimizer
-    from gptoss_titan.train.optim import build_optimizer
-
-    m = build(tiny_args())
-    opt = build_optimizer(m, Optimizer())
-    names = {id(p): n for n, p in m.named_parameters()}
-    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
-    assert all(
-        not any(s in n for s in ("norm", "bias", "sinks", "tok_embeddings", "b_gate_up", "b_down"))
-        for n in decayed
-    )
-    assert "output.weight" in decayed and "layers.0.moe.experts.w_gate_up" in decayed
-    assert len(decayed) + len(opt.param_groups[1]["params"]) == len(list(m.parameters()))
 
 
 BAD = [
