@@ -10,7 +10,7 @@
 3. Validation loss (the same --val_batches x 256 tokens of KJV's validation split) of
    (a) the plain fine-tune in full precision, (b) its MXFP4 export, (c) the MXFP4 export of the
    QAT fine-tune. The export's experts are the quantize-dequantized weights bit for bit
-   (tests/interop/test_export_mxfp4.py), so (b) and (c) apply that quantize-dequantize in memory.
+   (tests/interop/test_export.py), so (b) and (c) apply that quantize-dequantize in memory.
 """
 
 from __future__ import annotations

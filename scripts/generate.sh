@@ -15,5 +15,5 @@ for arg in "$@"; do  # --plan: one process counts what each of NGPU ranks would 
 done
 cores=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / NGPU > 0 ? cores / NGPU : 1 ))}
-exec torchrun --nproc_per_node="${NGPU}" --rdzv_backend=c10d --rdzv_endpoint="localhost:${MASTER_PORT:-29510}" \
+exec python -m gptoss_titan.runtime.launcher --nproc_per_node="${NGPU}" --rdzv_backend=c10d --rdzv_endpoint="localhost:${MASTER_PORT:-29510}" \
   --local-ranks-filter=0 -m gptoss_titan.sample "$@"

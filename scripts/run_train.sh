@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Launch training on one node with torchrun (TorchTitan's conventions).
+# Launch training on one node: torchrun's options and agent through gptoss_titan.runtime.launcher,
+# which hands the shell the workers' exit code (0 done, 2 bad input, 3 stopped, 128+N signal N)
+# and one line instead of torchrun's traceback (TorchTitan's conventions otherwise).
 #
 #   ./scripts/run_train.sh                                    # debug model, bundled corpus
 #   NGPU=8 CONFIG_FILE=train_configs/gpt_oss_20b.toml ./scripts/run_train.sh --training.steps=100
@@ -41,6 +43,6 @@ if [ "${COMM_MODE:-}" = "fake_backend" ]; then
     python -m gptoss_titan.train --config "${CONFIG_FILE}" --comm.mode=fake_backend "$@"
 fi
 
-exec torchrun --nproc_per_node="${NGPU}" --rdzv_backend=c10d --rdzv_endpoint="localhost:${MASTER_PORT}" \
+exec python -m gptoss_titan.runtime.launcher --nproc_per_node="${NGPU}" --rdzv_backend=c10d --rdzv_endpoint="localhost:${MASTER_PORT}" \
   --local-ranks-filter="${LOG_RANK}" \
   -m gptoss_titan.train --config "${CONFIG_FILE}" "$@"

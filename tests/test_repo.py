@@ -40,7 +40,18 @@ def test_python_files_are_readable_size():
 
 # The package's layers, bottom to top (docs/package_map.md): a module imports only from its own
 # layer and the ones below. gptoss_titan/sample.py is the `python -m gptoss_titan.sample` shim.
-LAYERS = ("runtime", "model", "config", "data", "checkpoint", "parallel", "interop", "infer", "train", "sample")
+LAYERS = (
+    "runtime",
+    "model",
+    "config",
+    "data",
+    "checkpoint",
+    "parallel",
+    "interop",
+    "infer",
+    "train",
+    "sample",
+)
 
 
 def _module_name(path: Path) -> str:
@@ -106,8 +117,10 @@ def test_no_import_cycles():
 
 # Environment variables are read only where a process starts: torchrun's contract in
 # runtime/distributed.py (WORLD_SIZE, LOCAL_RANK, TORCHELASTIC_RUN_ID) and the one variable it sets
-# for cuBLAS there; everything else is a config field (docs/configuration.md).
-ENV_FILES = {"gptoss_titan/runtime/distributed.py"}
+# for cuBLAS there; and, read but never set, tiktoken's and openai-harmony's own cache variables in
+# data/tokenizer.py, to put the bundled vocabulary file where those libraries will look for it.
+# Everything else is a config field (docs/configuration.md lists them all).
+ENV_FILES = {"gptoss_titan/runtime/distributed.py", "gptoss_titan/data/tokenizer.py"}
 
 
 def test_environment_is_read_only_at_process_start():

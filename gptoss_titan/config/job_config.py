@@ -193,9 +193,9 @@ class Validation:
 
 @dataclass
 class Comm:
-    # fake_backend: a dry run - one process builds the meshes and every pass for the world size on
-    # a fake process group, prints per-rank memory, and exits (run_train.sh: COMM_MODE=fake_backend)
-    mode: str = "default"
+    mode: str = (
+        "default"  # fake_backend: a dry run on a fake process group, no training (COMM_MODE=fake_backend)
+    )
     init_timeout_seconds: int = 300  # collectives' timeout until the first step ends (start-up, loading)
     train_timeout_seconds: int = 100  # collectives' timeout after that: a hung rank fails the run
 

@@ -1,7 +1,7 @@
 """Chat data for fine-tuning: OpenAI-style conversations -> harmony tokens and a per-token loss mask.
 
 Rendering is the official `openai-harmony` package's `render_conversation_for_training` (the
-o200k_base file comes from the bundled, sha256-checked copy: `TIKTOKEN_ENCODINGS_BASE`), with the
+o200k_base file comes from the bundled, sha256-checked copy: see `harmony`), with the
 reasoning of finished earlier turns removed first, as inference prompts have it, and
 `auto_drop_analysis=False` so that the last turn keeps its reasoning: harmony's default drops it
 whenever the final answer follows it directly, and SFT would never train the analysis channel.
@@ -34,7 +34,7 @@ import os
 from pathlib import Path
 
 from ..runtime.errors import DataError
-from .tokenizer import write_o200k_base
+from .tokenizer import seed_harmony_cache
 
 MASK_MODES = ("last_turn", "final", "all")
 
@@ -45,11 +45,10 @@ class ChatError(DataError):
 
 @functools.cache
 def harmony():
-    """The harmony encoding, offline: o200k_base from the bundled file, written once to a cache folder."""
-    folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptoss_titan" / "tiktoken"
-    if not (folder / "o200k_base.tiktoken").is_file():
-        write_o200k_base(folder / "o200k_base.tiktoken")
-    os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(folder))
+    """The harmony encoding, offline: its o200k_base file is the bundled, sha256-checked copy that
+    `seed_harmony_cache` (tokenizer.py) puts where openai-harmony's loader looks; nothing is set
+    in the environment."""
+    seed_harmony_cache()
     from openai_harmony import HarmonyEncodingName, load_harmony_encoding
 
     return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
@@ -246,7 +245,7 @@ def prepare_chat(
 
     import numpy as np
 
-    from ..model.tokens import EOT_ID
+    from ..model.tokens import EOT_ID, VOCAB_SIZE
 
     if mask_mode not in MASK_MODES:
         raise DataError(f"--mask {mask_mode!r} is not one of {', '.join(MASK_MODES)}")
@@ -284,7 +283,7 @@ def prepare_chat(
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir(parents=True)
     try:
-        meta = {"source": source or str(src), "tokenizer": "o200k_harmony", "vocab_size": 201088, "dtype": "uint32",
+        meta = {"source": source or str(src), "tokenizer": "o200k_harmony", "vocab_size": VOCAB_SIZE, "dtype": "uint32",
                 "eot_id": EOT_ID, "chat": True, "mask": mask_mode, "skipped": bad}  # fmt: skip
         for split, (toks, masks, offsets) in parts.items():
             np.concatenate(toks).tofile(tmp / f"{split}.bin")

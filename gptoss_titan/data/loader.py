@@ -2,7 +2,7 @@
 
 The token stream is cut into sequences of seq_len + 1 tokens (inputs and shifted targets share
 one window; the next window starts seq_len later). Each epoch visits them in a permutation drawn
-from (seed, epoch). A global sample counter is the whole state: global micro-batch g covers
+from (seed, epoch). A global sample counter is the whole state (order.py): global micro-batch g covers
 samples [g x dp x b, (g + 1) x dp x b) and rank r takes its b-sized slice. Because the state is
 global, a run saved with one data-parallel degree resumes exactly with another.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .order import EpochOrder
+from .order import EpochOrder, SampleLoader
 from .packed import ChatSplit, is_chat
 from .prepare import DataError, bundled_dataset
 from .shards import TokenStream, open_tokens
@@ -41,7 +41,7 @@ def open_split(folder: Path, split: str, vocab_size: int, seq_len: int) -> Token
     return open_tokens(folder, split, vocab_size, min_tokens=seq_len + 1)
 
 
-class TokenLoader:
+class TokenLoader(SampleLoader):
     """Yields (inputs, targets) int64 [b, seq_len] for one data-parallel rank; Stateful for DCP."""
 
     def __init__(
@@ -54,40 +54,18 @@ class TokenLoader:
         seed: int = 0,
         shuffle: bool = True,
     ):
-        self.tokens, self.seq_len, self.b = tokens, seq_len, local_batch_size
-        self.dp_rank, self.dp_degree, self.seed, self.shuffle = dp_rank, dp_degree, seed, shuffle
-        self.num_samples = (len(tokens) - 1) // seq_len
-        self._orders()
-        self.position = 0  # global samples consumed
+        self.tokens = tokens
+        num_samples = (len(tokens) - 1) // seq_len
+        super().__init__(num_samples, seq_len, local_batch_size, dp_rank, dp_degree, seed, shuffle)
 
     def _window(self, g: int) -> np.ndarray:
         s = self.order(g) * self.seq_len
         return self.tokens[s : s + self.seq_len + 1]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self.position + self.dp_rank * self.b
-        rows = [np.asarray(self._window(g), dtype=np.int64) for g in range(start, start + self.b)]
-        self.position += self.dp_degree * self.b
+    def _batch(self, samples: range) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [np.asarray(self._window(g), dtype=np.int64) for g in samples]
         window = torch.from_numpy(np.stack(rows))  # [b, seq_len + 1]
         return window[:, :-1], window[:, 1:]
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "seq_len": self.seq_len}
-
-    def load_state_dict(self, state: dict) -> None:
-        if int(state["seq_len"]) != self.seq_len:
-            raise DataError(
-                f"the checkpoint's data position is for seq_len {state['seq_len']}, not {self.seq_len}"
-            )
-        self.position, self.seed = int(state["position"]), int(state["seed"])
-        self._orders()  # the windows' order follows the checkpoint's seed
-
-    def _orders(self) -> None:
-        self.order = EpochOrder(self.num_samples, self.seed, self.shuffle)
 
 
 def mixture_counts(weights: list[float], block: int = MIX_BLOCK) -> np.ndarray:

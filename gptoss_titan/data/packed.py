@@ -9,7 +9,7 @@ loss divides by the supervised tokens only. A conversation longer than seq_len +
 and reported once).
 
 The packing is fixed for a run (seed); each epoch visits its sequences in a permutation drawn from
-(seed, epoch). As in loader.py, a global sample counter is the whole state: resumable at any
+(seed, epoch). As in loader.py, a global sample counter is the whole state (order.py): resumable at any
 data-parallel degree.
 """
 
@@ -24,7 +24,7 @@ import torch
 from ..model.loss import IGNORE_INDEX
 from ..model.tokens import EOT_ID
 from ..runtime.errors import DataError
-from .order import EpochOrder
+from .order import SampleLoader
 
 
 class ChatSplit:
@@ -61,13 +61,12 @@ def is_chat(folder: Path) -> bool:
     return meta.is_file() and bool(json.loads(meta.read_text()).get("chat"))
 
 
-class PackedLoader:
+class PackedLoader(SampleLoader):
     """Yields (inputs, targets) int64 [b, seq_len], targets IGNORE_INDEX outside the loss mask."""
 
     def __init__(self, data: ChatSplit, seq_len: int, b: int, dp_rank: int = 0, dp_degree: int = 1,
                  seed: int = 0, shuffle: bool = True, pack: bool = True):  # fmt: skip
-        self.data, self.seq_len, self.b = data, seq_len, b
-        self.dp_rank, self.dp_degree, self.seed, self.shuffle = dp_rank, dp_degree, seed, shuffle
+        self.data = data
         n = len(data.offsets) - 1
         order = np.random.default_rng([seed, 1 << 20]).permutation(n) if shuffle else np.arange(n)
         lengths = np.diff(data.offsets)
@@ -82,9 +81,7 @@ class PackedLoader:
             else:
                 self.sequences.append([c])
                 room = seq_len + 1 - min(length, seq_len + 1)
-        self.num_samples = len(self.sequences)
-        self.position = 0
-        self.order = EpochOrder(self.num_samples, seed, shuffle)
+        super().__init__(len(self.sequences), seq_len, b, dp_rank, dp_degree, seed, shuffle)
 
     def _sequence(self, global_sample: int) -> list[int]:
         return self.sequences[self.order(global_sample)]
@@ -102,27 +99,10 @@ class PackedLoader:
             pos += e - s
         return toks, mask
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self.position + self.dp_rank * self.b
+    def _batch(self, samples: range) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
-        for g in range(start, start + self.b):
+        for g in samples:
             toks, mask = self._window(self._sequence(g))
             xs.append(toks[:-1])
             ys.append(np.where(mask[1:], toks[1:], IGNORE_INDEX))
-        self.position += self.dp_degree * self.b
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "seq_len": self.seq_len}
-
-    def load_state_dict(self, state: dict) -> None:
-        if int(state["seq_len"]) != self.seq_len:
-            raise DataError(
-                f"the checkpoint's data position is for seq_len {state['seq_len']}, not {self.seq_len}"
-            )
-        self.position, self.seed = int(state["position"]), int(state["seed"])
-        self.order = EpochOrder(self.num_samples, self.seed, self.shuffle)

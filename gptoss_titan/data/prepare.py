@@ -280,11 +280,13 @@ def _prepare_kjv_chat(out: Path) -> None:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("GPTOSS_TITAN_CACHE", Path.home() / ".cache" / "gptoss_titan"))
+    """Where bundled corpora are prepared when data.cache_dir is "" (the config field is the only switch)."""
+    return Path.home() / ".cache" / "gptoss_titan"
 
 
 def bundled_dataset(name: str, tokenizer: str = "o200k_harmony", cache_dir: str = "") -> Path:
-    """Path of a bundled corpus's memmaps, prepared on first use (concurrent callers are safe)."""
+    """Path of a bundled corpus's memmaps under cache_dir (data.cache_dir; "" = default_cache_dir()),
+    prepared on first use (concurrent callers are safe)."""
     if name not in BUNDLED:
         raise DataError(
             f"unknown bundled dataset {name!r}; available: {', '.join(BUNDLED)} (or set data.dataset_path)"

@@ -1,70 +1,29 @@
 """Streaming converters between our DCP checkpoints and Hugging Face safetensors folders.
 
 HF -> DCP (import, here): reads each tensor (dequantizing MXFP4 experts) only when DCP writes it.
-DCP -> HF (export): export.py. Both write to a temporary folder renamed at the end.
+DCP -> HF (export): export.py. Both write to a temporary folder renamed at the end (files.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 
+from ..checkpoint.files import MODEL_ARGS_FILE
 from ..model import ModelArgs
 from ..model.hf import name_pairs
-from ..runtime.errors import UserError
+from .files import HF_CONFIG_FILE, MXFP4_TENSORS, ConvertError, publish, temp_output
 from .progress import Progress
-
-
-class ConvertError(UserError):
-    """A user-caused conversion problem; the scripts print it as one line and exit 2."""
-
-
-def parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    t = text.strip().upper()
-    for u, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if t.endswith(u) and t[: -len(u)].replace(".", "", 1).isdigit():
-            return int(float(t[: -len(u)]) * mult)
-    if t.isdigit():
-        return int(t)
-    raise ConvertError(f"--max-shard-size {text!r} is not a size; use e.g. 5GB or 500MB")
-
-
-def _temp_output(output: Path, overwrite: bool) -> Path:
-    if output.exists() and not overwrite:
-        raise ConvertError(f"output folder {str(output)!r} already exists; remove it or pass --overwrite")
-    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, output: Path) -> None:
-    if output.exists():
-        shutil.rmtree(output)
-    os.rename(tmp, output)
-
-
-def dcp_to_hf(*args, **kwargs) -> Path:
-    """DCP -> Hugging Face export: see export.py (kept here for existing imports)."""
-    from .export import dcp_to_hf as export
-
-    return export(*args, **kwargs)
-
-
-# ----- Hugging Face -> DCP -------------------------------------------------------------------
-MXFP4_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 def args_from_hf_config(cfg: dict) -> ModelArgs:
     """ModelArgs from a gpt-oss config.json (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
     if cfg.get("model_type") != "gpt_oss":
-        raise ConvertError(f"config.json has model_type {cfg.get('model_type')!r}, expected 'gpt_oss'")
+        raise ConvertError(f"{HF_CONFIG_FILE} has model_type {cfg.get('model_type')!r}, expected 'gpt_oss'")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     try:
         return ModelArgs(
@@ -90,7 +49,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
             init_std=cfg.get("initializer_range", 0.02),
         )
     except KeyError as e:
-        raise ConvertError(f"config.json lacks {e.args[0]!r}; it is not a gpt-oss config") from None
+        raise ConvertError(f"{HF_CONFIG_FILE} lacks {e.args[0]!r}; it is not a gpt-oss config") from None
 
 
 class HFFolder:
@@ -100,9 +59,9 @@ class HFFolder:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ConvertError(f"Hugging Face folder {folder!r} does not exist")
-        cfg_file = self.folder / "config.json"
+        cfg_file = self.folder / HF_CONFIG_FILE
         if not cfg_file.is_file():
-            raise ConvertError(f"{folder!r} has no config.json; pass a Hugging Face gpt-oss folder")
+            raise ConvertError(f"{folder!r} has no {HF_CONFIG_FILE}; pass a Hugging Face gpt-oss folder")
         self.config = json.loads(cfg_file.read_text())
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
@@ -231,14 +190,14 @@ def hf_to_dcp(hf_dir: str, output: str, overwrite: bool = False, progress: bool 
         state[native] = torch.empty(shape, dtype=torch.float32, device="meta")
         loaders[f"model.{native}"] = lambda hf=hf: load(hf)
     out = Path(output)
-    tmp = _temp_output(out, overwrite)
+    tmp = temp_output(out, overwrite)
     try:
         # One file per tensor: DCP's writer keeps every tensor of a file alive until the file is done.
         writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False)
         dcp.save({"model": state}, storage_writer=writer, planner=_LazySavePlanner(loaders), no_dist=True)
-        (tmp / "model_args.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+        (tmp / MODEL_ARGS_FILE).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
         (tmp / "hf_config.json").write_text(json.dumps(src.config, indent=2) + "\n")
-        _publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -272,6 +231,6 @@ def import_for_training(hf_dir: str, out: Path, model_args: ModelArgs) -> Path:
     source, record = _source_record(hf_dir), out / "hf_source.json"
     if not (out / ".metadata").is_file() or not record.is_file() or json.loads(record.read_text()) != source:
         hf_to_dcp(hf_dir, str(out), overwrite=True)
-        (out / "model_args.json").write_text(json.dumps(model_args.to_dict(), indent=2) + "\n")
+        (out / MODEL_ARGS_FILE).write_text(json.dumps(model_args.to_dict(), indent=2) + "\n")
         record.write_text(json.dumps(source, indent=1) + "\n")
     return out

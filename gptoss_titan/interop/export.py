@@ -27,8 +27,9 @@ from ..checkpoint.files import CheckpointError, read_model_args, resolve_step_di
 from ..checkpoint.integrity import verify as verify_integrity
 from ..model.hf import generation_config, hf_config, name_pairs
 from ..model.mxfp4 import quantize_mxfp4
-from ..runtime.dtypes import DTYPES
-from .convert import MXFP4_TENSORS, ConvertError, _publish, _temp_output, parse_size
+from ..model.tokens import VOCAB_SIZE
+from ..runtime.dtypes import DTYPES, dtype_of
+from .files import HF_CONFIG_FILE, MXFP4_TENSORS, ConvertError, parse_size, publish, temp_output
 from .hf_tokenizer import write_tokenizer
 from .progress import Progress
 
@@ -43,7 +44,6 @@ RELEASE_QUANTIZATION = {
     "quant_method": "mxfp4",
 }
 QUANTIZE = ("none", "mxfp4")
-O200K_HARMONY_VOCAB = 201088
 
 
 def _outputs(hf: str, shape: tuple[int, ...], quantized: bool, itemsize: int) -> list[tuple[str, int]]:
@@ -87,7 +87,7 @@ def dcp_to_hf(
         meta = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
     except Exception as e:
         raise CheckpointError(f"checkpoint {str(step_dir)!r} is unreadable ({type(e).__name__})") from None
-    out_dtype = DTYPES[dtype]
+    out_dtype = dtype_of(dtype)
     plan: list[list[tuple[str, str, tuple[int, ...], bool]]] = [[]]
     size, total_bytes = 0, 0
     for native, hf, shape in name_pairs(args):
@@ -108,7 +108,7 @@ def dcp_to_hf(
         total_bytes += nbytes
 
     out = Path(output)
-    tmp = _temp_output(out, overwrite)
+    tmp = temp_output(out, overwrite)
     shown = Progress(f"export {out.name}", sum(len(s) for s in plan), total_bytes) if progress else None
     try:
         weight_map, total = {}, 0
@@ -145,12 +145,12 @@ def dcp_to_hf(
         cfg = hf_config(args, dtype)
         if quantize == "mxfp4":
             cfg["quantization_config"] = dict(RELEASE_QUANTIZATION)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / HF_CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(args), indent=2) + "\n")
-        if args.vocab_size == O200K_HARMONY_VOCAB:  # servable as is: AutoTokenizer, vLLM, llama.cpp
+        if args.vocab_size == VOCAB_SIZE:  # servable as is: AutoTokenizer, vLLM, llama.cpp
             write_tokenizer(tmp, args.max_seq_len)
         readable(tmp)
-        _publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from .tokens import VOCAB_SIZE
+
 
 @dataclass
 class ModelArgs:
@@ -18,7 +20,7 @@ class ModelArgs:
     n_heads: int = 64  # query heads N
     n_kv_heads: int = 8  # key/value heads (GQA); query head h reads kv head h // (N / n_kv_heads)
     head_dim: int = 64  # D, per-head width (not dim / n_heads in gpt-oss)
-    vocab_size: int = 201088  # V, o200k_harmony
+    vocab_size: int = VOCAB_SIZE  # V, o200k_harmony's 201088
     num_experts: int = 32  # E, experts per MoE layer
     top_k: int = 4  # K, experts per token
     moe_inter_dim: int = 2880  # I, expert intermediate size (gate_up is 2I wide, interleaved)
@@ -144,7 +146,7 @@ FLAVORS: dict[str, ModelArgs] = {
         n_heads=4,
         n_kv_heads=2,
         head_dim=32,
-        vocab_size=201088,
+        vocab_size=VOCAB_SIZE,
         num_experts=8,
         top_k=2,
         moe_inter_dim=128,
@@ -171,7 +173,7 @@ FLAVORS: dict[str, ModelArgs] = {
         n_heads=64,
         n_kv_heads=8,
         head_dim=64,
-        vocab_size=201088,
+        vocab_size=VOCAB_SIZE,
         num_experts=32,
         top_k=4,
         moe_inter_dim=2880,
@@ -184,7 +186,7 @@ FLAVORS: dict[str, ModelArgs] = {
         n_heads=64,
         n_kv_heads=8,
         head_dim=64,
-        vocab_size=201088,
+        vocab_size=VOCAB_SIZE,
         num_experts=128,
         top_k=4,
         moe_inter_dim=2880,

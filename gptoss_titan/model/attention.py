@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.compat import FLASH_CPU, FLASH_CPU_BWD, flex_attention_lse, flex_compile_options
+from .sink_op import register_sink_op
 
 
 def causal_mask(T: int, S: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -131,10 +132,7 @@ def sink_grad(g: torch.Tensor, out: torch.Tensor, gate: torch.Tensor, sinks: tor
     return -((1 - gate) * row).sum(dim=(0, 2)).to(sinks.dtype)
 
 
-# The fused CPU kernels wrapped as custom ops: torch.compile and per-op activation checkpointing
-# see one opaque op (with its own backward) instead of tracing into the kernels.
-@torch.library.custom_op("gptoss_titan::flash_sink", mutates_args=())
-def flash_sink_op(
+def _flash_sink(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -152,15 +150,7 @@ def flash_sink_op(
     return (o * gate.unsqueeze(-1).to(o.dtype)).contiguous(), lse, gate
 
 
-@flash_sink_op.register_fake
-def _(q, k, v, sinks, causal, mask, scale):
-    B, N, T, _ = q.shape
-    acc = torch.promote_types(q.dtype, torch.float32)  # the kernel's lse: fp32, or fp64 for fp64 inputs
-    return q.new_empty(q.shape), q.new_empty((B, N, T), dtype=acc), q.new_empty((B, N, T), dtype=acc)
-
-
-@torch.library.custom_op("gptoss_titan::flash_sink_backward", mutates_args=())
-def flash_sink_backward_op(
+def _flash_sink_backward(
     g: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -182,25 +172,8 @@ def flash_sink_backward_op(
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), sink_grad(g, out, gate, sinks)
 
 
-@flash_sink_backward_op.register_fake
-def _(g, q, k, v, out, lse, gate, sinks, causal, mask, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), sinks.new_empty(sinks.shape)
-
-
-def _flash_setup(ctx, inputs, output) -> None:
-    q, k, v, sinks, causal, mask, scale = inputs
-    out, lse, gate = output
-    ctx.save_for_backward(q, k, v, out, lse, gate, sinks, mask)
-    ctx.causal, ctx.scale = causal, scale
-
-
-def _flash_backward(ctx, g, _g_lse, _g_gate):
-    q, k, v, out, lse, gate, sinks, mask = ctx.saved_tensors
-    dq, dk, dv, dsink = flash_sink_backward_op(g, q, k, v, out, lse, gate, sinks, ctx.causal, mask, ctx.scale)
-    return dq, dk, dv, dsink, None, None, None
-
-
-flash_sink_op.register_autograd(_flash_backward, setup_context=_flash_setup)
+# The fused CPU kernels as the custom ops gptoss_titan::flash_sink and ::flash_sink_backward.
+flash_sink_op, flash_sink_backward_op = register_sink_op("flash_sink", _flash_sink, _flash_sink_backward)
 
 
 def _window_block_mask(W: int, nb: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

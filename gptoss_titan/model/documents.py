@@ -32,6 +32,7 @@ from .attention import (
     sink_grad,
     unblock_queries,
 )
+from .sink_op import register_sink_op
 from .tokens import EOT_ID
 
 
@@ -117,8 +118,7 @@ def _segment_backward(g, q, k, v, out, lse, window: int, scale: float):
     return unblock_queries(dq, 1, L), fold_key_blocks(dk, 1, L), fold_key_blocks(dv, 1, L)
 
 
-@torch.library.custom_op("gptoss_titan::doc_flash_sink", mutates_args=())
-def doc_flash_sink_op(
+def _doc_flash_sink(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -143,15 +143,7 @@ def doc_flash_sink_op(
     return (out * gate.unsqueeze(-1).to(out.dtype)).contiguous(), lse, gate
 
 
-@doc_flash_sink_op.register_fake
-def _(q, k, v, sinks, segments, window, scale):
-    B, N, T, _ = q.shape
-    acc = torch.promote_types(q.dtype, torch.float32)
-    return q.new_empty(q.shape), q.new_empty((B, N, T), dtype=acc), q.new_empty((B, N, T), dtype=acc)
-
-
-@torch.library.custom_op("gptoss_titan::doc_flash_sink_backward", mutates_args=())
-def doc_flash_sink_backward_op(
+def _doc_flash_sink_backward(
     g: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -174,27 +166,9 @@ def doc_flash_sink_backward_op(
     return dq, dk, dv, sink_grad(g, out, gate, sinks)
 
 
-@doc_flash_sink_backward_op.register_fake
-def _(g, q, k, v, out, lse, gate, sinks, segments, window, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), sinks.new_empty(sinks.shape)
-
-
-def _setup(ctx, inputs, output) -> None:
-    q, k, v, sinks, segments, window, scale = inputs
-    out, lse, gate = output
-    ctx.save_for_backward(q, k, v, out, lse, gate, sinks, segments)
-    ctx.window, ctx.scale = window, scale
-
-
-def _backward(ctx, g, _g_lse, _g_gate):
-    q, k, v, out, lse, gate, sinks, segments = ctx.saved_tensors
-    dq, dk, dv, dsink = doc_flash_sink_backward_op(
-        g, q, k, v, out, lse, gate, sinks, segments, ctx.window, ctx.scale
-    )
-    return dq, dk, dv, dsink, None, None, None
-
-
-doc_flash_sink_op.register_autograd(_backward, setup_context=_setup)
+doc_flash_sink_op, doc_flash_sink_backward_op = register_sink_op(
+    "doc_flash_sink", _doc_flash_sink, _doc_flash_sink_backward
+)
 
 
 def flex_document_mask(docs: Documents, window: int | None, device: str):

@@ -13,7 +13,7 @@ import torch
 
 from ..runtime.errors import UserError
 from .args import ModelArgs
-from .tokens import CALL_ID, EOT_ID, RETURN_ID, STARTOFTEXT_ID
+from .tokens import CALL_ID, EOT_ID, RETURN_ID, STARTOFTEXT_ID, STOP_IDS
 
 # (native name, Hugging Face name); "{L}" stands for the layer index.
 NAME_TABLE: tuple[tuple[str, str], ...] = (
@@ -175,7 +175,7 @@ def hf_config(args: ModelArgs, dtype: str = "bfloat16") -> dict:
 def generation_config(args: ModelArgs) -> dict:
     """generation_config.json: stop at <|return|>, <|endoftext|> or <|call|> (as the release does)."""
     cfg = hf_config(args)
-    eos = list((RETURN_ID, EOT_ID, CALL_ID)) if args.vocab_size > CALL_ID else [cfg["eos_token_id"]]
+    eos = list(STOP_IDS) if args.vocab_size > CALL_ID else [cfg["eos_token_id"]]
     return {
         "bos_token_id": STARTOFTEXT_ID if args.vocab_size > STARTOFTEXT_ID else cfg["pad_token_id"],
         "eos_token_id": eos,

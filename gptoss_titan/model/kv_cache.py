@@ -54,6 +54,3 @@ class KVCache:
     def __init__(self, layers: list[LayerCache]):
         self.layers = layers
         self.empty = True
-
-    def memory_bytes(self) -> int:
-        return sum(c.k.numel() * c.k.element_size() * 2 for c in self.layers)

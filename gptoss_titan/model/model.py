@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from ..runtime.compat import CHECKPOINT_WRAPPED_MODULE
 from .args import ModelArgs
 from .attention import attention_mask, decode_attention, position_mask, sink_attention, training_attention
 from .documents import Documents, document_attention, flex_document_mask
@@ -220,7 +221,7 @@ class Transformer(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         for name, p in self.named_parameters():
-            name = name.replace("_checkpoint_wrapped_module.", "")  # stable under activation checkpointing
+            name = name.replace(f"{CHECKPOINT_WRAPPED_MODULE}.", "")  # stable under activation checkpointing
             kind, std = init_spec(name, p, self.args.init_std)
             init_param(p, name, kind, std, seed)
         self.init_buffers(buffer_device)

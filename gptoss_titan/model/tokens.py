@@ -13,13 +13,4 @@ EOT_ID = 199999  # <|endoftext|>: joins documents; Hugging Face's pad_token_id
 RETURN_ID = 200002  # <|return|>: ends the assistant's final answer; Hugging Face's eos_token_id
 CALL_ID = 200012  # <|call|>: ends a tool call
 
-STOP_TOKENS = ("<|return|>", "<|endoftext|>", "<|call|>")  # generation stops at any of them
-STOP_IDS = (RETURN_ID, EOT_ID, CALL_ID)
-
-# The harmony chat frame around a user prompt (the rest of the format: tests/data and README).
-CHAT_SPECIALS = frozenset({"<|start|>", "<|message|>", "<|end|>"})
-
-
-def chat_prompt(text: str) -> str:
-    """A one-turn harmony prompt asking the assistant to answer `text`."""
-    return f"<|start|>user<|message|>{text}<|end|><|start|>assistant"
+STOP_IDS = (RETURN_ID, EOT_ID, CALL_ID)  # generation stops at any of them

@@ -19,13 +19,13 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from ..config import ActivationCheckpoint
-from ..runtime.compat import attention_save_ops, checkpoint_wrapper
+from ..runtime.compat import CHECKPOINT_WRAPPED_MODULE, attention_save_ops, checkpoint_wrapper
 from ..runtime.log import logger
 
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside an activation-checkpoint wrapper (or the module itself)."""
-    return getattr(module, "_checkpoint_wrapped_module", module)
+    return getattr(module, CHECKPOINT_WRAPPED_MODULE, module)
 
 
 def save_list(compiled: bool) -> set:

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.attention import sink_gate, sink_grad
+from ..model.sink_op import register_sink_op
 from ..runtime.compat import FLASH_CPU, FLASH_CPU_BWD, all_to_all_single_autograd
 
 _NEG = float("-inf")
@@ -161,8 +162,7 @@ def _layout(pieces_t: torch.Tensor, ids_t: torch.Tensor):
     return pieces, (ids_t if ids_t.numel() else None)
 
 
-@torch.library.custom_op("gptoss_titan::ring_sink", mutates_args=())
-def ring_sink_op(
+def _ring_sink(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -204,15 +204,7 @@ def ring_sink_op(
     return (out * gate.unsqueeze(-1)).to(q.dtype).contiguous(), lse, gate
 
 
-@ring_sink_op.register_fake
-def _(q, k, v, sinks, pieces, ids, group_name, scale):
-    B, N, L, _ = q.shape
-    acc = torch.promote_types(q.dtype, torch.float32)
-    return q.new_empty(q.shape), q.new_empty((B, N, L), dtype=acc), q.new_empty((B, N, L), dtype=acc)
-
-
-@torch.library.custom_op("gptoss_titan::ring_sink_backward", mutates_args=())
-def ring_sink_backward_op(
+def _ring_sink_backward(
     g: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -269,27 +261,8 @@ def ring_sink_backward_op(
     return dq.to(q.dtype), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True), dsink
 
 
-@ring_sink_backward_op.register_fake
-def _(g, q, k, v, out, lse, gate, sinks, pieces, ids, group_name, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), sinks.new_empty(sinks.shape)
-
-
-def _setup(ctx, inputs, output) -> None:
-    q, k, v, sinks, pieces, ids, group_name, scale = inputs
-    out, lse, gate = output
-    ctx.save_for_backward(q, k, v, out, lse, gate, sinks, pieces, ids)
-    ctx.group_name, ctx.scale = group_name, scale
-
-
-def _backward(ctx, g, _g_lse, _g_gate):
-    q, k, v, out, lse, gate, sinks, pieces, ids = ctx.saved_tensors
-    dq, dk, dv, dsink = ring_sink_backward_op(
-        g, q, k, v, out, lse, gate, sinks, pieces, ids, ctx.group_name, ctx.scale
-    )
-    return dq, dk, dv, dsink, None, None, None, None
-
-
-ring_sink_op.register_autograd(_backward, setup_context=_setup)
+# The custom ops gptoss_titan::ring_sink and ::ring_sink_backward.
+ring_sink_op, ring_sink_backward_op = register_sink_op("ring_sink", _ring_sink, _ring_sink_backward)
 
 
 def halo_plan(pieces: list[list[tuple[int, int]]], window: int, rank: int):

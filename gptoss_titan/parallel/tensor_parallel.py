@@ -46,6 +46,7 @@ from ..model.local import local
 from ..model.loss import fused_linear_cross_entropy
 from ..model.model import OutputHead
 from ..model.moe import _expert_of_row
+from ..runtime.compat import CHECKPOINT_WRAPPED_MODULE
 
 
 class TPContext:
@@ -240,7 +241,7 @@ def _down_bias_share(tp_size: int):
 
 
 def _clean(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "")  # compile works in place: no _orig_mod
+    return name.replace(f"{CHECKPOINT_WRAPPED_MODULE}.", "")  # compile works in place: no _orig_mod
 
 
 @torch.no_grad()

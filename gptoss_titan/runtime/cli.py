@@ -4,6 +4,8 @@ config check, the launch check, the scripts):
   0  done
   2  bad input (UserError: config, data, checkpoint paths, flags, damaged files): one line
   3  the run stopped itself (TrainingStopped: too many skipped steps, a failed save): one line
+  1  a collective failed because another rank died (CollectiveFailed: one line; the launcher,
+     runtime/launcher.py, names the rank that died) - or a bug, with its traceback
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from .errors import TrainingStopped, UserError
+from .errors import CollectiveFailed, TrainingStopped, UserError
 
 
 def error_line(message: object) -> None:
@@ -23,13 +25,13 @@ def run_cli(
     body: Callable[[], int | None], on_error: Callable[[], None] | None = None, show: bool = True
 ) -> int:
     """Run a command's body: its exit code (None = 0), or 2 for a UserError and the error's own
-    code for TrainingStopped, printed as one line (only where `show`, e.g. on rank 0); `on_error`
+    code for TrainingStopped and CollectiveFailed, printed as one line (only where `show`, e.g. on rank 0); `on_error`
     runs before returning a failure (e.g. leave the process group without waiting)."""
     try:
         return body() or 0
-    except (UserError, TrainingStopped) as e:
+    except (UserError, TrainingStopped, CollectiveFailed) as e:
         if show:
             error_line(e)
         if on_error is not None:
             on_error()
-        return e.exit_code if isinstance(e, TrainingStopped) else 2
+        return 2 if isinstance(e, UserError) else e.exit_code

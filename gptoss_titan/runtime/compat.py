@@ -13,10 +13,17 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd  # noqa: F401 (re-export)
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper  # noqa: F401
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    _CHECKPOINT_WRAPPED_MODULE,
+    checkpoint_wrapper,  # noqa: F401
+)
 from torch.distributed.device_mesh import DeviceMesh
 
 TORCH_FLOOR = (2, 10)
+
+# The attribute under which torch's activation-checkpoint wrapper holds the wrapped module: a
+# wrapped block's parameter names carry it ("layers.0._checkpoint_wrapped_module.attention.wq.weight").
+CHECKPOINT_WRAPPED_MODULE = _CHECKPOINT_WRAPPED_MODULE
 
 # The fused CPU flash-attention kernels (forward returns the log-sum-exp), private aten ops.
 FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

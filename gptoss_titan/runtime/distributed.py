@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .compat import TORCH_FLOOR, raise_recompile_limit, set_cuda_allocator_settings, torch_version
-from .errors import UserError
+from .errors import CollectiveFailed, UserError
 
 
 def device_type() -> str:
@@ -138,6 +138,21 @@ def apply_process_settings(cfg: ProcessConfig) -> list[str]:
             else "training.cpu_keep_freed_memory: not glibc, left the allocator as it is"
         )
     return done
+
+
+def lost_peer(error: BaseException) -> CollectiveFailed | None:
+    """The one-line form of a collective that failed because another rank went away (gloo: the
+    peer's connection reset or closed; NCCL and others: torch's DistError), else None."""
+    text = str(error)
+    gloo = "gloo" in text and ("Connection reset by peer" in text or "Connection closed by peer" in text)
+    if not (isinstance(error, dist.DistError) or gloo):
+        return None
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return CollectiveFailed(
+        f"rank {rank}: a collective failed ({first[-160:]}); another rank stopped or died - the launcher's "
+        "line names it"
+    )
 
 
 def init_distributed(timeout_seconds: int = 300) -> tuple[int, int]:

@@ -20,3 +20,10 @@ class TrainingStopped(Exception):
     line, naming the last intact checkpoint; exit code 3."""
 
     exit_code = 3
+
+
+class CollectiveFailed(Exception):
+    """A collective failed because another rank stopped or died (the launcher names that rank):
+    one line, exit code 1."""
+
+    exit_code = 1

@@ -27,7 +27,14 @@ from ..parallel.build import build_model, plan_run
 from ..parallel.dry_run import dry_run
 from ..runtime.cli import run_cli
 from ..runtime.compat import set_pg_timeout
-from ..runtime.distributed import apply_process_settings, init_distributed, local_device, shutdown, world_size
+from ..runtime.distributed import (
+    apply_process_settings,
+    init_distributed,
+    local_device,
+    lost_peer,
+    shutdown,
+    world_size,
+)
 from ..runtime.dtypes import dtype_of
 from ..runtime.errors import TrainingStopped
 from ..runtime.log import Timer, init_logging, logger
@@ -335,10 +342,16 @@ def _run(argv: list[str], trainer_cls: type[Trainer]) -> None:
     trainer = trainer_cls(cfg)
     for line in settings:
         logger.info(f"process: {line}")
-    if seed_only:
-        trainer.save_seed_checkpoint()
-    else:
-        trainer.train()
+    try:
+        if seed_only:
+            trainer.save_seed_checkpoint()
+        else:
+            trainer.train()
+    except RuntimeError as e:  # another rank died: one line here, the launcher names that rank
+        lost = lost_peer(e)
+        if lost is None:
+            raise
+        raise lost from None
 
 
 if __name__ == "__main__":

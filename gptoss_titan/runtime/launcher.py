@@ -1,0 +1,91 @@
+"""torchrun without its tracebacks: the workers' exit code reaches the shell (and SLURM).
+
+  python -m gptoss_titan.runtime.launcher [torchrun's options] -m gptoss_titan.train [the trainer's]
+
+Takes torchrun's own options and runs its agent (torch.distributed.run's argument parser and
+elastic_launch), but when a worker fails it prints at most one line and exits with the worker's
+code instead of torchrun's ChildFailedError report and exit 1:
+
+  0    every worker finished
+  2    a worker reported bad input (its one line is above, from the worker)
+  3    the run stopped itself (its one line is above, from the worker)
+  1    a worker failed otherwise (a bug: its traceback is above; or a collective failed because
+       another rank died: that rank's own line says so); one line names the rank
+  128+N  a worker died by signal N (SIGKILL: the kernel's out-of-memory killer, or kill -9); one
+         line names the rank and the signal; so does a launcher that receives SIGTERM/SIGINT
+
+The root cause decides: a worker's own code (2, 3) before a signal (a rank killed, e.g. by the
+out-of-memory killer: the others then fail in their collectives), before another exit code,
+before SIGTERM (which the agent sends the other workers once one fails); then the earliest, then
+the lowest rank. scripts/run_train.sh
+and scripts/multinode_trainer.slurm launch through this module; docs/failures.md has the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+from .cli import error_line
+
+OUR_CODES = (2, 3)  # runtime/cli.py: bad input, stopped by itself
+
+
+def exit_code(failures: dict) -> tuple[int, str | None]:
+    """(exit code, the line to print or None) for torchrun's failures: global rank -> ProcessFailure
+    (exitcode: the worker's code, or -N for a signal; timestamp: when it was seen)."""
+
+    def rank_of(r: int) -> tuple:
+        c = failures[r].exitcode
+        kind = 0 if c in OUR_CODES else 2 if c > 0 else 3 if c == -signal.SIGTERM else 1
+        return kind, failures[r].timestamp, r
+
+    rank = min(failures, key=rank_of)
+    code = failures[rank].exitcode
+    if code in OUR_CODES:
+        return code, None  # the worker said it in one line already
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        hint = " (the out-of-memory killer, or kill -9)" if -code == signal.SIGKILL else ""
+        return (
+            128 - code,
+            f"rank {rank} (pid {failures[rank].pid}) died by {name}{hint}; the other ranks were stopped",
+        )
+    return (
+        code,
+        f"rank {rank} (pid {failures[rank].pid}) failed with exit code {code} (its output is above)",
+    )
+
+
+def _quiet_agent_logs() -> None:
+    """torchrun's agent logs every worker it stops as a warning; failures are reported here."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    config, cmd, cmd_args = config_from_args(args)
+    _quiet_agent_logs()
+    try:
+        elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+    except ChildFailedError as e:
+        code, line = exit_code(e.failures)
+        if line:
+            error_line(line)
+        return code
+    except SignalException as e:  # SIGTERM/SIGINT/SIGHUP to the launcher: the workers were stopped
+        error_line(f"the launcher received {signal.Signals(e.sigval).name}; the workers were stopped")
+        return 128 + int(e.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

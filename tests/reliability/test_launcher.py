@@ -1,0 +1,101 @@
+"""The launcher users call (scripts/run_train.sh -> gptoss_titan.runtime.launcher, torchrun's agent):
+the worker's exit code and its one line reach the shell, with no torchrun report; a rank that
+dies by a signal is named with its signal."""
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gptoss_titan.runtime.launcher import exit_code
+
+from ..conftest import ROOT, free_port, one_line_error, run_train_sh, synthetic_data
+
+
+@dataclass
+class Failure:  # what torchrun's ProcessFailure carries
+    exitcode: int
+    timestamp: int
+    pid: int = 100
+
+
+def test_the_worst_failure_decides():
+    term, kill = -signal.SIGTERM, -signal.SIGKILL
+    # a worker's exit 2 (its one line already printed) wins over the agent's SIGTERM of the others
+    assert exit_code({0: Failure(term, 5), 1: Failure(2, 5)}) == (2, None)
+    assert exit_code({0: Failure(3, 9), 1: Failure(1, 1)}) == (3, None)
+    code, line = exit_code({0: Failure(term, 1), 1: Failure(kill, 2, pid=7)})
+    assert code == 137 and line.startswith("rank 1 (pid 7) died by SIGKILL (the out-of-memory killer")
+    # a rank killed outright is the cause; the others then fail in their collectives (exit 1)
+    assert exit_code({0: Failure(1, 1), 1: Failure(kill, 2)})[0] == 137
+    code, line = exit_code({2: Failure(1, 4), 3: Failure(1, 3)})
+    assert code == 1 and line.startswith("rank 3 ") and "its output is above" in line
+    assert exit_code({1: Failure(term, 1)})[0] == 143
+
+
+def base(tmp_path: Path, *extra: str) -> list[str]:
+    data = synthetic_data(tmp_path / "data")
+    return [
+        "--model.flavor=bench",
+        f"--data.dataset_path={data}",
+        f"--job.dump_folder={tmp_path / 'run'}",
+        "--training.seq_len=32",
+        "--training.local_batch_size=2",
+        "--metrics.sample_freq=0",
+        "--metrics.log_freq=1",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_an_error_after_launch_is_one_line_and_exit_2(tmp_path):
+    """Bad data found by the workers (ids beyond the vocabulary): 2 processes, exit 2, one line."""
+    r = run_train_sh({"NGPU": "2"}, *base(tmp_path, "--training.steps=2", "--model.args.vocab_size=4096"))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr
+    assert ">= the model's vocab_size 4096" in one_line_error(r.stderr)
+    assert "ChildFailedError" not in r.stdout + r.stderr and not (tmp_path / "run").exists()
+
+
+def worker_pids(launcher: int) -> dict[int, int]:
+    """Global rank -> pid of the launcher's workers (their RANK variable)."""
+    out = {}
+    for pid in subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split():
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = [e for e in env if e.startswith(b"RANK=")]
+        if rank:
+            out[int(rank[0][5:])] = int(pid)
+    return out
+
+
+@pytest.mark.slow
+def test_a_rank_killed_by_a_signal_is_named(tmp_path):
+    env = {**os.environ, "NGPU": "2", "MASTER_PORT": str(free_port())}
+    p = subprocess.Popen(
+        [str(ROOT / "scripts" / "run_train.sh"), *base(tmp_path, "--training.steps=100000")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline:
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.5)
+        os.kill(worker_pids(p.pid)[1], signal.SIGKILL)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGKILL, err
+    # rank 0 (the rank shown) says in one line that a collective failed; the launcher names the cause
+    assert "Traceback" not in out + err and "ChildFailedError" not in out + err, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: rank 1 (pid ") and "died by SIGKILL" in lines[-1], err
+    assert all(line.startswith("error: ") for line in lines) and len(lines) <= 2, err
