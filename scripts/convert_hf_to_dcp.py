@@ -14,8 +14,8 @@ import argparse
 import sys
 
 from gptoss_titan.interop.convert import hf_to_dcp
+from gptoss_titan.runtime.cli import run_cli
 from gptoss_titan.runtime.distributed import quiet_single_process_warnings
-from gptoss_titan.runtime.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
     quiet_single_process_warnings()
-    try:
+
+    def convert() -> None:
         out = hf_to_dcp(a.hf, a.output, a.overwrite, progress=not a.quiet)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+
+    return run_cli(convert)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from gptoss_titan.data.prepare import BUNDLED, DEFAULT_SHARD_TOKENS, prepare
 from gptoss_titan.data.sources import file_items, hf_documents, kjv_documents
-from gptoss_titan.runtime.errors import DataError, UserError
+from gptoss_titan.runtime.cli import run_cli
+from gptoss_titan.runtime.errors import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,58 +62,61 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     try:
-        if a.val_every is None:
-            a.val_every = 20 if a.chat else 100
-        if a.val_every < 2:
-            raise DataError(f"--val_every {a.val_every} must be >= 2")
-        if a.chat:
-            from gptoss_titan.data.chat import prepare_chat
-
-            out = prepare_chat(
-                a.chat,
-                a.output,
-                a.mask,
-                a.val_every,
-                a.strict,
-                log=lambda m: print(m, file=sys.stderr),
-            )
-            print(f"wrote {out}/train.bin, val.bin (+ .mask.bin, .idx.npy), meta.json")
-            return 0
-        if a.files:
-            docs, source = file_items(a.files, a.text_field), f"{','.join(a.files)} [{a.text_field}]"
-        elif a.dataset in BUNDLED:
-            docs, source = kjv_documents(), a.dataset
-        else:
-            docs = hf_documents(a.dataset, a.split, a.text_field, a.config_name)
-            source = f"{a.dataset}:{a.config_name or ''}:{a.split} [{a.text_field}]"
-        out = prepare(
-            docs,
-            a.output,
-            source,
-            a.tokenizer,
-            a.val_every,
-            progress=True,
-            max_documents=a.max_documents,
-            workers=a.workers,
-            shard_tokens=int(a.shard_tokens),
-            max_tokens=int(a.max_tokens) if a.max_tokens is not None else None,
-        )
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk, a read-only or vanished folder: what the preparation kept can resume
-        print(
-            f"error: {e.strerror or e} ({e.filename or a.output}); fix that and run the same command again",
-            file=sys.stderr,
-        )
-        return 2
+        return run_cli(lambda: run(a))
     except KeyboardInterrupt:
         partial = Path(a.output).with_name(f".{Path(a.output).name}.partial")
         kept = "; run the same command again to resume" if partial.is_dir() else " (nothing kept)"
         print(f"interrupted{kept}", file=sys.stderr)
         return 130
+
+
+def run(a: argparse.Namespace) -> None:
+    try:
+        prepare_from_args(a)
+    except OSError as e:  # a full disk, a read-only or vanished folder: what the preparation kept can resume
+        raise DataError(
+            f"{e.strerror or e} ({e.filename or a.output}); fix that and run the same command again"
+        ) from None
+
+
+def prepare_from_args(a: argparse.Namespace) -> None:
+    if a.val_every is None:
+        a.val_every = 20 if a.chat else 100
+    if a.val_every < 2:
+        raise DataError(f"--val_every {a.val_every} must be >= 2")
+    if a.chat:
+        from gptoss_titan.data.chat import prepare_chat
+
+        out = prepare_chat(
+            a.chat,
+            a.output,
+            a.mask,
+            a.val_every,
+            a.strict,
+            log=lambda m: print(m, file=sys.stderr),
+        )
+        print(f"wrote {out}/train.bin, val.bin (+ .mask.bin, .idx.npy), meta.json")
+        return
+    if a.files:
+        docs, source = file_items(a.files, a.text_field), f"{','.join(a.files)} [{a.text_field}]"
+    elif a.dataset in BUNDLED:
+        docs, source = kjv_documents(), a.dataset
+    else:
+        docs = hf_documents(a.dataset, a.split, a.text_field, a.config_name)
+        source = f"{a.dataset}:{a.config_name or ''}:{a.split} [{a.text_field}]"
+    out = prepare(
+        docs,
+        a.output,
+        source,
+        a.tokenizer,
+        a.val_every,
+        progress=True,
+        max_documents=a.max_documents,
+        workers=a.workers,
+        shard_tokens=int(a.shard_tokens),
+        max_tokens=int(a.max_tokens) if a.max_tokens is not None else None,
+    )
     print(f"wrote {out} (token shards and meta.json)")
-    return 0
 
 
 if __name__ == "__main__":
