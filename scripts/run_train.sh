@@ -12,6 +12,7 @@
 #                the GPUs present is an error; on CPU each process gets nproc / NGPU threads
 #   LOG_RANK     ranks whose output reaches the console, comma separated (default 0)
 #   MASTER_PORT  rendezvous port on localhost (default 29500)
+#   STOP_GRACE   seconds the workers get to save after SIGTERM/SIGINT before they are killed (30)
 #   COMM_MODE    fake_backend: one process builds the meshes and applies every pass for NGPU ranks
 #                on a fake process group, prints per-rank memory, and exits without training
 #                (passed on as the config field --comm.mode=fake_backend)
@@ -43,6 +44,6 @@ if [ "${COMM_MODE:-}" = "fake_backend" ]; then
     python -m gptoss_titan.train --config "${CONFIG_FILE}" --comm.mode=fake_backend "$@"
 fi
 
-exec python -m gptoss_titan.runtime.launcher --nproc_per_node="${NGPU}" --rdzv_backend=c10d --rdzv_endpoint="localhost:${MASTER_PORT}" \
+exec python -m gptoss_titan.runtime.launcher --stop_grace="${STOP_GRACE:-30}" --nproc_per_node="${NGPU}" --rdzv_backend=c10d --rdzv_endpoint="localhost:${MASTER_PORT}" \
   --local-ranks-filter="${LOG_RANK}" \
   -m gptoss_titan.train --config "${CONFIG_FILE}" "$@"

@@ -30,6 +30,9 @@ class Job:
     dump_folder: str = "./outputs"  # run folder: metrics.jsonl, TensorBoard, checkpoints, config
     description: str = ""  # free text, logged at the start of the run
     config_file: str = ""  # the TOML file this config came from (set by the loader)
+    stop_signal: str = (
+        "SIGUSR1"  # besides SIGTERM and SIGINT: stop at the next step, save, exit (sbatch --signal)
+    )
 
 
 @dataclass

@@ -22,6 +22,15 @@ class TrainingStopped(Exception):
     exit_code = 3
 
 
+class StoppedBySignal(TrainingStopped):
+    """The run stopped on a signal at a step boundary (after saving it, when checkpoints are on):
+    one line; exit code 128 + the signal's number, as the shell reports a signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 class CollectiveFailed(Exception):
     """A collective failed because another rank stopped or died (the launcher names that rank):
     one line, exit code 1."""

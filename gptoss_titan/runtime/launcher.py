@@ -1,6 +1,6 @@
 """torchrun without its tracebacks: the workers' exit code reaches the shell (and SLURM).
 
-  python -m gptoss_titan.runtime.launcher [torchrun's options] -m gptoss_titan.train [the trainer's]
+  python -m gptoss_titan.runtime.launcher [--stop_grace S] [torchrun's options] -m gptoss_titan.train [...]
 
 Takes torchrun's own options and runs its agent (torch.distributed.run's argument parser and
 elastic_launch), but when a worker fails it prints at most one line and exits with the worker's
@@ -11,8 +11,14 @@ code instead of torchrun's ChildFailedError report and exit 1:
   3    the run stopped itself (its one line is above, from the worker)
   1    a worker failed otherwise (a bug: its traceback is above; or a collective failed because
        another rank died: that rank's own line says so); one line names the rank
-  128+N  a worker died by signal N (SIGKILL: the kernel's out-of-memory killer, or kill -9); one
-         line names the rank and the signal; so does a launcher that receives SIGTERM/SIGINT
+  128+N  the workers stopped on signal N at a step boundary and saved it (train/signals.py: their
+         one line says where), or a worker died by signal N (SIGKILL: the kernel's out-of-memory
+         killer, or kill -9: one line names the rank and the signal)
+
+Stopping: SIGTERM or SIGINT to the launcher reach the workers through torchrun's agent, which
+then waits --stop_grace seconds (default 30, torchrun's) before it kills them; the job's stop
+signal (SIGUSR1 by default, job.stop_signal; SIGUSR2 too) is forwarded to the workers here, since the agent
+does not handle it (unhandled, it would end the launcher at once).
 
 The root cause decides: a worker's own code (2, 3) before a signal (a rank killed, e.g. by the
 out-of-memory killer: the others then fail in their collectives), before another exit code,
@@ -23,13 +29,20 @@ and scripts/multinode_trainer.slurm launch through this module; docs/failures.md
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import signal
 import sys
 
 from .cli import error_line
 
-OUR_CODES = (2, 3)  # runtime/cli.py: bad input, stopped by itself
+OUR_CODES = (2, 3)  # runtime/cli.py: bad input, stopped by itself; and > 128: stopped on a signal
+
+
+def reported(code: int) -> bool:
+    """Whether a worker's exit code is one it explained in its own line."""
+    return code in OUR_CODES or code > 128
 
 
 def exit_code(failures: dict) -> tuple[int, str | None]:
@@ -38,12 +51,12 @@ def exit_code(failures: dict) -> tuple[int, str | None]:
 
     def rank_of(r: int) -> tuple:
         c = failures[r].exitcode
-        kind = 0 if c in OUR_CODES else 2 if c > 0 else 3 if c == -signal.SIGTERM else 1
+        kind = 0 if reported(c) else 2 if c > 0 else 3 if c == -signal.SIGTERM else 1
         return kind, failures[r].timestamp, r
 
     rank = min(failures, key=rank_of)
     code = failures[rank].exitcode
-    if code in OUR_CODES:
+    if reported(code):
         return code, None  # the worker said it in one line already
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
@@ -65,14 +78,41 @@ def _quiet_agent_logs() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _forward(signum: int) -> None:
+    """Pass `signum` on to this process's children (the workers the agent started)."""
+
+    def handler(sig: int, frame) -> None:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == os.getpid():  # the parent pid
+                    try:
+                        os.kill(int(entry), sig)
+                    except OSError:
+                        pass
+
+    signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    ours.add_argument("--stop_grace", type=int, default=None)
+    mine, rest = ours.parse_known_args(argv)
+    args = parse_args(rest)
     config, cmd, cmd_args = config_from_args(args)
+    if mine.stop_grace is not None:
+        config.shutdown_timeout = mine.stop_grace
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):  # job.stop_signal's choices the agent ignores
+        _forward(signum)
     _quiet_agent_logs()
     try:
         elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
@@ -82,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             error_line(line)
         return code
     except SignalException as e:  # SIGTERM/SIGINT/SIGHUP to the launcher: the workers were stopped
-        error_line(f"the launcher received {signal.Signals(e.sigval).name}; the workers were stopped")
+        error_line(
+            f"the launcher received {signal.Signals(e.sigval).name}: its workers were asked to stop "
+            "(their lines above say what they saved)"
+        )
         return 128 + int(e.sigval)
     return 0
 

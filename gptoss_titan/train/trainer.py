@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import signal
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from ..runtime.distributed import (
     world_size,
 )
 from ..runtime.dtypes import dtype_of
-from ..runtime.errors import TrainingStopped
+from ..runtime.errors import StoppedBySignal, TrainingStopped
 from ..runtime.log import Timer, init_logging, logger
 from ..runtime.runlock import claim_run_folder
 from .evaluate import greedy_sample, validation_loss
@@ -51,6 +53,7 @@ from .metrics import (
 )
 from .profiling import Profiler
 from .resume import Resume, choose_resume, import_hf
+from .signals import StopRequest
 from .state import TrainState
 from .step import SkipLimitReached, TrainStep
 
@@ -181,6 +184,7 @@ class Trainer:
         if self.device.type == "cpu" and t.mixed_precision_param == "bfloat16":
             warn_slow_cpu_bf16(self.device)
         profiler = Profiler(cfg.profiling, self.dump, self.rank, self.step, self.device)
+        self.stop_request = StopRequest(cfg.job.stop_signal, self.world_size > 1)
         try:
             self._loop(flops_per_token, peak, profiler)
             self.settle()
@@ -191,6 +195,7 @@ class Trainer:
                 "lower optimizer.lr, or check the data"
             ) from None
         finally:
+            self.stop_request.close()
             profiler.close()
             self.checkpoint.close()
             self.metrics.close()
@@ -262,6 +267,25 @@ class Trainer:
                 self.settle()  # the checkpoint holds the schedule and counters after this step
                 self._save_guarded(self.checkpoint.wait)  # the previous save's failure, reported once
                 self._save_guarded(functools.partial(self.save, last))
+            signum = self.stop_request.agreed()  # every rank stops at this step, or none
+            if signum and not last:
+                self._stop_for(signum)
+
+    def _stop_for(self, signum: int) -> None:
+        """Save this step (unless saved already) and stop with one line (exit 128 + signum)."""
+        self.settle()
+        self._save_guarded(self.checkpoint.wait)
+        name = signal.Signals(signum).name
+        if not self.cfg.checkpoint.enable:
+            saved = "checkpoint.enable is false: nothing saved"
+        else:
+            if self.checkpoint.last_saved != self.step:
+                t0 = time.perf_counter()
+                state = self.state.state_dicts(self.rank)
+                self._save_guarded(lambda: self.checkpoint.save(self.step, state, blocking=True))
+                logger.info(f"saved step {self.step} for the stop in {time.perf_counter() - t0:.1f} s")
+            saved = f"saved {self.checkpoint.last_intact()}; rerun the same command to resume"
+        raise StoppedBySignal(f"stopped by {name} at step {self.step}; {saved}", signum)
 
     def save_due(self, last: bool) -> bool:
         """Every checkpoint.interval steps and after the last one (once per step)."""

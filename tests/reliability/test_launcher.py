@@ -99,3 +99,70 @@ def test_a_rank_killed_by_a_signal_is_named(tmp_path):
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: rank 1 (pid ") and "died by SIGKILL" in lines[-1], err
     assert all(line.startswith("error: ") for line in lines) and len(lines) <= 2, err
+
+
+def start(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "NGPU": "2", "MASTER_PORT": str(free_port())}
+    return subprocess.Popen(
+        [str(ROOT / "scripts" / "run_train.sh"), *base(tmp_path, *extra)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_step(p: subprocess.Popen, run: Path, step: int) -> None:
+    deadline = time.monotonic() + 300
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert p.poll() is None, p.communicate()
+        rows = metrics.read_text().splitlines() if metrics.exists() else []
+        if sum('"loss"' in r for r in rows) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within 300 s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_stops_every_rank_at_one_step_saves_it_and_the_rerun_resumes_exactly(tmp_path, sig):
+    """SIGTERM (scancel, preemption) or SIGUSR1 (sbatch --signal) to the launcher: both ranks stop at
+    the same step, save it, say so in one line, exit 128 + N; the same command resumes from it and
+    continues bit for bit as a run that never stopped."""
+    ckpt = ("--checkpoint.enable=true", "--checkpoint.interval=1000")
+    p = start(tmp_path, "--training.steps=1000", *ckpt)
+    try:
+        wait_for_step(p, tmp_path / "run", 2)
+        os.kill(p.pid, sig)  # the launcher (run_train.sh execs it)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + sig, err
+    assert "Traceback" not in out + err and "ChildFailedError" not in out + err, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    stop = next(line for line in lines if "stopped by" in line)
+    n = int(stop.split(" at step ")[1].split(";")[0])
+    assert (
+        f"stopped by {sig.name} at step {n}; saved " in stop and f"step-{n}; rerun the same command" in stop
+    )
+    ckpts = sorted(q.name for q in (tmp_path / "run" / "checkpoint").iterdir())
+    assert ckpts == [f"step-{n}"], ckpts  # the stop step, intact (no .tmp left)
+    if sig != signal.SIGTERM:
+        return
+    again = run_train_sh({"NGPU": "2"}, *base(tmp_path, f"--training.steps={n + 2}", *ckpt))
+    assert again.returncode == 0, again.stderr[-3000:]
+    ref_dir = tmp_path / "ref"
+    ref = run_train_sh(
+        {"NGPU": "2"}, *base(tmp_path, f"--training.steps={n + 2}", f"--job.dump_folder={ref_dir}")
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    def losses_after(run: Path) -> list:
+        rows = [r for r in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
+        return [r.split('"loss": ')[1].split(",")[0] for r in rows][n:]
+
+    resumed = losses_after(tmp_path / "run")
+    assert len(resumed) == 2 and resumed == losses_after(ref_dir)  # the two steps after the stop

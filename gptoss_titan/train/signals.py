@@ -1,0 +1,56 @@
+"""A graceful stop: SIGTERM (scancel, preemption, the launcher stopping its workers), SIGINT
+(Ctrl-C) and job.stop_signal (SIGUSR1 by default, for `sbatch --signal=USR1@120`) ask the run to
+stop; every rank stops at the same step boundary, the trainer saves that step and exits with
+128 + the signal's number. A second Ctrl-C (a second later or more: a terminal and the launcher
+may deliver the first one twice) aborts at once, saving nothing.
+
+The handler only records the request; `agreed()` turns it into one decision for all ranks, once
+per step, over a gloo group of its own (a CPU scalar: no device sync, nothing mixed into the
+training collectives).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+ABORT_AFTER_SECONDS = 1.0  # a SIGINT this long after the first one is a second Ctrl-C
+
+
+class StopRequest:
+    def __init__(self, extra_signal: str, distributed: bool):
+        self.signals = {signal.SIGTERM, signal.SIGINT, signal.Signals[extra_signal]}
+        self.requested: int = 0  # the first signal's number, 0 = none
+        self.first_at = 0.0
+        self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
+        self._group = dist.new_group(backend="gloo") if distributed else None
+
+    def _handle(self, signum: int, frame) -> None:
+        if not self.requested:
+            self.requested, self.first_at = signum, time.monotonic()
+            return
+        if signum == signal.SIGINT and time.monotonic() - self.first_at > ABORT_AFTER_SECONDS:
+            print("error: aborted by a second Ctrl-C; nothing was saved", file=sys.stderr, flush=True)
+            os._exit(128 + signal.SIGINT)
+
+    def agreed(self) -> int:
+        """The signal every rank stops for (the largest number any rank received), 0 = go on. A
+        collective: every rank calls it at the same step."""
+        if self._group is None:
+            return self.requested
+        t = torch.tensor(self.requested, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        return int(t)
+
+    def close(self) -> None:
+        """Give the signals back to what handled them before (the default: the process ends)."""
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
