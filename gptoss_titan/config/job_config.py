@@ -170,6 +170,9 @@ class Metrics:
     enable_tensorboard: bool = True  # TensorBoard events in save_tb_folder (metrics.jsonl: always)
     save_tb_folder: str = "tb"  # under dump_folder
     rank_0_only: bool = True  # TensorBoard and jsonl on rank 0 only (else tb/rank_N, metrics_rank_N.jsonl)
+    on_write_error: str = (
+        "stop"  # metrics.jsonl unwritable (a full disk): stop (save, exit 3) or continue without it
+    )
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = GPU datasheet table, or a measured matmul on CPU
     sample_freq: int = 0  # print a text sample every N steps (0 = off)
     sample_prompt: str = "In the beginning"  # the periodic sample's prompt (greedy)

@@ -288,6 +288,7 @@ def validate(cfg: JobConfig) -> None:
     for item in c.exclude_from_loading:
         _choice("checkpoint.exclude_from_loading", item, SAVED_STATES)
     _choice("comm.mode", cfg.comm.mode, ("default", "fake_backend"))
+    _choice("metrics.on_write_error", cfg.metrics.on_write_error, ("stop", "continue"))
     _choice("job.stop_signal", cfg.job.stop_signal, ("SIGUSR1", "SIGUSR2", "SIGHUP"))
     if cfg.comm.init_timeout_seconds < 1 or cfg.comm.train_timeout_seconds < 1:
         raise ConfigError(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -175,15 +177,24 @@ class StepResult:
 
 
 class MetricsLogger:
-    """Writes what the trainer measured; rank 0 writes files unless told every rank should."""
+    """Writes what the trainer measured; rank 0 writes files unless told every rank should.
 
-    def __init__(self, dump_folder: Path, cfg: MetricsConfig, rank: int):
-        self.rank = rank
+    metrics.jsonl holds one whole JSON row per logged step, also across restarts: at the start a
+    torn last row (a crash or a full disk mid-write) is dropped and rows past the step the run
+    resumes from (logged after its last checkpoint) are dropped too - the resumed run writes those
+    steps again - each with a warning. A write that fails (a full disk) sets `write_error`: the
+    trainer stops at the next step (metrics.on_write_error = stop) or goes on without the file."""
+
+    def __init__(self, dump_folder: Path, cfg: MetricsConfig, rank: int, resume_step: int = 0):
+        self.rank, self.cfg = rank, cfg
         self.jsonl = None
         self.tb = None
+        self.write_error: str | None = None
         if rank == 0 or not cfg.rank_0_only:
             name = "metrics.jsonl" if rank == 0 else f"metrics_rank_{rank}.jsonl"
-            self.jsonl = open(dump_folder / name, "a", buffering=1)
+            self.path = dump_folder / name
+            repair_rows(self.path, resume_step)
+            self.jsonl = open(self.path, "a", buffering=1)
             if cfg.enable_tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -195,7 +206,7 @@ class MetricsLogger:
         TensorBoard as `name/layer_XX`, not to the console."""
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()}
         if self.jsonl:
-            self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+            self._write(json.dumps({"step": step, **clean}) + "\n")
         if self.tb:
             for k, v in clean.items():
                 items = (
@@ -209,11 +220,57 @@ class MetricsLogger:
         parts = [f"step {step:>6}"] + [_fmt(k, v) for k, v in clean.items() if not isinstance(v, list)]
         logger.info("  ".join(parts))
 
+    def _write(self, row: str) -> None:
+        """One row in one write (line-buffered: flushed whole)."""
+        try:
+            self.jsonl.write(row)
+        except OSError as e:
+            reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            self.write_error = f"{self.path} could not be written ({reason})"
+            logger.info(f"warning: {self.write_error}; no more rows are written to it")
+            try:
+                self.jsonl.close()
+            except OSError:
+                pass
+            self.jsonl = None
+
     def close(self) -> None:
         if self.jsonl:
-            self.jsonl.close()
+            try:
+                self.jsonl.close()
+            except OSError:
+                pass
         if self.tb:
             self.tb.close()
+
+
+def repair_rows(path: Path, resume_step: int) -> None:
+    """Drop a torn row and the rows past resume_step from path, atomically (warns about each)."""
+    if not path.is_file():
+        return
+    lines = path.read_bytes().split(b"\n")
+    kept, torn, later = [], 0, 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if isinstance(row, dict) and row.get("step", 0) > resume_step:
+            later += 1
+            continue
+        kept.append(line)
+    if not torn and not later and lines[-1] == b"":
+        return
+    if torn:
+        logger.info(f"warning: {path}: dropped {torn} torn row(s) (a crash or a full disk while writing)")
+    if later:
+        logger.info(f"{path}: {later} row(s) past step {resume_step}, the step resumed from, are replaced")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _fmt(k: str, v) -> str:

@@ -1,4 +1,4 @@
-"""A graceful stop: SIGTERM (scancel, preemption, the launcher stopping its workers), SIGINT
+"""A graceful stop (and the trainer's own stop when metrics.jsonl cannot be written): SIGTERM (scancel, preemption, the launcher stopping its workers), SIGINT
 (Ctrl-C) and job.stop_signal (SIGUSR1 by default, for `sbatch --signal=USR1@120`) ask the run to
 stop; every rank stops at the same step boundary, the trainer saves that step and exits with
 128 + the signal's number. A second Ctrl-C (a second later or more: a terminal and the launcher
@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 ABORT_AFTER_SECONDS = 1.0  # a SIGINT this long after the first one is a second Ctrl-C
+METRICS_FAILED = 1000  # not a signal: metrics.jsonl could not be written (above every signal number)
 
 
 class StopRequest:
@@ -37,6 +38,10 @@ class StopRequest:
         if signum == signal.SIGINT and time.monotonic() - self.first_at > ABORT_AFTER_SECONDS:
             print("error: aborted by a second Ctrl-C; nothing was saved", file=sys.stderr, flush=True)
             os._exit(128 + signal.SIGINT)
+
+    def request(self, code: int) -> None:
+        """Ask for a stop without a signal (METRICS_FAILED): decided with the others by agreed()."""
+        self.requested = max(self.requested, code)
 
     def agreed(self) -> int:
         """The signal every rank stops for (the largest number any rank received), 0 = go on. A

@@ -53,7 +53,7 @@ from .metrics import (
 )
 from .profiling import Profiler
 from .resume import Resume, choose_resume, import_hf
-from .signals import StopRequest
+from .signals import METRICS_FAILED, StopRequest
 from .state import TrainState
 from .step import SkipLimitReached, TrainStep
 
@@ -114,7 +114,6 @@ class Trainer:
         meta = {CONFIG_FILE: cfg.to_dict(), MODEL_ARGS_FILE: self.model_args.to_dict()}
         writer = checkpoint_writer or IntegrityWriter
         self.checkpoint = CheckpointManager(ckpt_folder, cfg.checkpoint, meta, writer, checkpoint_stager)
-        self.metrics = MetricsLogger(self.dump, cfg.metrics, self.rank)
         for warning in resume.warnings if resume is not None else ():
             logger.info(f"warning: {warning}")
         if resume is not None and resume.format == "hf":
@@ -123,6 +122,7 @@ class Trainer:
             self.state.load(
                 self.checkpoint, resume.path, cfg.checkpoint.exclude_from_loading, resume.model_only
             )
+        self.metrics = MetricsLogger(self.dump, cfg.metrics, self.rank, resume_step=self.step)
         n, a = self.model_args.num_params(), self.model_args.num_active_params()
         logger.info(
             f"model {model_name(cfg)}: {n:,} parameters, {a:,} active; {self.world_size} x {self.device}; "
@@ -267,15 +267,18 @@ class Trainer:
                 self.settle()  # the checkpoint holds the schedule and counters after this step
                 self._save_guarded(self.checkpoint.wait)  # the previous save's failure, reported once
                 self._save_guarded(functools.partial(self.save, last))
+            if self.metrics.write_error and cfg.metrics.on_write_error == "stop":
+                self.stop_request.request(METRICS_FAILED)
             signum = self.stop_request.agreed()  # every rank stops at this step, or none
             if signum and not last:
                 self._stop_for(signum)
 
     def _stop_for(self, signum: int) -> None:
-        """Save this step (unless saved already) and stop with one line (exit 128 + signum)."""
+        """Save this step (unless saved already) and stop with one line: exit 128 + signum, or 3
+        when metrics.jsonl could not be written (METRICS_FAILED)."""
         self.settle()
         self._save_guarded(self.checkpoint.wait)
-        name = signal.Signals(signum).name
+        name = "an unwritable metrics.jsonl" if signum == METRICS_FAILED else signal.Signals(signum).name
         if not self.cfg.checkpoint.enable:
             saved = "checkpoint.enable is false: nothing saved"
         else:
@@ -285,7 +288,11 @@ class Trainer:
                 self._save_guarded(lambda: self.checkpoint.save(self.step, state, blocking=True))
                 logger.info(f"saved step {self.step} for the stop in {time.perf_counter() - t0:.1f} s")
             saved = f"saved {self.checkpoint.last_intact()}; rerun the same command to resume"
-        raise StoppedBySignal(f"stopped by {name} at step {self.step}; {saved}", signum)
+        message = f"stopped by {name} at step {self.step}; {saved}"
+        if signum == METRICS_FAILED:
+            why = self.metrics.write_error or "metrics.jsonl could not be written on rank 0"
+            raise TrainingStopped(f"{why}: {message}; or set metrics.on_write_error = continue")
+        raise StoppedBySignal(message, signum)
 
     def save_due(self, last: bool) -> bool:
         """Every checkpoint.interval steps and after the last one (once per step)."""
