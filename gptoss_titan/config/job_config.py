@@ -30,9 +30,7 @@ class Job:
     dump_folder: str = "./outputs"  # run folder: metrics.jsonl, TensorBoard, checkpoints, config
     description: str = ""  # free text, logged at the start of the run
     config_file: str = ""  # the TOML file this config came from (set by the loader)
-    stop_signal: str = (
-        "SIGUSR1"  # besides SIGTERM and SIGINT: stop at the next step, save, exit (sbatch --signal)
-    )
+    stop_signal: str = "SIGUSR1"  # like SIGTERM/SIGINT: stop at a step, save it, exit (sbatch --signal)
 
 
 @dataclass
@@ -170,9 +168,7 @@ class Metrics:
     enable_tensorboard: bool = True  # TensorBoard events in save_tb_folder (metrics.jsonl: always)
     save_tb_folder: str = "tb"  # under dump_folder
     rank_0_only: bool = True  # TensorBoard and jsonl on rank 0 only (else tb/rank_N, metrics_rank_N.jsonl)
-    on_write_error: str = (
-        "stop"  # metrics.jsonl unwritable (a full disk): stop (save, exit 3) or continue without it
-    )
+    on_write_error: str = "stop"  # metrics.jsonl unwritable: stop (save, exit 3) or continue without it
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = GPU datasheet table, or a measured matmul on CPU
     sample_freq: int = 0  # print a text sample every N steps (0 = off)
     sample_prompt: str = "In the beginning"  # the periodic sample's prompt (greedy)
