@@ -195,9 +195,7 @@ class Validation:
 
 @dataclass
 class Comm:
-    mode: str = (
-        "default"  # fake_backend: a dry run on a fake process group, no training (COMM_MODE=fake_backend)
-    )
+    mode: str = "default"  # fake_backend: a dry run on a fake process group (COMM_MODE=fake_backend)
     init_timeout_seconds: int = 300  # collectives' timeout until the first step ends (start-up, loading)
     train_timeout_seconds: int = 100  # collectives' timeout after that: a hung rank fails the run
 
