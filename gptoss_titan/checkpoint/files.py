@@ -19,6 +19,13 @@ from ..runtime.errors import UserError
 STEP_DIR = re.compile(r"step-(\d+)$")
 MODEL_ARGS_FILE = "model_args.json"
 CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"  # the run's layout at the save: world size, global batch, accumulation steps
+
+
+def read_run_file(path: Path) -> dict:
+    """A step folder's run.json ({} for checkpoints saved before it existed)."""
+    f = path / RUN_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 class CheckpointError(UserError):

@@ -64,22 +64,29 @@ class ModelState:
 class OptimizerState:
     """AdamW's moments and step counts, keyed by parameter name (so any sharding loads them)."""
 
+    SETTINGS = ("weight_decay", "betas", "eps")  # the config's, not the checkpoint's, after a load
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
+        self.config = [{k: g[k] for k in self.SETTINGS} for g in optimizer.param_groups]
 
     def state_dict(self) -> dict:
         return get_optimizer_state_dict(self.model, self.optimizer)
 
     def load_state_dict(self, state: dict) -> None:
         set_optimizer_state_dict(self.model, self.optimizer, state)
+        for group, settings in zip(self.optimizer.param_groups, self.config):
+            group.update(settings)  # a resume may change them (train/contract.py)
 
 
 class LRSchedulerState:
     """The schedule's position. Loaded after the optimizer: the learning rate then follows the
-    current config (e.g. a run extended to more training.steps), not the lr saved in the groups."""
+    current config - its optimizer.lr and schedule (e.g. a run extended to more training.steps) at
+    the resumed step - not the lr saved in the groups."""
 
     def __init__(self, scheduler: torch.optim.lr_scheduler.LambdaLR):
         self.scheduler = scheduler
+        self.base_lrs = list(scheduler.base_lrs)  # the config's peak lr per group
 
     def state_dict(self) -> dict:
         return self.scheduler.state_dict()
@@ -87,7 +94,9 @@ class LRSchedulerState:
     def load_state_dict(self, state: dict) -> None:
         s = self.scheduler
         s.load_state_dict(state)
+        s.base_lrs = list(self.base_lrs)
         for group, base, fn in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
+            group["initial_lr"] = base
             group["lr"] = base * fn(s.last_epoch)
 
 

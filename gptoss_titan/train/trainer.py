@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.files import CONFIG_FILE, MODEL_ARGS_FILE
+from ..checkpoint.files import CONFIG_FILE, MODEL_ARGS_FILE, RUN_FILE, read_run_file
 from ..checkpoint.integrity import IntegrityWriter
 from ..checkpoint.manager import CheckpointManager, CheckpointSaveError
 from ..config import ConfigError, JobConfig, help_text, model_name, parse_args
@@ -41,6 +41,7 @@ from ..runtime.dtypes import dtype_of
 from ..runtime.errors import StoppedBySignal, TrainingStopped
 from ..runtime.log import Timer, init_logging, logger
 from ..runtime.runlock import claim_run_folder
+from .contract import resume_lines
 from .evaluate import greedy_sample, validation_loss
 from .metrics import (
     MetricsLogger,
@@ -85,6 +86,10 @@ class Trainer:
         self.dump = Path(cfg.job.dump_folder)
         ckpt_folder = self.dump / cfg.checkpoint.folder
         resume = choose_resume(cfg.checkpoint, ckpt_folder, self.model_args)
+        if resume is not None and resume.format == "dcp" and not resume.model_only:  # the resume contract
+            saved_batch = read_run_file(resume.path).get("global_batch")
+            for line in resume_lines(resume.path, cfg, self.global_bs, saved_batch):
+                logger.info(line)
 
         # Model (parallel/build.py), then the step that trains it: optimizer, schedule, guard.
         # Initialization (the same values at any layout) is skipped when a checkpoint will
@@ -111,7 +116,8 @@ class Trainer:
             cfg.write(self.dump / CONFIG_FILE)
             (self.dump / MODEL_ARGS_FILE).write_text(json.dumps(self.model_args.to_dict(), indent=2) + "\n")
         self.barrier()
-        meta = {CONFIG_FILE: cfg.to_dict(), MODEL_ARGS_FILE: self.model_args.to_dict()}
+        run = {"world_size": self.world_size, "global_batch": self.global_bs, "accum_steps": self.accum_steps}
+        meta = {CONFIG_FILE: cfg.to_dict(), MODEL_ARGS_FILE: self.model_args.to_dict(), RUN_FILE: run}
         writer = checkpoint_writer or IntegrityWriter
         self.checkpoint = CheckpointManager(ckpt_folder, cfg.checkpoint, meta, writer, checkpoint_stager)
         for warning in resume.warnings if resume is not None else ():
