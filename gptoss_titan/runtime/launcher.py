@@ -30,12 +30,18 @@ and scripts/multinode_trainer.slurm launch through this module; docs/failures.md
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 from .cli import error_line
+from .errors import UserError
 
 OUR_CODES = (2, 3)  # runtime/cli.py: bad input, stopped by itself; and > 128: stopped on a signal
 
@@ -97,6 +103,41 @@ def _forward(signum: int) -> None:
     signal.signal(signum, handler)
 
 
+def _is_local(host: str) -> bool:
+    """Whether `host` is an address of this machine (binding to it works)."""
+    try:
+        with socket.create_server((host, 0)):
+            return True
+    except OSError:
+        return False
+
+
+def claim_port(endpoint: str):
+    """An flock on the rendezvous port for the launcher's life when the endpoint is on this machine
+    (the head node): a second launch on the same port is refused in one line at once, instead of
+    joining the first one's rendezvous and waiting for its whole run. None: nothing to claim."""
+    host, _, port = endpoint.rpartition(":")
+    if not port.isdigit() or not host or not _is_local(host.strip("[]")):
+        return None
+    path = Path(tempfile.gettempdir()) / f"gptoss-titan-port-{port}.lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(
+            f"rendezvous port {port} is in use by another launch on this machine ({holder}); wait for "
+            "it to end or pick another port (MASTER_PORT=... for run_train.sh, RDZV_PORT=... for SLURM)"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    return f
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -109,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     mine, rest = ours.parse_known_args(argv)
     args = parse_args(rest)
     config, cmd, cmd_args = config_from_args(args)
+    try:
+        port_lock = claim_port(args.rdzv_endpoint or "")  # held until this process ends  # noqa: F841
+    except UserError as e:
+        error_line(e)
+        return 2
     if mine.stop_grace is not None:
         config.shutdown_timeout = mine.stop_grace
     for signum in (signal.SIGUSR1, signal.SIGUSR2):  # job.stop_signal's choices the agent ignores

@@ -166,3 +166,30 @@ def test_a_signal_stops_every_rank_at_one_step_saves_it_and_the_rerun_resumes_ex
 
     resumed = losses_after(tmp_path / "run")
     assert len(resumed) == 2 and resumed == losses_after(ref_dir)  # the two steps after the stop
+
+
+@pytest.mark.slow
+def test_twin_launches_on_one_port(tmp_path):
+    """Two launches at the same instant on the same port and folder: one trains, the other is
+    refused at once in one line (exit 2) instead of joining the first one's rendezvous."""
+    port = str(free_port())
+    argv = base(tmp_path, "--training.steps=3")
+    env = {**os.environ, "NGPU": "2", "MASTER_PORT": port}
+    procs = [
+        subprocess.Popen(
+            [str(ROOT / "scripts" / "run_train.sh"), *argv],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], [o[1][-2000:] for o in outs]
+    err = next(o[1] for p, o in zip(procs, outs) if p.returncode == 2)
+    line = one_line_error(err)
+    # refused by the launcher's port lock, or - if the first one listens already - the port check
+    assert line.startswith(f"error: rendezvous port {port} is in use "), line
