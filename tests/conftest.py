@@ -1,11 +1,18 @@
-"""Shared test helpers: tiny models, synthetic data, free ports, metrics readers, process launchers.
+"""Shared test helpers: tiny models, synthetic data, free ports, metrics readers, process launchers;
+more in tests/helpers/ (checkpointing runs, equivalence runs, the sampler's command line).
 
 Markers: `slow` (pyproject) marks tests that take more than a few seconds on 2 cores; daily work
 runs `pytest -m "not slow"` (under 3 minutes), CI runs everything.
+
+Disk: a passing test's tmp_path is deleted when it ends (pyproject); runs shared by a module's tests
+go in `module_tmp`, deleted after the module's last test. GPTOSS_TEST_DU=FILE records the bytes
+under pytest's base temporary folder after each test (FILE: one JSON line per test; a table per
+module at the end): `GPTOSS_TEST_DU=/tmp/du.jsonl pytest tests/parallel/test_equivalence.py`.
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -51,6 +58,19 @@ def build(args: ModelArgs, seed: int = 0) -> Transformer:
 @pytest.fixture
 def tiny():
     return tiny_args()
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """A folder for the runs a module's tests share, deleted when the module's last test is done
+    (like a passing test's tmp_path; kept when a test failed meanwhile). A plain module-scoped
+    tmp_path_factory.mktemp folder would stay until the session ends, so the modules' runs would
+    pile up on disk."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    failed = request.session.testsfailed
+    yield path
+    if request.session.testsfailed == failed:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def synthetic_data(folder: Path, vocab: int = 8192, n: int = 20000, seed: int = 0) -> Path:
@@ -225,3 +245,69 @@ def peak_rss(cmd: list[str], env: dict | None = None) -> int:
         cwd=ROOT,
     )
     return int(out.stdout.split()[-1])
+
+
+# ----- disk use: GPTOSS_TEST_DU=FILE records the bytes under pytest's base temporary folder ------
+def disk_usage(path: Path) -> int:
+    """Bytes allocated under path (du: blocks of regular files, links not followed)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:  # removed meanwhile
+                pass
+    return total
+
+
+if os.environ.get("GPTOSS_TEST_DU"):
+    import threading
+
+    _DU: dict[str, dict] = {}
+
+    def _du_record(item, key: str, used: int | None = None) -> None:
+        used = disk_usage(item.config._tmp_path_factory.getbasetemp()) if used is None else used
+        row = _DU.setdefault(item.nodeid, {"test": item.nodeid})
+        row[key] = max(used, row.get(key, 0))
+        if key == "left":
+            with open(os.environ["GPTOSS_TEST_DU"], "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(item):
+        """Samples the disk use every second while the test runs (its peak: a test may delete what it
+        wrote before it ends), and once more at its end, before fixture teardown."""
+        base, done = item.config._tmp_path_factory.getbasetemp(), threading.Event()
+
+        def sample():
+            while not done.wait(1.0):
+                _du_record(item, "peak", disk_usage(base))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            return (yield)
+        finally:
+            done.set()
+            sampler.join()
+            _du_record(item, "end")
+            _du_record(item, "peak", _DU[item.nodeid]["end"])
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(item, nextitem):
+        try:
+            return (yield)
+        finally:
+            _du_record(item, "left")
+
+    def pytest_terminal_summary(terminalreporter):
+        modules: dict[str, list[int]] = {}
+        for row in _DU.values():
+            module = row["test"].split("::")[0]
+            peak, _ = modules.get(module, (0, 0))
+            modules[module] = [max(peak, row.get("peak", 0)), row.get("left", 0)]
+        terminalreporter.section("disk under the base temporary folder (GPTOSS_TEST_DU)")
+        for module, (peak, left) in modules.items():
+            terminalreporter.write_line(
+                f"{module}: peak {peak / 2**20:,.0f} MiB, after its last test {left / 2**20:,.0f} MiB"
+            )

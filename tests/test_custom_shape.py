@@ -10,10 +10,10 @@ import torch
 from gptoss_titan.config import parse_args
 from gptoss_titan.config.validation import model_args
 
-from .checkpoint.test_manager import weights
 from .conftest import run_ok, synthetic_data
-from .infer.test_sample import sample
-from .interop.test_convert import convert, import_, ours_from
+from .helpers.checkpoint import weights
+from .helpers.convert import convert, import_, ours_from
+from .helpers.sample import sample
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow

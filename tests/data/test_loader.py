@@ -1,16 +1,12 @@
 """The resumable, data-parallel token loader (loader.py)."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from gptoss_titan.data import DataError, TokenLoader, open_split
 
-
-def make_tokens(n=1000, vocab=50):
-    return np.random.default_rng(0).integers(0, vocab, n).astype(np.uint32)
+from ..helpers.data import make_tokens, sharded_folder
 
 
 def test_loader_is_deterministic_and_resumable():
@@ -52,23 +48,6 @@ def test_open_split_errors(tmp_path):
     assert len(open_split(tmp_path, "train", 100, 8)) == 20
 
 
-def sharded_folder(folder, tokens, sizes, vocab=50):
-    """A format-2 token folder cutting `tokens` into shards of the given sizes (train and val)."""
-    from gptoss_titan.data.shards import FORMAT, write_shard
-
-    folder.mkdir(parents=True)
-    shards = {"train": [], "val": []}
-    for split in shards:
-        start = 0
-        for i, n in enumerate(sizes):
-            part = tokens[start : start + n]
-            shards[split].append(write_shard(folder, split, i, part, np.array([0])))
-            start += n
-    meta = {"format": FORMAT, "tokenizer": "test", "vocab_size": vocab, "shards": shards}
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder
-
-
 def test_shards_read_as_one_stream(tmp_path):
     tok = make_tokens()
     folder = sharded_folder(tmp_path / "d", tok, [7, 300, 1, 692])
@@ -83,46 +62,6 @@ def test_shards_read_as_one_stream(tmp_path):
     c = TokenLoader(stream, 16, 3, seed=5)  # resumed: the checkpoint's seed orders the windows
     c.load_state_dict(a.state_dict())
     assert torch.equal(c.next_batch()[0], a.next_batch()[0])
-
-
-def test_damaged_shards_are_named(tmp_path):
-    tok = make_tokens()
-    folder = sharded_folder(tmp_path / "d", tok, [500, 500])
-    (folder / "train-00001.bin").unlink()
-    with pytest.raises(DataError, match="train-00001.bin' listed in meta.json is missing"):
-        open_split(folder, "train", 50, 16)
-    folder = sharded_folder(tmp_path / "e", tok, [500, 500])
-    with open(folder / "train-00000.bin", "r+b") as f:
-        f.truncate(100)
-    with pytest.raises(DataError, match="train-00000.bin' has 100 bytes, meta.json says 500 tokens"):
-        open_split(folder, "train", 50, 16)
-    folder = sharded_folder(tmp_path / "f", tok, [500, 500])
-    with pytest.raises(DataError, match="holds token id 49 >= the model's vocab_size 40"):
-        open_split(folder, "train", 40, 16)  # from meta.json's max_id: no scan
-    bad = tok.copy()
-    bad[900] = 77  # a damaged byte that meta.json does not know about: caught when read
-    np.asarray(bad[500:]).tofile(folder / "train-00001.bin")
-    stream = open_split(folder, "train", 50, 16)
-    with pytest.raises(DataError, match="holds token id 77 >= the model's vocab_size 50"):
-        stream[890:910]
-
-
-def test_opening_does_not_scan(tmp_path, monkeypatch):
-    """A format-2 folder opens from meta.json and file sizes only (sparse 4 GB shards, never read)."""
-    from gptoss_titan.data.shards import FORMAT
-
-    folder = tmp_path / "big"
-    folder.mkdir()
-    n = 1 << 30  # tokens per shard
-    shards = []
-    for i in range(2):
-        with open(folder / f"train-{i:05d}.bin", "wb") as f:
-            f.truncate(4 * n)
-        shards.append({"file": f"train-{i:05d}.bin", "tokens": n, "documents": 1, "max_id": 5})
-    (folder / "meta.json").write_text(json.dumps({"format": FORMAT, "shards": {"train": shards, "val": []}}))
-    monkeypatch.setattr(np, "memmap", None)  # opening must not map (let alone read) any shard
-    stream = open_split(folder, "train", 50, 16)
-    assert len(stream) == 2 * n
 
 
 def test_mixture_validation_takes_every_source(tmp_path):

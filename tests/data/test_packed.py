@@ -109,7 +109,7 @@ def test_masked_loss_is_the_manual_masked_loss(chat_folder):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_on_masked_packed_data(chat_folder, tmp_path):
-    from ..parallel.test_equivalence import assert_same, run
+    from ..helpers.equivalence import assert_same, run
 
     extra = (
         f"--data.dataset_path={chat_folder}",

@@ -10,7 +10,7 @@ import pytest
 
 from gptoss_titan.data import EOT_ID, DataError, get_tokenizer, prepare
 from gptoss_titan.data.shards import open_tokens
-from gptoss_titan.data.sources import file_items, kjv_documents
+from gptoss_titan.data.sources import file_items
 
 
 def read_split(folder, split="train"):
@@ -154,12 +154,6 @@ def test_prepare_script_errors(tmp_path):
     )
     assert r.returncode == 2 and "missing.txt" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
-
-
-def test_kjv_is_a_real_corpus():
-    docs = list(kjv_documents())
-    assert len(docs) == 1189  # chapters
-    assert docs[0].startswith("Genesis 1\n1 In the beginning God created the heaven and the earth.")
 
 
 def test_malformed_jsonl_is_one_line_with_file_and_line(tmp_path):

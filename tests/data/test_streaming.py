@@ -13,7 +13,7 @@ from gptoss_titan.data.sources import file_items
 from gptoss_titan.data.streaming import StreamLoader, stream_validation
 
 from ..conftest import python_cmd, read_metrics
-from ..train.test_trainer import argv_for
+from ..helpers.training import argv_for
 
 
 def corpus(tmp_path, n=300):

@@ -7,19 +7,10 @@ import pytest
 import torch
 
 from ..conftest import ROOT, python_cmd, run_ok
+from ..helpers.sample import sample
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
-
-
-def sample(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        python_cmd(nproc, "-m", "gptoss_titan.sample", *args),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
 
 
 def one_and_two_processes(tmp_path, *argv: str) -> list[list[int]]:
@@ -138,7 +129,7 @@ def test_chat_prompt_is_harmonys_and_replies_are_parsed():
 def test_sample_from_hf_and_mxfp4_two_processes_equal_one(trained, trained_hf, tmp_path):
     """Each rank reads only its part of every safetensors tensor (MXFP4 experts included) and the
     sharded model samples exactly what one process samples."""
-    from ..interop.test_convert import quantize_folder
+    from ..helpers.convert import quantize_folder
 
     hf = trained_hf
     q = tmp_path / "mxfp4"

@@ -4,7 +4,6 @@ import json
 import logging
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,30 +12,13 @@ from gptoss_titan.infer.generate import generate
 from gptoss_titan.model import Transformer
 from gptoss_titan.train import main
 
-from ..checkpoint.test_manager import weights
 from ..conftest import BIG_ARGS, ROOT, peak_rss, synthetic_data, write_random_hf
+from ..helpers.checkpoint import weights
+from ..helpers.convert import convert, import_, ours_from, quantize_folder
 
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 pytestmark = pytest.mark.slow
-
-
-def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts/convert_dcp_to_safetensors.py"), *args],
-        capture_output=True,
-        text=True,
-    )
-
-
-def ours_from(step_dir: Path) -> Transformer:
-    from gptoss_titan.checkpoint import read_model_args
-
-    args = read_model_args(step_dir)
-    m = Transformer(args)
-    m.init_weights()
-    m.load_state_dict(weights(step_dir))
-    return m.eval()
 
 
 def test_transformers_loads_export_and_matches(trained, trained_hf):
@@ -100,12 +82,6 @@ def test_export_errors(trained, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def import_(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts/convert_hf_to_dcp.py"), *args], capture_output=True, text=True
-    )
-
-
 def test_round_trip_is_bit_exact(trained):
     hf_dir, back = trained / "rt_hf", trained / "rt_dcp"
     assert (
@@ -164,28 +140,6 @@ def test_trainer_starts_from_hf_folder(trained, trained_hf, tmp_path, capsys):
         == 0
     )
     assert "expert-bias buffers are not in" in capsys.readouterr().out
-
-
-def quantize_folder(src: Path, dst: Path) -> dict:
-    """A copy of an HF folder whose expert matrices are replaced by random MXFP4 blocks and scales."""
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir()
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4"}
-    (dst / "config.json").write_text(json.dumps(cfg))
-    g = torch.Generator().manual_seed(0)
-    tensors, packed = {}, {}
-    for f in sorted(src.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    for name in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        e, n_in, n_out = tensors.pop(name).shape
-        blocks = torch.randint(0, 256, (e, n_out, n_in // 32, 16), generator=g, dtype=torch.uint8)
-        scales = torch.randint(118, 130, (e, n_out, n_in // 32), generator=g, dtype=torch.uint8)
-        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
-        packed[name] = (blocks, scales)
-    save_file(tensors, str(dst / "model.safetensors"))
-    return packed
 
 
 def test_mxfp4_import_matches_transformers_dequantization(trained, trained_hf):
@@ -335,8 +289,6 @@ def test_each_rank_reads_only_its_part_of_a_hf_folder(tmp_path):
     quantize_folder(src, tmp_path / "mxfp4")
     for folder in (src, tmp_path / "mxfp4"):
         for rank in range(4):
-            code = (
-                f"from tests.test_convert import check_rank_reads_its_part as f; f({str(folder)!r}, {rank})"
-            )
+            code = f"from tests.interop.test_convert import check_rank_reads_its_part as f; f({str(folder)!r}, {rank})"
             r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
             assert r.returncode == 0, r.stderr[-3000:]

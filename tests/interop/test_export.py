@@ -1,5 +1,6 @@
-"""MXFP4 export in the release layout: transformers loads it (dequantizing on CPU) and computes our
-logits with the same quantize-dequantize applied; importing it gives back the same experts."""
+"""Export (export.py). MXFP4 in the release layout: transformers loads it (dequantizing on CPU) and
+computes our logits with the same quantize-dequantize applied; importing it gives back the same
+experts. Every export of the o200k_harmony vocabulary carries a tokenizer equal to tiktoken's."""
 
 import json
 import os
@@ -13,9 +14,9 @@ from gptoss_titan.interop.export import RELEASE_QUANTIZATION
 from gptoss_titan.model.hf import name_pairs
 from gptoss_titan.model.mxfp4 import quantize_dequantize
 
-from ..checkpoint.test_manager import weights
 from ..conftest import ROOT
-from .test_convert import convert, ours_from
+from ..helpers.checkpoint import weights
+from ..helpers.convert import convert, ours_from
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow

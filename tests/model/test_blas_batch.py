@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import platform
 
 import pytest
 import torch
@@ -11,9 +10,7 @@ import torch
 from gptoss_titan.model import FLAVORS, blas_batch
 from gptoss_titan.model.blas_batch import Mat, gemm_batch
 
-MKL_EXPECTED = (
-    platform.system() == "Linux" and platform.machine() == "x86_64" and torch.backends.mkl.is_available()
-)
+from ..helpers.cpu import MKL_EXPECTED
 
 
 def test_available_where_pytorch_links_mkl():

@@ -5,7 +5,7 @@ import torch
 
 from gptoss_titan.model.expert_mm import _batched, expert_linear, expert_linear_wgrad
 
-from .test_blas_batch import MKL_EXPECTED
+from ..helpers.cpu import MKL_EXPECTED
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["gemm_loop", "blas_batch"])

@@ -3,7 +3,18 @@ document masking, and its checkpoints resume at another cp degree.
 
 The debug flavor with a sliding window of 16 at seq_len 64 (4x the window): with cp 4 each rank
 holds two chunks of 8 tokens, so a sliding layer's halo spans two chunks of other ranks. The data
-holds documents of 3 to 40 tokens, so document masking changes the result (checked).
+holds documents of 3 to 40 tokens, so document masking changes the result (checked). The real
+vocabulary stays: documents end with <|endoftext|> (id 199999) and each run samples text.
+
+Tolerances (tests/helpers/equivalence.py, assert_same, derives them): losses and validation
+losses to 1e-5 relative; weights to 1e-5 of max(their norm, 0.5). Each gradient element sums 256
+per-token terms, in another order under cp (each rank its two chunks, then across ranks; and each
+CPU's kernels block their sums their own way), which moves it by about sqrt(256) x 6e-8 = 1e-6 of
+its terms' magnitudes. For bias elements whose terms nearly cancel, Adam turns that into an
+absolute move that tests/parallel/reorder_estimate.py estimates at up to 4.0e-6 with documents
+(layers.2.moe.experts.b_down, 1.2e-4 of its norm 0.032) and 8.8e-7 without: far above 1e-5 of the
+tensors' own norms, so a floor at the norm passes only where the summation orders happen to
+agree; rtol x 0.5 = 5e-6 covers it. The resumed runs' weights are compared the same way.
 """
 
 import json
@@ -14,33 +25,18 @@ import numpy as np
 import pytest
 import torch
 
-from gptoss_titan.model.tokens import EOT_ID
-
-from .test_equivalence import assert_same, run
+from ..helpers.equivalence import assert_same, doc_data, drop_outputs, run
 
 pytestmark = pytest.mark.slow
 SHAPE = ("--model.args.sliding_window=16", "--training.seq_len=64")
-
-
-def doc_data(folder: Path) -> Path:
-    """Documents of 3 to 40 tokens built from repeated phrases, each ending with <|endoftext|>."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(3)
-    phrases = rng.integers(0, 8192, (8, 12))
-    for split, n_docs in (("train", 1500), ("val", 150)):
-        docs = []
-        for _ in range(n_docs):
-            doc = np.concatenate([phrases[rng.integers(0, 8)] for _ in range(4)])[: rng.integers(3, 41)]
-            doc[-1] = EOT_ID
-            docs.append(doc)
-        np.concatenate(docs).astype(np.uint32).tofile(folder / f"{split}.bin")
-    (folder / "meta.json").write_text('{"tokenizer": "synthetic", "vocab_size": 201088}')
-    return folder
+FLOOR = 0.5  # the weights' comparison: rtol of max(norm, FLOOR) (docstring)
+# what test_checkpoint_resumes_across_cp_degrees reads of the earlier runs (the rest is deleted)
+KEEP = {"ref_docs1": ("step-3",), "cp2_docs1": ("step-3", "cp2_docs1.pt")}
 
 
 @pytest.fixture(scope="module")
-def cpdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cp") / "runs"
+def cpdir(module_tmp):
+    d = module_tmp / "runs"
     d.mkdir(parents=True)
     doc_data(d.parent / "docs")
     return d
@@ -76,7 +72,11 @@ def val_losses(cpdir: Path, name: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def references(cpdir):
-    return {docs: cp_run(cpdir, f"ref_docs{int(docs)}", 1, 1, docs) for docs in (False, True)}
+    refs = {docs: cp_run(cpdir, f"ref_docs{int(docs)}", 1, 1, docs) for docs in (False, True)}
+    for docs in (False, True):
+        name = f"ref_docs{int(docs)}"
+        drop_outputs(cpdir, name, KEEP.get(name, ()))
+    return refs
 
 
 CASES = {
@@ -95,9 +95,11 @@ PLAIN_TOO = ("cp2", "cp4")  # the layouts with other meshes run with documents o
 @pytest.mark.parametrize("case, docs", [(c, d) for c in CASES for d in (False, True) if d or c in PLAIN_TOO])
 def test_context_parallel_equals_one_process(case, docs, references, cpdir):
     nproc, cp, extra = CASES[case]
-    assert_same(references[docs], cp_run(cpdir, f"{case}_docs{int(docs)}", nproc, cp, docs, *extra))
-    got, want = val_losses(cpdir, f"{case}_docs{int(docs)}"), val_losses(cpdir, f"ref_docs{int(docs)}")
+    name = f"{case}_docs{int(docs)}"
+    assert_same(references[docs], cp_run(cpdir, name, nproc, cp, docs, *extra), floor=FLOOR)
+    got, want = val_losses(cpdir, name), val_losses(cpdir, f"ref_docs{int(docs)}")
     assert len(got) == 1 and np.allclose(got, want, rtol=1e-5), (got, want)
+    drop_outputs(cpdir, name, KEEP.get(name, ()))
 
 
 def test_document_masking_changes_the_result(references):
@@ -118,6 +120,7 @@ def test_checkpoint_resumes_across_cp_degrees(references, cpdir):
         np.testing.assert_allclose(got["losses"], full[saved]["losses"][3:], rtol=1e-5)
         np.testing.assert_allclose(got["losses"], full[resumed]["losses"][3:], rtol=1e-5)
         for k, v in full[saved]["state"].items():
-            rel = ((got["state"][k].float() - v).norm() / v.norm().clamp(min=1e-12)).item()
+            rel = ((got["state"][k].float() - v).norm() / v.norm().clamp(min=FLOOR)).item()
             assert rel <= 1e-5, f"{name} {k}: relative difference {rel:.2e}"
+        drop_outputs(cpdir, name)
     assert torch.is_tensor(full[1]["state"]["tok_embeddings.weight"])

@@ -1,12 +1,22 @@
 """Multi-node launch for real: two torchrun "nodes" on loopback, and a two-node SLURM cluster on
 this host (tests/slurm/cluster.sh) running scripts/multinode_trainer.slurm with sbatch. Both must
-give the per-step losses of the single-node 2-process run (FSDP x2 with EP 2)."""
+give the per-step losses of the single-node 2-process run (FSDP x2 with EP 2).
+
+Whatever TMPDIR is, every wait here is bounded and ends in a message: the cluster lives in a short
+folder under /tmp (slurmstepd makes a unix socket `<spool>/<node>_<job>.<step>`, and a socket path
+has at most 107 bytes: with a long TMPDIR the job step cannot start, the job is requeued and held,
+and `sbatch --wait` would wait for ever), a held job fails at once with slurmd's log, and torchrun
+processes that outlive their timeout are killed.
+"""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +24,10 @@ import pytest
 from ..conftest import free_port, synthetic_data
 
 ROOT = Path(__file__).resolve().parents[2]
-SLURM_BINS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
+SLURM_BINS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "scancel")
+# The longest unix socket path slurmstepd makes under SlurmdSpoolDir: <node>_<job id>.<step id> (32 bits each)
+STEP_SOCKET = Path("spool") / "n2" / "n2_4294967295.4294967295"
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the terminating NUL (Linux)
 pytestmark = pytest.mark.slow
 
 
@@ -43,13 +56,13 @@ def env(**extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synthetic_data(tmp_path_factory.mktemp("multinode") / "data", vocab=201088)
+def data(module_tmp):
+    return synthetic_data(module_tmp / "data", vocab=201088)
 
 
 @pytest.fixture(scope="module")
-def single_node(data, tmp_path_factory):
-    dump = tmp_path_factory.mktemp("single") / "run"
+def single_node(data, module_tmp):
+    dump = module_tmp / "single" / "run"
     r = subprocess.run(
         [str(ROOT / "scripts" / "run_train.sh"), *overrides(data, dump)],
         cwd=ROOT,
@@ -93,7 +106,7 @@ def test_two_torchrun_nodes_on_loopback(data, single_node, tmp_path):
         )
         for node in (0, 1)
     ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    outs = [finish(p, 600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "2 x cpu" in outs[0] + outs[1]  # one world of two processes across the two "nodes"
     assert losses(tmp_path / "run") == pytest.approx(single_node, rel=1e-6)
@@ -102,6 +115,18 @@ def test_two_torchrun_nodes_on_loopback(data, single_node, tmp_path):
     assert losses(tmp_path / "run") == [
         json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics_rank_1.jsonl").read_text().splitlines()
     ]
+
+
+def finish(p: subprocess.Popen, timeout: float) -> str:
+    """p's output once it exits; past the timeout it is killed and the test fails saying so."""
+    try:
+        return p.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out = p.communicate()[0]
+        pytest.fail(
+            f"{' '.join(map(str, p.args[:4]))} ... still ran after {timeout} s, killed:\n{out[-3000:]}"
+        )
 
 
 def slurm_missing() -> str:
@@ -115,19 +140,86 @@ def slurm_missing() -> str:
     return ""
 
 
+def short_folder() -> Path:
+    """A new folder whose slurmstepd socket paths fit in a unix socket address, whatever TMPDIR is:
+    under /tmp (itself, not $TMPDIR), else under /run."""
+    for base in ("/tmp", "/run"):
+        if os.access(base, os.W_OK):
+            folder = Path(os.path.realpath(tempfile.mkdtemp(prefix="slurm-", dir=base)))
+            if len(str(folder / STEP_SOCKET)) <= SUN_PATH_MAX:
+                return folder
+            shutil.rmtree(folder)
+    pytest.fail(
+        f"no folder for the Slurm cluster whose socket paths ({STEP_SOCKET}) fit in {SUN_PATH_MAX} bytes "
+        "under /tmp or /run"
+    )
+
+
 @pytest.fixture
 def slurm_cluster(tmp_path):
     if reason := slurm_missing():
         pytest.skip(reason)
-    folder = tmp_path / "slurm"
+    folder = short_folder()
     script = ROOT / "tests" / "slurm" / "cluster.sh"
-    r = subprocess.run([str(script), "up", str(folder)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
     try:
+        r = subprocess.run([str(script), "up", str(folder)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
         yield folder / "slurm.conf"
     finally:
         d = subprocess.run([str(script), "down", str(folder)], capture_output=True, text=True, timeout=120)
+        if (folder / "log").is_dir():  # the daemons' logs stay with the test's folder (kept if it fails)
+            shutil.copytree(folder / "log", tmp_path / "slurm-logs", dirs_exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
         assert d.returncode == 0, d.stdout + d.stderr
+
+
+# What every start of this Slurm logs as an error and means nothing here (no PMIx, a fresh state folder)
+HARMLESS = ("pmix", "PMIx", "mpi/pmix", "state file", "NOTE: Trying backup")
+
+
+def slurm_logs(conf: Path, lines: int = 10) -> str:
+    """The errors (or the last lines) of every daemon log of the cluster, the nodes' first."""
+    out = []
+    for log in sorted((conf.parent / "log").glob("*.log"), key=lambda f: not f.name.startswith("slurmd")):
+        text = log.read_text(errors="replace").splitlines()
+        errors = [x for x in text if ("error" in x or "fatal" in x) and not any(h in x for h in HARMLESS)]
+        out.append(f"--- {log.name}\n" + "\n".join((errors or text)[-lines:]))
+    return "\n".join(out)
+
+
+def sbatch_wait(args: list[str], env: dict, log: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`sbatch --wait ARGS`: its exit status is the job's. The wait is bounded: a job that Slurm
+    holds (its launch failed) or that outlives the timeout is cancelled and the test fails, naming
+    the job's state and the daemons' errors."""
+    conf = Path(env["SLURM_CONF"])
+    cmd = ["sbatch", "--wait", *args]
+    with open(log, "w+") as out:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline, job, problem = time.time() + timeout, None, None
+        while p.poll() is None:
+            if job is None and (m := re.search(r"Submitted batch job (\d+)", log.read_text())):
+                job = m.group(1)
+            if job is not None:
+                state = subprocess.run(
+                    ["squeue", "-h", "-j", job, "-o", "%T %r"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                ).stdout.strip()
+                if "launch failed" in state or "held" in state.lower():
+                    problem = f"job {job} is {state}"
+            if problem is None and time.time() > deadline:
+                problem = f"job {job} still {state if job else 'not submitted'} after {timeout} s"
+            if problem is not None:
+                if job is not None:
+                    subprocess.run(["scancel", job], env=env, capture_output=True, timeout=30)
+                p.kill()
+                p.wait()
+                pytest.fail(f"sbatch --wait: {problem}\n{log.read_text()[-2000:]}\n{slurm_logs(conf)}")
+            time.sleep(0.5)
+        out.seek(0)
+        return subprocess.CompletedProcess(cmd, p.returncode, out.read(), "")
 
 
 def alive(pids: list[int]) -> list[int]:
@@ -147,25 +239,14 @@ def test_sbatch_two_nodes_equals_single_node(data, single_node, slurm_cluster, t
     e = env(
         SLURM_CONF=str(slurm_cluster), NGPU="1", RDZV_PORT=str(free_port()), LOG_DIR=str(tmp_path / "logs")
     )
-    r = subprocess.run(
-        [
-            "sbatch",
-            "--wait",
-            "-N",
-            "2",
-            "-o",
-            str(out),
-            "scripts/multinode_trainer.slurm",
-            *overrides(data, dump),
-        ],
-        cwd=ROOT,
-        env=e,
-        capture_output=True,
-        text=True,
+    r = sbatch_wait(
+        ["-N", "2", "-o", str(out), "scripts/multinode_trainer.slurm", *overrides(data, dump)],
+        e,
+        tmp_path / "sbatch.log",
         timeout=900,
     )
     log = out.read_text() if out.exists() else ""
-    assert r.returncode == 0, r.stdout + r.stderr + log[-4000:]
+    assert r.returncode == 0, r.stdout + log[-4000:]
     assert "2 nodes x 1 processes, head n1 at 127.0.0.1:" in log  # NodeAddr, not the node name
     assert losses(dump) == pytest.approx(single_node, rel=1e-6)
     node_logs = sorted(
@@ -173,24 +254,13 @@ def test_sbatch_two_nodes_equals_single_node(data, single_node, slurm_cluster, t
     )
     assert node_logs == ["node0", "node1"]  # per-rank logs from both nodes
     # a failing job is reported by sbatch --wait (a bad override fails the config check: exit 2)
-    bad = subprocess.run(
-        [
-            "sbatch",
-            "--wait",
-            "-N",
-            "2",
-            "-o",
-            str(tmp_path / "bad.out"),
-            "scripts/multinode_trainer.slurm",
-            "--training.stepz=3",
-        ],
-        cwd=ROOT,
-        env=e,
-        capture_output=True,
-        text=True,
+    bad = sbatch_wait(
+        ["-N", "2", "-o", str(tmp_path / "bad.out"), "scripts/multinode_trainer.slurm", "--training.stepz=3"],
+        e,
+        tmp_path / "sbatch_bad.log",
         timeout=300,
     )
-    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert bad.returncode == 2, bad.stdout
     assert "did you mean 'steps'" in (tmp_path / "bad.out").read_text()
 
 

@@ -7,6 +7,7 @@ differently).
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..checkpoint.test_manager import base_args, weights
 from ..conftest import ROOT, free_port, losses, one_line_error, run_ok
+from ..helpers.checkpoint import base_args, weights
 
 HERE = Path(__file__).parent
 pytestmark = pytest.mark.slow
@@ -93,11 +94,11 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300)
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """The uninterrupted 2-process run every restart must reproduce."""
-    tmp = tmp_path_factory.mktemp("chaos")
-    run_ok(chaos(2, free_port(), args(tmp, "straight")), cwd=ROOT)
-    return tmp
+def straight(module_tmp):
+    """The uninterrupted 2-process run every restart must reproduce (deleted with the module's
+    folder after its last test)."""
+    run_ok(chaos(2, free_port(), args(module_tmp, "straight")), cwd=ROOT)
+    return module_tmp
 
 
 @pytest.mark.parametrize("point", ["mid_step", "mid_async_save", "mid_validation"])
@@ -140,6 +141,7 @@ def test_sigkill_of_the_launcher_then_restart_at_once(straight, point):
     a, b = weights(straight / "straight/checkpoint/step-8"), weights(ck / "step-8")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not list(ck.glob("*.tmp"))
+    shutil.rmtree(run)  # ~640 MB of checkpoints: the suite's disk stays small
 
 
 def test_one_run_per_folder_and_a_stale_lock(tmp_path):
@@ -212,7 +214,6 @@ def test_damaged_latest_checkpoint(tmp_path, capsys, how):
 def test_damaged_safetensors_is_one_line(tmp_path, trained_hf):
     """The importer and the sampler on a truncated or zero-filled safetensors file: one line naming
     the file, exit 2, nothing written."""
-    import shutil
 
     for how in ("truncated", "zero_filled"):
         folder = tmp_path / how

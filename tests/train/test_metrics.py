@@ -12,7 +12,7 @@ from gptoss_titan.train import main
 from gptoss_titan.train.metrics import expert_load_stats, gpu_peak_tflops, measure_matmul_tflops, peak_tflops
 
 from ..conftest import read_metrics
-from .test_trainer import argv_for
+from ..helpers.training import argv_for
 
 
 def test_gpu_peak_table():

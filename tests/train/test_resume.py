@@ -10,8 +10,8 @@ from gptoss_titan.model import FLAVORS
 from gptoss_titan.train import main
 from gptoss_titan.train.resume import Resume, choose_resume
 
-from ..checkpoint.test_manager import base_args
 from ..conftest import one_line_error
+from ..helpers.checkpoint import base_args
 
 
 def fake_step(folder, step, args=FLAVORS["bench"], keys=("model", "optimizer")):
