@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 
 from ..checkpoint import read_model_args, resolve_step_dir
 from ..checkpoint.integrity import verify as verify_integrity
-from ..config import JobConfig
+from ..config import JobConfig, model_args, parse_args
 from ..data.tokenizer import get_tokenizer
 from ..interop.convert import HFFolder, args_from_hf_config, load_hf_into
 from ..model import FLAVORS, ModelArgs, Transformer
@@ -51,7 +51,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="DCP step-<N> folder, or a run folder (latest complete step)")
     src.add_argument("--hf", help="Hugging Face gpt-oss folder (bf16/fp32 or MXFP4)")
-    p.add_argument("--config", help="training TOML (optional: the checkpoint carries its model args)")
+    p.add_argument(
+        "--config",
+        help="training TOML (optional: the checkpoint carries its model args; given, its shape must match)",
+    )
     src.add_argument("--flavor", help="a named model shape (20b, 120b, ...), with --plan only")
     p.add_argument(
         "--plan",
@@ -108,6 +111,20 @@ def rank_model(args: ModelArgs, dtype: str, batch: int, world: int, device: torc
     return build_model(cfg, plan, meshes, device, init=False, weights_dtype=dtype_of(dtype)).model
 
 
+def check_config_shape(config: str | None, args: ModelArgs) -> None:
+    """--config: the training config's model shape must be the weights' (one line naming the field)."""
+    if not config:
+        return
+    want = model_args(parse_args(["--config", config])).to_dict()
+    have = args.to_dict()
+    for k, v in want.items():  # init_std and the balancing switch do not change what is sampled
+        if k not in ("init_std", "load_balance_bias") and have.get(k) != v:
+            raise SampleError(
+                f"--config {config!r} gives model {k} = {v!r} but the weights have {have.get(k)!r}; "
+                "pass the config they were trained with, or leave --config out"
+            )
+
+
 def load_model(a: argparse.Namespace) -> Transformer:
     """The model on this rank, every rank reading only its own part of the weights (DCP shards, or
     the rows of each safetensors tensor it holds), in --dtype."""
@@ -120,6 +137,7 @@ def load_model(a: argparse.Namespace) -> Transformer:
         damage = verify_integrity(step)
         if damage:
             raise SampleError(f"checkpoint {str(step)!r} is damaged ({damage}); pass another step")
+    check_config_shape(a.config, args)
     model = rank_model(args, a.dtype, a.num_samples, world_size(), torch.device(device_type()))
     if a.hf:
         load_hf_into(model, folder, args)

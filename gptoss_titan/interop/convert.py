@@ -16,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 from ..checkpoint.files import MODEL_ARGS_FILE
 from ..model import ModelArgs
 from ..model.hf import name_pairs
-from .files import HF_CONFIG_FILE, MXFP4_TENSORS, ConvertError, publish, temp_output
+from .files import HF_CONFIG_FILE, MXFP4_TENSORS, ConvertError, publish, temp_output, write_failure
 from .progress import Progress
 
 
@@ -198,9 +198,12 @@ def hf_to_dcp(hf_dir: str, output: str, overwrite: bool = False, progress: bool 
         (tmp / MODEL_ARGS_FILE).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
         (tmp / "hf_config.json").write_text(json.dumps(src.config, indent=2) + "\n")
         publish(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        failed = write_failure(e, out)
+        if failed is None:
+            raise
+        raise failed from None
     return out
 
 

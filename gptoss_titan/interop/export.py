@@ -29,7 +29,15 @@ from ..model.hf import generation_config, hf_config, name_pairs
 from ..model.mxfp4 import quantize_mxfp4
 from ..model.tokens import VOCAB_SIZE
 from ..runtime.dtypes import DTYPES, dtype_of
-from .files import HF_CONFIG_FILE, MXFP4_TENSORS, ConvertError, parse_size, publish, temp_output
+from .files import (
+    HF_CONFIG_FILE,
+    MXFP4_TENSORS,
+    ConvertError,
+    parse_size,
+    publish,
+    temp_output,
+    write_failure,
+)
 from .hf_tokenizer import write_tokenizer
 from .progress import Progress
 
@@ -151,9 +159,12 @@ def dcp_to_hf(
             write_tokenizer(tmp, args.max_seq_len)
         readable(tmp)
         publish(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        failed = write_failure(e, out)
+        if failed is None:
+            raise
+        raise failed from None
     return out
 
 

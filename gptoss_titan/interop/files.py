@@ -3,8 +3,11 @@ written under a temporary name and renamed when complete, and the Hugging Face f
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -30,14 +33,52 @@ def parse_size(text: str) -> int:
     raise ConvertError(f"--max-shard-size {text!r} is not a size; use e.g. 5GB or 500MB")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(output: Path) -> list[Path]:
+    """Remove the temporary folders of earlier conversions into `output` whose process is gone (a
+    killed conversion leaves one behind: gigabytes at 20b); a live one's is left alone."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.(\d+)-[0-9a-f]+\.tmp")
+    removed = []
+    if output.parent.is_dir():
+        for p in output.parent.iterdir():
+            m = pattern.fullmatch(p.name)
+            if m and p.is_dir() and not _alive(int(m.group(1))):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
 def temp_output(output: Path, overwrite: bool) -> Path:
-    """A new temporary folder beside `output` to write into (`output` itself must not exist unless
-    overwrite)."""
+    """A new temporary folder beside `output` to write into, named after this process (`output`
+    itself must not exist unless overwrite); stale ones of killed conversions are removed first."""
     if output.exists() and not overwrite:
         raise ConvertError(f"output folder {str(output)!r} already exists; remove it or pass --overwrite")
-    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir(parents=True)
+    for p in remove_stale_temps(output):
+        print(f"removed {p}, left by a conversion that was killed", file=sys.stderr)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ConvertError(
+            f"cannot write beside {str(output)!r} ({os_reason(e)}); choose another --output"
+        ) from None
     return tmp
+
+
+def os_reason(e: OSError) -> str:
+    """An OS error's reason in words; a full disk is named as such (writers report it obscurely)."""
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    return e.strerror or str(e)
 
 
 def publish(tmp: Path, output: Path) -> None:
@@ -45,3 +86,26 @@ def publish(tmp: Path, output: Path) -> None:
     if output.exists():
         shutil.rmtree(output)
     os.rename(tmp, output)
+
+
+def write_failure(error: BaseException, output: Path) -> ConvertError | None:
+    """The one-line form of a conversion that failed to write (a full disk, no permission), else
+    None (a bug keeps its traceback). DCP wraps each rank's error; torch's zip writer reports a
+    short write as 'unexpected pos'."""
+    failures = getattr(error, "failures", None)  # DCP's CheckpointException: rank -> (error, traceback)
+    if failures:
+        error = next(iter(failures.values()))
+        error = error[0] if isinstance(error, tuple) else error
+    while error.__cause__ is not None:
+        error = error.__cause__
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        reason = os_reason(error) + where
+    elif isinstance(error, RuntimeError) and "unexpected pos" in str(error):
+        free = shutil.disk_usage(output.parent).free / 1e9 if output.parent.is_dir() else 0.0
+        reason = f"a short write: {free:.1f} GB free - no space left on device?"
+    else:
+        return None
+    return ConvertError(
+        f"writing {str(output)!r} failed ({reason}); nothing was kept - free space or choose another --output"
+    )

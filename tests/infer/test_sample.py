@@ -203,3 +203,17 @@ def test_memory_plan_20b_and_120b():
     gb80, gb141 = 80e9 / 2**30, 141e9 / 2**30
     assert plan("20b", 1) < gb80
     assert plan("120b", 2) > gb80 and plan("120b", 2) < gb141 and plan("120b", 4) < gb80
+
+
+def test_config_shape_must_match_the_weights():
+    """--config is used: its model shape is checked against the checkpoint's (one line)."""
+    from gptoss_titan.infer.sample import SampleError, check_config_shape
+    from gptoss_titan.model import FLAVORS
+
+    config = str(ROOT / "train_configs" / "debug_model.toml")
+    check_config_shape(config, FLAVORS["debug"])
+    check_config_shape(None, FLAVORS["bench"])
+    with pytest.raises(
+        SampleError, match=r"--config .*debug_model.toml' gives model dim = 64 but the weights have 2880"
+    ):
+        check_config_shape(config, FLAVORS["20b"])
