@@ -10,7 +10,9 @@ config check, the launch check, the scripts):
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from collections.abc import Callable
 
 from .errors import CollectiveFailed, TrainingStopped, UserError
@@ -19,6 +21,20 @@ from .errors import CollectiveFailed, TrainingStopped, UserError
 def error_line(message: object) -> None:
     """What a command prints for a failure it names: `error: <message>` on stderr."""
     print(f"error: {message}", file=sys.stderr)
+
+
+def report_to_launcher(message: str) -> None:
+    """Write the one line into torchrun's error file for this worker (when there is one), where the
+    launcher (runtime/launcher.py) reads it for a rank whose own output is not shown."""
+    from .distributed import launcher_error_file
+
+    path = launcher_error_file()
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time()), "gptoss_titan": True}, f)
+        except OSError:
+            pass  # the line was printed; the launcher falls back to naming the rank
 
 
 def run_cli(
@@ -32,6 +48,7 @@ def run_cli(
     except (UserError, TrainingStopped, CollectiveFailed) as e:
         if show:
             error_line(e)
+        report_to_launcher(str(e))
         if on_error is not None:
             on_error()
         return 2 if isinstance(e, UserError) else e.exit_code

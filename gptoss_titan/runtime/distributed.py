@@ -32,6 +32,13 @@ def local_device() -> torch.device:
     )
 
 
+def launcher_error_file() -> str | None:
+    """torchrun's error file for this worker (TORCHELASTIC_ERROR_FILE; None when not launched by
+    it): a failed worker's one line goes there too, so the launcher can show it when this rank's
+    output is filtered out (LOG_RANK)."""
+    return os.environ.get("TORCHELASTIC_ERROR_FILE") or None
+
+
 def world_size() -> int:
     """Processes in this job as the launcher (torchrun, SLURM script) announced them; 1 without one."""
     return int(os.environ.get("WORLD_SIZE", "1"))

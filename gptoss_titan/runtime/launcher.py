@@ -51,19 +51,29 @@ def reported(code: int) -> bool:
     return code in OUR_CODES or code > 128
 
 
-def exit_code(failures: dict) -> tuple[int, str | None]:
+def exit_code(failures: dict, shown: set[int] | None = None) -> tuple[int, str | None]:
     """(exit code, the line to print or None) for torchrun's failures: global rank -> ProcessFailure
-    (exitcode: the worker's code, or -N for a signal; timestamp: when it was seen)."""
+    (exitcode: the worker's code, or -N for a signal; timestamp: when it was seen; error_file_data:
+    the worker's own line, runtime/cli.py). shown: the local ranks whose output reaches the console
+    (None: all); a worker's own line is repeated here when its rank's output is not shown."""
 
-    def rank_of(r: int) -> tuple:
+    def hidden(r: int) -> bool:
+        return shown is not None and getattr(failures[r], "local_rank", 0) not in shown
+
+    def rank_of(r: int) -> tuple:  # the cause first; among alike, a rank whose line was shown
         c = failures[r].exitcode
         kind = 0 if reported(c) else 2 if c > 0 else 3 if c == -signal.SIGTERM else 1
-        return kind, failures[r].timestamp, r
+        return kind, hidden(r), failures[r].timestamp, r
 
     rank = min(failures, key=rank_of)
     code = failures[rank].exitcode
     if reported(code):
-        return code, None  # the worker said it in one line already
+        f = failures[rank]
+        data = getattr(f, "error_file_data", None) or {}
+        hidden = shown is not None and getattr(f, "local_rank", 0) not in shown
+        return code, (
+            f"rank {rank}: {data['message']}" if hidden and data.get("gptoss_titan") else None
+        )  # the worker said it in one line already
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
         hint = " (the out-of-memory killer, or kill -9)" if -code == signal.SIGKILL else ""
@@ -75,6 +85,13 @@ def exit_code(failures: dict) -> tuple[int, str | None]:
         code,
         f"rank {rank} (pid {failures[rank].pid}) failed with exit code {code} (its output is above)",
     )
+
+
+def _shown(local_ranks_filter: str) -> set[int] | None:
+    """torchrun's --local-ranks-filter as a set (None: every rank's output is shown)."""
+    if not local_ranks_filter:
+        return None
+    return {int(r) for r in local_ranks_filter.split(",") if r.strip()}
 
 
 def _quiet_agent_logs() -> None:
@@ -163,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
     except ChildFailedError as e:
-        code, line = exit_code(e.failures)
+        code, line = exit_code(e.failures, _shown(args.local_ranks_filter))
         if line:
             error_line(line)
         return code

@@ -21,6 +21,8 @@ class Failure:  # what torchrun's ProcessFailure carries
     exitcode: int
     timestamp: int
     pid: int = 100
+    local_rank: int = 0
+    error_file_data: dict | None = None
 
 
 def test_the_worst_failure_decides():
@@ -35,6 +37,16 @@ def test_the_worst_failure_decides():
     code, line = exit_code({2: Failure(1, 4), 3: Failure(1, 3)})
     assert code == 1 and line.startswith("rank 3 ") and "its output is above" in line
     assert exit_code({1: Failure(term, 1)})[0] == 143
+    # a worker's own line is repeated when its rank's output is filtered out (LOG_RANK)
+    own = {"message": "shard 'x' holds token id 9 >= the model's vocab_size 8", "gptoss_titan": True}
+    failures = {0: Failure(term, 1), 1: Failure(2, 1, local_rank=1, error_file_data=own)}
+    assert exit_code(failures, shown={0}) == (
+        2,
+        "rank 1: shard 'x' holds token id 9 >= the model's vocab_size 8",
+    )
+    assert exit_code(failures, shown=None) == (2, None)  # shown already
+    both = {0: Failure(2, 9, error_file_data=own), 1: Failure(2, 1, local_rank=1, error_file_data=own)}
+    assert exit_code(both, shown={0}) == (2, None)  # the shown rank's line is enough, even if later
 
 
 def base(tmp_path: Path, *extra: str) -> list[str]:
