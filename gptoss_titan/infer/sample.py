@@ -117,8 +117,8 @@ def check_config_shape(config: str | None, args: ModelArgs) -> None:
         return
     want = model_args(parse_args(["--config", config])).to_dict()
     have = args.to_dict()
-    for k, v in want.items():  # init_std and the balancing switch do not change what is sampled
-        if k not in ("init_std", "load_balance_bias") and have.get(k) != v:
+    for k, v in want.items():  # training choices that do not change the weights' shapes or use
+        if k not in ("init_std", "load_balance_bias", "max_seq_len") and have.get(k) != v:
             raise SampleError(
                 f"--config {config!r} gives model {k} = {v!r} but the weights have {have.get(k)!r}; "
                 "pass the config they were trained with, or leave --config out"

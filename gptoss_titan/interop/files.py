@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -43,10 +44,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
 def remove_stale_temps(output: Path) -> list[Path]:
-    """Remove the temporary folders of earlier conversions into `output` whose process is gone (a
-    killed conversion leaves one behind: gigabytes at 20b); a live one's is left alone."""
-    pattern = re.compile(rf"\.{re.escape(output.name)}\.(\d+)-[0-9a-f]+\.tmp")
+    """Remove the temporary folders of earlier conversions into `output` on this machine whose
+    process is gone (a killed conversion leaves one behind: gigabytes at 20b); a live one's, and
+    another machine's (shared storage: its process cannot be seen from here), are left alone."""
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.{re.escape(_host())}-(\d+)-[0-9a-f]+\.tmp")
     removed = []
     if output.parent.is_dir():
         for p in output.parent.iterdir():
@@ -64,7 +70,7 @@ def temp_output(output: Path, overwrite: bool) -> Path:
         raise ConvertError(f"output folder {str(output)!r} already exists; remove it or pass --overwrite")
     for p in remove_stale_temps(output):
         print(f"removed {p}, left by a conversion that was killed", file=sys.stderr)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = output.with_name(f".{output.name}.{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         tmp.mkdir(parents=True)
     except OSError as e:

@@ -23,7 +23,7 @@ def error_line(message: object) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
-def report_to_launcher(message: str) -> None:
+def report_to_launcher(message: str, consequence: bool = False) -> None:
     """Write the one line into torchrun's error file for this worker (when there is one), where the
     launcher (runtime/launcher.py) reads it for a rank whose own output is not shown."""
     from .distributed import launcher_error_file
@@ -32,7 +32,8 @@ def report_to_launcher(message: str) -> None:
     if path:
         try:
             with open(path, "w") as f:
-                json.dump({"message": message, "timestamp": int(time.time()), "gptoss_titan": True}, f)
+                data = {"message": message, "timestamp": int(time.time()), "gptoss_titan": True}
+                json.dump({**data, "consequence": consequence}, f)
         except OSError:
             pass  # the line was printed; the launcher falls back to naming the rank
 
@@ -48,7 +49,7 @@ def run_cli(
     except (UserError, TrainingStopped, CollectiveFailed) as e:
         if show:
             error_line(e)
-        report_to_launcher(str(e))
+        report_to_launcher(str(e), consequence=isinstance(e, CollectiveFailed))
         if on_error is not None:
             on_error()
         return 2 if isinstance(e, UserError) else e.exit_code

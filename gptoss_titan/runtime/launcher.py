@@ -20,10 +20,11 @@ then waits --stop_grace seconds (default 30, torchrun's) before it kills them; t
 signal (SIGUSR1 by default, job.stop_signal; SIGUSR2 too) is forwarded to the workers here, since the agent
 does not handle it (unhandled, it would end the launcher at once).
 
-The root cause decides: a worker's own code (2, 3) before a signal (a rank killed, e.g. by the
-out-of-memory killer: the others then fail in their collectives), before another exit code,
-before SIGTERM (which the agent sends the other workers once one fails); then the earliest, then
-the lowest rank. scripts/run_train.sh
+The root cause decides: a worker's own code (2, 3, 128 + N) before a bug's exit code, before a
+signal (a rank killed, e.g. by the out-of-memory killer; or by the agent after the grace), before a
+collective that failed because a peer died (the worker marks it in torchrun's error file), before
+SIGTERM (which the agent sends the other workers once one fails); then a rank whose output is
+shown, the earliest, the lowest. scripts/run_train.sh
 and scripts/multinode_trainer.slurm launch through this module; docs/failures.md has the table.
 """
 
@@ -62,7 +63,13 @@ def exit_code(failures: dict, shown: set[int] | None = None) -> tuple[int, str |
 
     def rank_of(r: int) -> tuple:  # the cause first; among alike, a rank whose line was shown
         c = failures[r].exitcode
-        kind = 0 if reported(c) else 2 if c > 0 else 3 if c == -signal.SIGTERM else 1
+        data = getattr(failures[r], "error_file_data", None) or {}
+        if reported(c):
+            kind = 0
+        elif c > 0:  # a bug (1 kind); a collective that failed because a peer died is a consequence
+            kind = 3 if data.get("consequence") else 1
+        else:  # a signal: SIGTERM is the agent stopping the others; SIGKILL may be its grace ending
+            kind = 4 if c == -signal.SIGTERM else 2
         return kind, hidden(r), failures[r].timestamp, r
 
     rank = min(failures, key=rank_of)
@@ -130,14 +137,18 @@ def _is_local(host: str) -> bool:
 
 
 def claim_port(endpoint: str):
-    """An flock on the rendezvous port for the launcher's life when the endpoint is on this machine
-    (the head node): a second launch on the same port is refused in one line at once, instead of
-    joining the first one's rendezvous and waiting for its whole run. None: nothing to claim."""
+    """An flock on the rendezvous port for the launcher's life, for a one-node launch whose endpoint
+    is on this machine: a second launch on the same port is refused in one line at once, instead
+    of joining the first one's rendezvous and waiting for its whole run. None: nothing to claim
+    (another user's launch on the port is the pre-launch port check's case: its file is per user)."""
     host, _, port = endpoint.rpartition(":")
     if not port.isdigit() or not host or not _is_local(host.strip("[]")):
         return None
-    path = Path(tempfile.gettempdir()) / f"gptoss-titan-port-{port}.lock"
-    f = open(path, "a+")
+    path = Path(tempfile.gettempdir()) / f"gptoss-titan-port-{port}-uid{os.getuid()}.lock"
+    try:
+        f = open(path, "a+")
+    except OSError:
+        return None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -167,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     mine, rest = ours.parse_known_args(argv)
     args = parse_args(rest)
     config, cmd, cmd_args = config_from_args(args)
-    try:
-        port_lock = claim_port(args.rdzv_endpoint or "")  # held until this process ends  # noqa: F841
+    try:  # one node: several launchers of a multi-node job may share a host (and the endpoint)
+        single = config.min_nodes == config.max_nodes == 1
+        port_lock = claim_port(args.rdzv_endpoint or "") if single else None  # held until exit  # noqa: F841
     except UserError as e:
         error_line(e)
         return 2

@@ -2,8 +2,9 @@
 
 Every config field falls in one class (docs/checkpoints.md has the table):
 - must match: the model's shape (checked from model_args.json), training.seq_len and
-  data.tokenizer (the data position counts sequences of those tokens) - refused in one line,
-  exit 2, before the run writes anything;
+  data.tokenizer (the data position counts sequences of those tokens), optimizer.implementation
+  (the saved optimizer state follows it) - refused in one line, exit 2, before the run writes
+  anything;
 - may change with a warning: the global batch (through NGPU, local_batch_size or
   global_batch_size), the data (dataset, dataset_path, sources, stream) and training.seed - the
   data position (a count of samples) is kept and mapped onto the new batch or data, and the sample
@@ -11,8 +12,8 @@ Every config field falls in one class (docs/checkpoints.md has the table):
 - may change and takes effect, logged one line each ("resume: optimizer.lr 0.001 -> 0.03 from
   step 5"): everything else - the optimizer's settings and the LR schedule are rebuilt from the
   new config at the resumed step (train/state.py), training.steps extends or ends the run.
-Fields that only say where things go or how to resume (job.*, checkpoint.* but last_save and
-export, comm.*) are not compared.
+Fields that only say where things go or how to resume (job.*, checkpoint.*, comm.*, profiling.*)
+are not compared.
 A training.steps at or below the checkpoint's step says so: nothing to do (equal) or an error.
 """
 
@@ -27,6 +28,7 @@ from ..config import JobConfig
 MUST_MATCH = {
     "training.seq_len": "the data position counts sequences of this length",
     "data.tokenizer": "the data position counts tokens of this tokenizer",
+    "optimizer.implementation": "the optimizer's saved state and flags follow it (fused vs foreach)",
 }
 WARN = {
     "training.local_batch_size": "the data position (samples consumed) is kept: the new batches follow it",
@@ -35,7 +37,7 @@ WARN = {
     "data.dataset_path": "the data position is kept and mapped onto the new data (same sample count and order)",
     "data.sources": "the data position is kept and mapped onto the new mixture",
     "data.stream": "the stream restarts unless the layout matches",
-    "training.seed": "the sample order keeps the checkpoint's seed; the new seed draws nothing else on resume",
+    "training.seed": "the sample order keeps the checkpoint's seed (packing chat data takes the new one)",
 }
 NOT_COMPARED = ("job.", "comm.", "checkpoint.", "profiling.", "model.args")
 

@@ -182,10 +182,11 @@ class MetricsLogger:
     metrics.jsonl holds one whole JSON row per logged step, also across restarts: at the start a
     torn last row (a crash or a full disk mid-write) is dropped and rows past the step the run
     resumes from (logged after its last checkpoint) are dropped too - the resumed run writes those
-    steps again - each with a warning. A write that fails (a full disk) sets `write_error`: the
+    steps again - each with a warning. A run whose step count starts over (no checkpoint, a
+    model-only or Hugging Face start) moves an earlier run's rows aside to metrics.jsonl.prev. A write that fails (a full disk) sets `write_error`: the
     trainer stops at the next step (metrics.on_write_error = stop) or goes on without the file."""
 
-    def __init__(self, dump_folder: Path, cfg: MetricsConfig, rank: int, resume_step: int = 0):
+    def __init__(self, dump_folder: Path, cfg: MetricsConfig, rank: int, resume_step: int | None = None):
         self.rank, self.cfg = rank, cfg
         self.jsonl = None
         self.tb = None
@@ -244,9 +245,22 @@ class MetricsLogger:
             self.tb.close()
 
 
-def repair_rows(path: Path, resume_step: int) -> None:
-    """Drop a torn row and the rows past resume_step from path, atomically (warns about each)."""
+def repair_rows(path: Path, resume_step: int | None) -> None:
+    """Drop a torn row and the rows past resume_step from path, atomically (warns about each);
+    resume_step None (the step count starts over): move the file aside, to <name>.prev."""
     if not path.is_file():
+        return
+    if resume_step is None:
+        if path.stat().st_size:
+            prev = path.with_name(path.name + ".prev")
+            n = 1
+            while prev.exists():
+                n += 1
+                prev = path.with_name(f"{path.name}.prev{n}")
+            os.replace(path, prev)
+            logger.info(
+                f"warning: {path} holds an earlier run's rows; this run starts at step 1: moved them to {prev}"
+            )
         return
     lines = path.read_bytes().split(b"\n")
     kept, torn, later = [], 0, 0
@@ -267,7 +281,10 @@ def repair_rows(path: Path, resume_step: int) -> None:
     if torn:
         logger.info(f"warning: {path}: dropped {torn} torn row(s) (a crash or a full disk while writing)")
     if later:
-        logger.info(f"{path}: {later} row(s) past step {resume_step}, the step resumed from, are replaced")
+        logger.info(
+            f"warning: {path}: {later} row(s) past step {resume_step}, the step resumed from, are dropped: "
+            "this run writes them again"
+        )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(b"".join(line + b"\n" for line in kept))
     os.replace(tmp, path)

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,12 +25,15 @@ METRICS_FAILED = 1000  # not a signal: metrics.jsonl could not be written (above
 
 
 class StopRequest:
-    def __init__(self, extra_signal: str, distributed: bool):
+    def __init__(self, extra_signal: str, distributed: bool, timeout_seconds: int = 300):
+        """timeout_seconds: the group's collective timeout (the trainer lowers it with the others'
+        after the first step: comm.train_timeout_seconds)."""
         self.signals = {signal.SIGTERM, signal.SIGINT, signal.Signals[extra_signal]}
         self.requested: int = 0  # the first signal's number, 0 = none
         self.first_at = 0.0
         self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
-        self._group = dist.new_group(backend="gloo") if distributed else None
+        timeout = timedelta(seconds=timeout_seconds)
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if distributed else None
 
     def _handle(self, signum: int, frame) -> None:
         if not self.requested:
@@ -41,21 +45,23 @@ class StopRequest:
 
     def request(self, code: int) -> None:
         """Ask for a stop without a signal (METRICS_FAILED): decided with the others by agreed()."""
+        if not self.requested:
+            self.first_at = time.monotonic()  # a first Ctrl-C during this stop's save still saves
         self.requested = max(self.requested, code)
 
     def agreed(self) -> int:
         """The signal every rank stops for (the largest number any rank received), 0 = go on. A
         collective: every rank calls it at the same step."""
-        if self._group is None:
+        if self.group is None:
             return self.requested
         t = torch.tensor(self.requested, dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return int(t)
 
     def close(self) -> None:
         """Give the signals back to what handled them before (the default: the process ends)."""
         for s, h in self._previous.items():
             signal.signal(s, h)
-        if self._group is not None:
-            dist.destroy_process_group(self._group)
-            self._group = None
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None

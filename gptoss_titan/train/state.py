@@ -171,10 +171,12 @@ class TrainState:
             return {"model": self.model.state_dict(dtype)}
         return {k: m.state_dict() for k, m in self.members(rank).items()}
 
-    def load(self, checkpoint: CheckpointManager, path: Path, exclude: list[str], model_only: bool) -> None:
+    def load(
+        self, checkpoint: CheckpointManager, path: Path, exclude: list[str], model_only: bool
+    ) -> set[str]:
         """Load the members `path` holds (the model alone if model_only; none of `exclude`, names of
-        SAVED_STATES). A checkpoint saved by fewer ranks gives new ranks rank 0's generator state;
-        a member it lacks is a one-line CheckpointError unless optional or excluded."""
+        SAVED_STATES); the keys loaded. A checkpoint saved by fewer ranks gives new ranks rank 0's
+        generator state; a member it lacks is a one-line CheckpointError unless optional or excluded."""
         keys = checkpoint.saved_keys(path)
         rank = checkpoint.rank
         members = self.members(rank)
@@ -213,3 +215,4 @@ class TrainState:
             m.load_state_dict(state[k])
         what = "model" if model_only else ", ".join(k if not k.startswith("rng") else "rng" for k in members)
         logger.info(f"loaded {what} from {path} in {seconds:.2f}s")
+        return set(members)

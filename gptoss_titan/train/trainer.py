@@ -8,11 +8,9 @@ loop (micro-batches, backward, clip, step; metrics, validation, samples, checkpo
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import signal
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -23,18 +21,13 @@ import torch.distributed as dist
 from ..checkpoint.files import CONFIG_FILE, MODEL_ARGS_FILE, RUN_FILE, read_run_file
 from ..checkpoint.integrity import IntegrityWriter
 from ..checkpoint.manager import CheckpointManager, CheckpointSaveError
-from ..config import ConfigError, JobConfig, help_text, model_name, parse_args
+from ..config import JobConfig, model_name
 from ..data import open_data
 from ..parallel.build import build_model, plan_run
-from ..parallel.dry_run import dry_run
-from ..runtime.cli import run_cli
 from ..runtime.compat import set_pg_timeout
 from ..runtime.distributed import (
-    apply_process_settings,
     init_distributed,
     local_device,
-    lost_peer,
-    shutdown,
     world_size,
 )
 from ..runtime.dtypes import dtype_of
@@ -100,11 +93,20 @@ class Trainer:
         m = self.train_module
         self.state = TrainState.build(m.model, m.optimizer, m.lr_scheduler, self.train_loader, m.guard)
 
+        # From here a stop signal waits for a step boundary (train/signals.py), also during loading.
+        self.stop_request = StopRequest(
+            cfg.job.stop_signal, self.world_size > 1, cfg.comm.init_timeout_seconds
+        )
         # The run folder: one run at a time (rank 0 holds its lock until the run ends).
-        self.run_lock = claim_run_folder(self.dump, self.rank, self.world_size)
+        try:
+            self.run_lock = claim_run_folder(self.dump, self.rank, self.world_size)
+        except BaseException:
+            self.stop_request.close()
+            raise
         try:
             self._finish_init(resume, ckpt_folder, checkpoint_writer, checkpoint_stager)
         except BaseException:
+            self.stop_request.close()
             self.run_lock.release()
             raise
 
@@ -124,11 +126,14 @@ class Trainer:
             logger.info(f"warning: {warning}")
         if resume is not None and resume.format == "hf":
             resume = import_hf(resume, ckpt_folder / "hf-import", self.model_args, self.rank, self.world_size)
+        loaded = set()
         if resume is not None:
-            self.state.load(
+            loaded = self.state.load(
                 self.checkpoint, resume.path, cfg.checkpoint.exclude_from_loading, resume.model_only
             )
-        self.metrics = MetricsLogger(self.dump, cfg.metrics, self.rank, resume_step=self.step)
+        # the step count continues (rows past it are redone) or starts over (earlier rows kept aside)
+        resumed_at = self.step if "train_state" in loaded else None
+        self.metrics = MetricsLogger(self.dump, cfg.metrics, self.rank, resume_step=resumed_at)
         n, a = self.model_args.num_params(), self.model_args.num_active_params()
         logger.info(
             f"model {model_name(cfg)}: {n:,} parameters, {a:,} active; {self.world_size} x {self.device}; "
@@ -190,7 +195,6 @@ class Trainer:
         if self.device.type == "cpu" and t.mixed_precision_param == "bfloat16":
             warn_slow_cpu_bf16(self.device)
         profiler = Profiler(cfg.profiling, self.dump, self.rank, self.step, self.device)
-        self.stop_request = StopRequest(cfg.job.stop_signal, self.world_size > 1)
         try:
             self._loop(flops_per_token, peak, profiler)
             self.settle()
@@ -318,7 +322,8 @@ class Trainer:
         """From the second step on, a collective that waits longer than comm.train_timeout_seconds
         fails the run (start-up, compilation and checkpoint loading had comm.init_timeout_seconds)."""
         if self.world_size > 1:
-            set_pg_timeout(timedelta(seconds=self.cfg.comm.train_timeout_seconds), self.meshes.groups())
+            groups = self.meshes.groups() + [self.stop_request.group]
+            set_pg_timeout(timedelta(seconds=self.cfg.comm.train_timeout_seconds), groups)
             logger.info(f"collective timeout now {self.cfg.comm.train_timeout_seconds} s")
 
     def save_seed_checkpoint(self) -> None:
@@ -327,69 +332,7 @@ class Trainer:
             state = self.state.state_dicts(self.rank, model_only=True)
             self._save_guarded(lambda: self.checkpoint.save(0, state, blocking=True))
         finally:
+            self.stop_request.close()
             self.checkpoint.close()
             self.run_lock.release()
         logger.info(f"seed checkpoint written to {self.checkpoint.folder / 'step-0'}")
-
-
-def seed_checkpoint_config(cfg: JobConfig) -> JobConfig:
-    """One process, no parallel passes, checkpointing on; the values do not depend on sharding."""
-    p = dataclasses.replace(
-        cfg.parallelism,
-        data_parallel_replicate_degree=1,
-        data_parallel_shard_degree=-1,
-        expert_parallel_degree=1,
-        context_parallel_degree=1,
-        tensor_parallel_degree=1,
-        expert_tensor_parallel_degree=-1,
-        pipeline_parallel_degree=1,
-        pipeline_parallel_stages_per_rank=1,
-        pipeline_parallel_schedule="1F1B",
-        pipeline_parallel_layers=[],
-    )
-    c = dataclasses.replace(cfg.checkpoint, enable=True, async_mode="disabled", initial_load_path="")
-    return dataclasses.replace(cfg, parallelism=p, checkpoint=c)
-
-
-def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) -> int:
-    """The command line; exit 0, 2 (a user error, one line) or 3 (the run stopped itself, one line).
-    trainer_cls: tests run their fault-injecting subclasses through the same entry point."""
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(help_text())
-        return 0
-    # every rank reaches the error path alike (the checks agree across ranks): leave at once
-    code = run_cli(lambda: _run(argv, trainer_cls), on_error=lambda: shutdown(barrier=False))
-    if code == 0:
-        shutdown()
-    return code
-
-
-def _run(argv: list[str], trainer_cls: type[Trainer]) -> None:
-    cfg = parse_args(argv)
-    if cfg.comm.mode == "fake_backend":
-        dry_run(cfg, world_size())
-        return
-    seed_only = cfg.checkpoint.create_seed_checkpoint
-    if seed_only:
-        if world_size() != 1:
-            raise ConfigError("checkpoint.create_seed_checkpoint runs on one process; use NGPU=1")
-        cfg = seed_checkpoint_config(cfg)
-    settings = apply_process_settings(cfg)
-    trainer = trainer_cls(cfg)
-    for line in settings:
-        logger.info(f"process: {line}")
-    try:
-        if seed_only:
-            trainer.save_seed_checkpoint()
-        else:
-            trainer.train()
-    except RuntimeError as e:  # another rank died: one line here, the launcher names that rank
-        lost = lost_peer(e)
-        if lost is None:
-            raise
-        raise lost from None
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,14 @@ import sys
 
 import pytest
 
-from gptoss_titan.interop.files import ConvertError, publish, remove_stale_temps, temp_output, write_failure
+from gptoss_titan.interop.files import (
+    ConvertError,
+    _host,
+    publish,
+    remove_stale_temps,
+    temp_output,
+    write_failure,
+)
 
 
 def dead_pid() -> int:
@@ -19,16 +26,17 @@ def dead_pid() -> int:
 
 
 def test_a_rerun_removes_only_stale_temps_of_its_own_output(tmp_path, capsys):
-    out = tmp_path / "hf"
-    stale = tmp_path / f".hf.{dead_pid()}-0123abcd.tmp"
-    live = tmp_path / f".hf.{os.getpid()}-0123abcd.tmp"  # a conversion still running
-    other = tmp_path / f".hf2.{dead_pid()}-0123abcd.tmp"  # another output's
-    for p in (stale, live, other):
+    out, host = tmp_path / "hf", _host()
+    stale = tmp_path / f".hf.{host}-{dead_pid()}-0123abcd.tmp"
+    live = tmp_path / f".hf.{host}-{os.getpid()}-0123abcd.tmp"  # a conversion still running
+    other = tmp_path / f".hf2.{host}-{dead_pid()}-0123abcd.tmp"  # another output's
+    remote = tmp_path / f".hf.{host}x-{dead_pid()}-0123abcd.tmp"  # another machine's (shared storage)
+    for p in (stale, live, other, remote):
         (p / "shard").mkdir(parents=True)
     tmp = temp_output(out, overwrite=False)
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and live.exists() and other.exists() and remote.exists()
     assert f"removed {stale}, left by a conversion that was killed" in capsys.readouterr().err
-    assert tmp.name.startswith(f".hf.{os.getpid()}-") and tmp.is_dir()
+    assert tmp.name.startswith(f".hf.{host}-{os.getpid()}-") and tmp.is_dir()
     (tmp / "model.safetensors").write_text("x")
     publish(tmp, out)
     assert (out / "model.safetensors").is_file() and not tmp.exists()

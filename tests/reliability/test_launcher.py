@@ -32,8 +32,11 @@ def test_the_worst_failure_decides():
     assert exit_code({0: Failure(3, 9), 1: Failure(1, 1)}) == (3, None)
     code, line = exit_code({0: Failure(term, 1), 1: Failure(kill, 2, pid=7)})
     assert code == 137 and line.startswith("rank 1 (pid 7) died by SIGKILL (the out-of-memory killer")
-    # a rank killed outright is the cause; the others then fail in their collectives (exit 1)
-    assert exit_code({0: Failure(1, 1), 1: Failure(kill, 2)})[0] == 137
+    # a rank killed outright is the cause; the others then fail in their collectives (exit 1, marked)
+    peer = {"message": "rank 0: a collective failed", "gptoss_titan": True, "consequence": True}
+    assert exit_code({0: Failure(1, 1, error_file_data=peer), 1: Failure(kill, 2)})[0] == 137
+    # a bug (exit 1, unmarked) is the cause of the SIGKILLs the agent sends after its grace
+    assert exit_code({0: Failure(1, 5), 1: Failure(kill, 5)})[0] == 1
     code, line = exit_code({2: Failure(1, 4), 3: Failure(1, 3)})
     assert code == 1 and line.startswith("rank 3 ") and "its output is above" in line
     assert exit_code({1: Failure(term, 1)})[0] == 143

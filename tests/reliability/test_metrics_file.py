@@ -30,6 +30,13 @@ def test_repair_drops_a_torn_row_and_the_rows_past_the_resumed_step(tmp_path, ca
     before = f.stat().st_mtime_ns
     repair_rows(f, resume_step=3)  # nothing to do: left alone
     assert f.stat().st_mtime_ns == before and not (tmp_path / "metrics.jsonl.tmp").exists()
+    # a run whose count starts over (no full-state checkpoint) keeps the earlier rows aside
+    repair_rows(f, resume_step=None)
+    repair_rows(f, resume_step=None)  # nothing left to move
+    assert not f.exists() and (tmp_path / "metrics.jsonl.prev").read_text() == "\n".join(rows[:3]) + "\n"
+    f.write_text(rows[0] + "\n")
+    repair_rows(f, resume_step=None)
+    assert (tmp_path / "metrics.jsonl.prev2").read_text() == rows[0] + "\n"
 
 
 def base(tmp_path, *extra):
