@@ -31,6 +31,7 @@ from gptoss_titan.data.loader import MixtureLoader, open_split  # noqa: E402
 from gptoss_titan.data.prepare import prepare  # noqa: E402
 from gptoss_titan.data.shards import FORMAT, open_tokens  # noqa: E402
 from gptoss_titan.data.sources import file_items, kjv_documents  # noqa: E402
+from gptoss_titan.model.tokens import VOCAB_SIZE  # noqa: E402
 
 
 def bench_prepare(work: Path, copies: int, workers: int, compressed: bool) -> None:
@@ -80,7 +81,7 @@ def bench_startup(work: Path, gib: int) -> None:
     meta = {"format": FORMAT, "tokenizer": "o200k_harmony", "shards": {"train": shards, "val": []}}
     (big / "meta.json").write_text(json.dumps(meta))
     t0 = time.perf_counter()
-    stream = open_split(big, "train", 201088, 4096)
+    stream = open_split(big, "train", VOCAB_SIZE, 4096)
     batch = stream[12345 : 12345 + 4097]
     dt = time.perf_counter() - t0
     print(
@@ -91,7 +92,7 @@ def bench_startup(work: Path, gib: int) -> None:
     with open(one / "train.bin", "wb") as f:
         f.truncate(4 * per)  # 4 GiB, single file, no max id recorded: scanned once
     t0 = time.perf_counter()
-    open_tokens(one, "train", 201088)
+    open_tokens(one, "train", VOCAB_SIZE)
     scan = time.perf_counter() - t0
     print(
         f"  for comparison, the scan of one 4 GiB file without a recorded max id: {scan:.1f} s "

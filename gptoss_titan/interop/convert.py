@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from ..checkpoint.files import MODEL_ARGS_FILE
 from ..model import ModelArgs
 from ..model.hf import name_pairs
+from ..model.local import local
 from .files import HF_CONFIG_FILE, MXFP4_TENSORS, ConvertError, publish, temp_output, write_failure
 from .progress import Progress
 
@@ -128,8 +129,6 @@ class HFFolder:
 def load_hf_into(model: torch.nn.Module, folder: HFFolder, args: ModelArgs) -> None:
     """Copy a Hugging Face folder's weights into a (possibly sharded) model: each process reads only
     the rows and columns of each tensor it holds, and casts them to the parameter's dtype."""
-    from torch.distributed.tensor import DTensor
-
     from ..model.init import global_indices
 
     params = dict(model.named_parameters())
@@ -140,8 +139,7 @@ def load_hf_into(model: torch.nn.Module, folder: HFFolder, args: ModelArgs) -> N
                 f"tensor {hf!r} has shape {list(got) if got else None}, expected {list(shape)}"
             )
         p = params[native]
-        local = p.to_local() if isinstance(p, DTensor) else p
-        if local.numel() == 0:
+        if local(p).numel() == 0:
             continue
         idx = global_indices(p)  # dim -> global indices held here (contiguous chunks)
         span = {d: (int(i.min()), int(i.max()) + 1) for d, i in idx.items()}

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import nn
 
+from .local import local as local_part
+
 BLOCK_ELEMS = 1 << 22  # elements per generator block (rows are never split)
 
 
@@ -51,9 +53,7 @@ def global_indices(param: torch.Tensor) -> dict[int, torch.Tensor]:
 def init_param(param: torch.Tensor, name: str, kind: str, std: float, base_seed: int) -> None:
     """Fill `param` (plain or DTensor) with its part of the parameter named `name`: zeros, ones, or
     N(0, std) drawn block by block (see the module docstring)."""
-    from torch.distributed.tensor import DTensor
-
-    local = param.to_local() if isinstance(param, DTensor) else param
+    local = local_part(param)
     if kind in ("zeros", "ones"):
         local.fill_(0.0 if kind == "zeros" else 1.0)
         return

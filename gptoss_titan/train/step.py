@@ -25,6 +25,7 @@ from ..parallel import Meshes, sync_replicated_grads
 from ..parallel.build import RankModel, RunPlan
 from ..parallel.context_parallel import CPLayout
 from ..parallel.grad import clip_grad_norm_
+from ..runtime.dtypes import dtype_of
 from ..runtime.errors import TrainingStopped
 from ..runtime.log import logger
 from .batching import ModelInputs
@@ -57,7 +58,9 @@ class TrainStep:
         self.guard = StepGuard(t, device)
         # Without FSDP, bf16 compute is autocast; with FSDP it is the MixedPrecisionPolicy.
         self.autocast_dtype = (
-            torch.bfloat16 if t.mixed_precision_param == "bfloat16" and meshes is None else None
+            dtype_of(t.mixed_precision_param)
+            if t.mixed_precision_param != "float32" and meshes is None
+            else None
         )
 
     # ----- helpers the step and validation share ------------------------------------------------
