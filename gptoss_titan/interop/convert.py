@@ -139,7 +139,8 @@ def load_hf_into(model: torch.nn.Module, folder: HFFolder, args: ModelArgs) -> N
                 f"tensor {hf!r} has shape {list(got) if got else None}, expected {list(shape)}"
             )
         p = params[native]
-        if local(p).numel() == 0:
+        held = local(p)
+        if held.numel() == 0:
             continue
         idx = global_indices(p)  # dim -> global indices held here (contiguous chunks)
         span = {d: (int(i.min()), int(i.max()) + 1) for d, i in idx.items()}
@@ -147,7 +148,7 @@ def load_hf_into(model: torch.nn.Module, folder: HFFolder, args: ModelArgs) -> N
         for d, i in idx.items():
             if len(i) != value.shape[d]:  # not one contiguous chunk: pick the indices
                 value = value.index_select(d, (i - span[d][0]).cpu())
-        local.copy_(value.to(local.dtype))
+        held.copy_(value.to(held.dtype))
 
 
 class _LazySavePlanner(dcp.DefaultSavePlanner):

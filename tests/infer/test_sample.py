@@ -162,7 +162,9 @@ def test_load_in_bf16(trained):
     logits = {}
     tok = torch.tensor([[791, 3581, 382, 290, 10922]])
     for dtype in ("float32", "bfloat16"):
-        a = argparse.Namespace(hf=None, checkpoint=str(trained / "run"), dtype=dtype, num_samples=1)
+        a = argparse.Namespace(
+            hf=None, checkpoint=str(trained / "run"), config=None, dtype=dtype, num_samples=1
+        )
         m = load_model(a)
         assert {p.dtype for p in m.parameters()} == {getattr(torch, dtype)}
         with torch.no_grad():
