@@ -7,7 +7,6 @@ DCP -> HF (export): export.py. Both write to a temporary folder renamed at the e
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from ..checkpoint.files import MODEL_ARGS_FILE
 from ..model import ModelArgs
 from ..model.hf import name_pairs
 from ..model.local import local
-from .files import HF_CONFIG_FILE, MXFP4_TENSORS, ConvertError, publish, temp_output, write_failure
+from .files import HF_CONFIG_FILE, MXFP4_TENSORS, ConvertError, output_folder
 from .progress import Progress
 
 
@@ -189,20 +188,12 @@ def hf_to_dcp(hf_dir: str, output: str, overwrite: bool = False, progress: bool 
         state[native] = torch.empty(shape, dtype=torch.float32, device="meta")
         loaders[f"model.{native}"] = lambda hf=hf: load(hf)
     out = Path(output)
-    tmp = temp_output(out, overwrite)
-    try:
+    with output_folder(out, overwrite) as tmp:
         # One file per tensor: DCP's writer keeps every tensor of a file alive until the file is done.
         writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False)
         dcp.save({"model": state}, storage_writer=writer, planner=_LazySavePlanner(loaders), no_dist=True)
         (tmp / MODEL_ARGS_FILE).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
         (tmp / "hf_config.json").write_text(json.dumps(src.config, indent=2) + "\n")
-        publish(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        failed = write_failure(e, out)
-        if failed is None:
-            raise
-        raise failed from None
     return out
 
 

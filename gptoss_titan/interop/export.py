@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -33,10 +32,8 @@ from .files import (
     HF_CONFIG_FILE,
     MXFP4_TENSORS,
     ConvertError,
+    output_folder,
     parse_size,
-    publish,
-    temp_output,
-    write_failure,
 )
 from .hf_tokenizer import write_tokenizer
 from .progress import Progress
@@ -116,9 +113,8 @@ def dcp_to_hf(
         total_bytes += nbytes
 
     out = Path(output)
-    tmp = temp_output(out, overwrite)
     shown = Progress(f"export {out.name}", sum(len(s) for s in plan), total_bytes) if progress else None
-    try:
+    with output_folder(out, overwrite) as tmp:
         weight_map, total = {}, 0
         for i, shard in enumerate(plan, 1):
             fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
@@ -158,13 +154,6 @@ def dcp_to_hf(
         if args.vocab_size == VOCAB_SIZE:  # servable as is: AutoTokenizer, vLLM, llama.cpp
             write_tokenizer(tmp, args.max_seq_len)
         readable(tmp)
-        publish(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        failed = write_failure(e, out)
-        if failed is None:
-            raise
-        raise failed from None
     return out
 
 

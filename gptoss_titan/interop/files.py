@@ -3,6 +3,7 @@ written under a temporary name and renamed when complete, and the Hugging Face f
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -115,3 +116,19 @@ def write_failure(error: BaseException, output: Path) -> ConvertError | None:
     return ConvertError(
         f"writing {str(output)!r} failed ({reason}); nothing was kept - free space or choose another --output"
     )
+
+
+@contextlib.contextmanager
+def output_folder(output: Path, overwrite: bool):
+    """Write into a temporary folder beside `output` (temp_output) and publish it when the block
+    ends; on any error remove it, and a failed write (write_failure) becomes one line."""
+    tmp = temp_output(output, overwrite)
+    try:
+        yield tmp
+        publish(tmp, output)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        failed = write_failure(e, output)
+        if failed is None:
+            raise
+        raise failed from None
