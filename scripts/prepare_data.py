@@ -15,7 +15,9 @@ shard when the same command runs again (the work sits in .NAME.partial beside th
 with "thinking", "content", "tool_calls", tool results), rendered with openai-harmony; --mask
 chooses the supervised tokens (last_turn: the last turn's assistant messages; final: its final
 answer only; all: every assistant message). Malformed lines are reported as file:line and skipped
-(--strict: stop at the first, exit 2, nothing written).
+(--strict: stop at the first, exit 2, nothing written). Invalid UTF-8 in --files inputs is
+replaced by U+FFFD and counted in a warning at the end (--strict: refused, exit 2); a truncated
+or damaged compressed file is one line naming it, exit 2.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 from pathlib import Path
 
 from gptoss_titan.data.prepare import BUNDLED, DEFAULT_SHARD_TOKENS, prepare
-from gptoss_titan.data.sources import file_items, hf_documents, kjv_documents
+from gptoss_titan.data.sources import Utf8Check, file_items, hf_documents, kjv_documents
 from gptoss_titan.runtime.cli import run_cli
 from gptoss_titan.runtime.errors import DataError
 
@@ -41,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     src.add_argument("--chat", help="conversations .jsonl (harmony-rendered, with loss masks)")
     p.add_argument("--mask", default="last_turn", help="chat: last_turn (default), final or all")
-    p.add_argument("--strict", action="store_true", help="chat: stop at the first malformed conversation")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first invalid UTF-8 (--files) or malformed conversation (--chat), exit 2",
+    )
     p.add_argument("--output", required=True, help="output folder (must not exist)")
     p.add_argument("--split", default="train", help="datasets split to read")
     p.add_argument("--config_name", default=None, help="datasets configuration name")
@@ -97,8 +103,10 @@ def prepare_from_args(a: argparse.Namespace) -> None:
         )
         print(f"wrote {out}/train.bin, val.bin (+ .mask.bin, .idx.npy), meta.json")
         return
+    utf8, label = Utf8Check(a.strict), ""
     if a.files:
-        docs, source = file_items(a.files, a.text_field), f"{','.join(a.files)} [{a.text_field}]"
+        docs, source = file_items(a.files, a.text_field, utf8), f"{','.join(a.files)} [{a.text_field}]"
+        label = f"{_names(a.files)} [{a.text_field}]"
     elif a.dataset in BUNDLED:
         docs, source = kjv_documents(), a.dataset
     else:
@@ -115,8 +123,18 @@ def prepare_from_args(a: argparse.Namespace) -> None:
         workers=a.workers,
         shard_tokens=int(a.shard_tokens),
         max_tokens=int(a.max_tokens) if a.max_tokens is not None else None,
+        label=label,
     )
+    if utf8.count:
+        print(f"warning: {utf8.summary()}", file=sys.stderr)
     print(f"wrote {out} (token shards and meta.json)")
+
+
+def _names(files: list[str]) -> str:
+    """The inputs for the progress line: a few names as given, else the count and the first (the
+    line is redrawn at every refresh: 96 paths would fill a screen each time)."""
+    joined = ",".join(files)
+    return joined if len(files) <= 3 and len(joined) <= 120 else f"{len(files)} inputs from {files[0]}"
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..config import Checkpoint as CkptConfig
 from ..runtime.compat import pinned_memory_stager
+from ..runtime.errors import root_cause, write_reason
 from ..runtime.log import logger
 from .files import checkpoint_keys, complete_steps, step_dir
 from .integrity import IntegrityWriter
@@ -44,30 +45,9 @@ class CheckpointSaveError(RuntimeError):
 
 def one_line(error: BaseException) -> str:
     """The root cause of an error in one line (DCP wraps each rank's exception with its traceback)."""
-    failures = getattr(error, "failures", None)  # CheckpointException: rank -> (exception, traceback)
-    if failures:
-        error = next(iter(failures.values()))
-        error = error[0] if isinstance(error, tuple) else error
-    while error.__cause__ is not None:
-        error = error.__cause__
+    error = root_cause(error)
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def storage_hint(folder: Path) -> str:
-    """What limits writing here (writers report a short write obscurely: torch's zip writer says
-    'unexpected pos'): the free space, and the file-size limit when there is one."""
-    import resource
-
-    parts = []
-    try:
-        parts.append(f"{shutil.disk_usage(folder).free / 1e9:.1f} GB free in {folder}")
-    except OSError:
-        pass
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY:
-        parts.append(f"files are limited to {limit} bytes (ulimit -f)")
-    return "; " + ", ".join(parts) if parts else ""
 
 
 class CheckpointManager:
@@ -194,8 +174,8 @@ class CheckpointManager:
             if error is not None:
                 if self.rank == 0:
                     shutil.rmtree(self.folder / f"step-{step}.tmp", ignore_errors=True)
-                hint = storage_hint(self.folder)
-                self._failure = f"checkpoint step {step} failed and was removed ({one_line(error)}{hint})"
+                reason = write_reason(error, self.folder) or one_line(error)
+                self._failure = f"checkpoint step {step} failed and was removed ({reason})"
                 logger.info(self._failure)
                 return
             if self.rank == 0:

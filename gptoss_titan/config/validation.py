@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 
 from ..model import FLAVORS, ModelArgs
+from ..model.lora import TARGETS as LORA_TARGETS
+from ..model.lora import LoRASpec
 from ..model.moe import EXPERT_KERNELS
 from ..model.tokens import VOCAB_SIZE
 from ..runtime.dtypes import DTYPE_NAMES
@@ -326,3 +328,42 @@ def validate(cfg: JobConfig) -> None:
             f"data.dataset_path = {cfg.data.dataset_path!r} and data.sources are both set; "
             "list every folder in data.sources (with its weight) and leave dataset_path empty"
         )
+    if cfg.lora.rank:
+        lora_spec(cfg)
+        check_lora_layout(cfg)
+
+
+def check_lora_layout(cfg: JobConfig) -> None:
+    """What LoRA runs with so far: data parallelism (FSDP/HSDP), expert parallelism, AC, compile."""
+    p = cfg.parallelism
+    for name, degree in (("tensor_parallel_degree", p.tensor_parallel_degree),
+                         ("pipeline_parallel_degree", p.pipeline_parallel_degree),
+                         ("context_parallel_degree", p.context_parallel_degree)):  # fmt: skip
+        if degree > 1:
+            raise ConfigError(
+                f"parallelism.{name} = {degree} with lora.rank = {cfg.lora.rank}: LoRA does not run with "
+                "tensor, pipeline or context parallelism yet; use data and expert parallelism"
+            )
+    if cfg.training.mxfp4_qat:
+        raise ConfigError(
+            "training.mxfp4_qat with lora.rank > 0: LoRA trains adapters, not MXFP4 experts; turn one off"
+        )
+
+
+def lora_spec(cfg: JobConfig) -> LoRASpec:
+    """The [lora] section checked against the model: rank, alpha, dropout, targets, layers."""
+    lo, n_layers = cfg.lora, model_args(cfg).n_layers
+    if lo.rank <= 0:
+        raise ConfigError(f"lora.rank = {lo.rank} must be >= 1 for adapters (0 = off: full fine-tuning)")
+    if not lo.targets:
+        raise ConfigError(f"lora.targets is empty; choose from {', '.join(LORA_TARGETS)}")
+    for t in lo.targets:
+        _choice("lora.targets entry", t, LORA_TARGETS)
+    if not lo.alpha > 0 or not 0 <= lo.dropout < 1:
+        raise ConfigError(f"lora.alpha = {lo.alpha} must be > 0 and lora.dropout = {lo.dropout} in [0, 1)")
+    bad = [i for i in lo.layers if not 0 <= i < n_layers]
+    if bad:
+        raise ConfigError(f"lora.layers holds {bad[0]}, but the model has layers 0..{n_layers - 1}")
+    return LoRASpec(
+        lo.rank, lo.alpha, lo.dropout, tuple(dict.fromkeys(lo.targets)), tuple(sorted(set(lo.layers)))
+    )

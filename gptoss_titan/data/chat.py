@@ -256,15 +256,16 @@ def prepare_chat(
         raise DataError(f"output folder {str(out)!r} already exists; remove it or choose another")
     parts = {s: ([], [], [0]) for s in ("train", "val")}  # tokens, masks, offsets
     bad, n = 0, 0
-    with open(src, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(src, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                conv = json.loads(line)
+                conv = json.loads(raw.decode("utf-8"))
                 tokens, mask = render(conv, mask_mode)
-            except (json.JSONDecodeError, ChatError) as e:
-                msg = f"{src}:{lineno}: {e.msg if isinstance(e, json.JSONDecodeError) else e}"
+            except (json.JSONDecodeError, UnicodeDecodeError, ChatError) as e:
+                why = f"not valid UTF-8 (byte {e.start})" if isinstance(e, UnicodeDecodeError) else e
+                msg = f"{src}:{lineno}: {e.msg if isinstance(e, json.JSONDecodeError) else why}"
                 if strict:
                     raise ChatError(f"{msg} (--strict stops at the first bad conversation)") from None
                 log(f"skipped {msg}")

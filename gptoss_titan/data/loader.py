@@ -125,12 +125,12 @@ def open_data(cfg, vocab_size: int, dp_rank: int, dp_degree: int):
         from .streaming import StreamLoader, stream_validation
 
         train = StreamLoader(d.stream, d.text_field, d.tokenizer, t.seq_len, t.local_batch_size, vocab_size,
-                             dp_rank, dp_degree, d.stream_workers, d.stream_val_every)  # fmt: skip
+                             dp_rank, dp_degree, d.stream_workers, d.stream_val_every, d.stream_strict)  # fmt: skip
         if not cfg.validation.enable:
             return train, None
         need = cfg.validation.steps * dp_degree * t.local_batch_size * t.seq_len + 1
         args = (d.stream, d.text_field, d.tokenizer, d.stream_val_every, need, vocab_size, t.seq_len + 1)
-        return train, stream_validation(*args)
+        return train, stream_validation(*args, strict=d.stream_strict)
     if d.sources:  # a mixture
         folders = [Path(s.path) for s in d.sources]
         for f in folders:

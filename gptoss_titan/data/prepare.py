@@ -175,8 +175,10 @@ def prepare(
     workers: int = 1,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     max_tokens: int | None = None,
+    label: str = "",
 ) -> Path:
-    """Tokenize documents (or source items, see sources.py) into out_dir; returns out_dir."""
+    """Tokenize documents (or source items, see sources.py) into out_dir; returns out_dir. `label`
+    names the source on the progress line (default: `source`, which meta.json records in full)."""
     out = Path(out_dir)
     if out.exists():
         raise DataError(f"output folder {str(out)!r} already exists; remove it or choose another")
@@ -190,10 +192,12 @@ def prepare(
     settings = {"source": source, "tokenizer": tokenizer, "val_every": val_every, "shard_tokens": shard_tokens,
                 "max_tokens": max_tokens, "max_documents": max_documents}  # fmt: skip
     with _exclusive(out):
-        return _prepare(documents, out, settings, progress, workers)
+        return _prepare(documents, out, settings, progress, workers, label or source)
 
 
-def _prepare(documents: Iterable, out: Path, settings: dict, progress: bool, workers: int) -> Path:
+def _prepare(
+    documents: Iterable, out: Path, settings: dict, progress: bool, workers: int, label: str
+) -> Path:
     source, tokenizer, shard_tokens = settings["source"], settings["tokenizer"], settings["shard_tokens"]
     max_documents, max_tokens = settings["max_documents"], settings["max_tokens"]
     enc = get_tokenizer(tokenizer)
@@ -211,7 +215,7 @@ def _prepare(documents: Iterable, out: Path, settings: dict, progress: bool, wor
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(desc=f"tokenizing {source}", unit="tok", unit_scale=True, total=max_tokens,
+        bar = tqdm(desc=f"tokenizing {label}", unit="tok", unit_scale=True, total=max_tokens,
                    initial=parts.tokens(), smoothing=0.1)  # fmt: skip
         if skipped:
             bar.write(f"resuming after {skipped:,} documents ({parts.complete_parts()} complete parts)")
@@ -229,7 +233,7 @@ def _prepare(documents: Iterable, out: Path, settings: dict, progress: bool, wor
         shards = parts.state["shards"]
         totals = {k: sum(s["tokens"] for s in shards[k]) for k in SPLITS}
         if totals["train"] < 2 or totals["val"] < 2:
-            raise DataError(f"{source} gave too little text ({totals} tokens); give more documents")
+            raise DataError(f"{label} gave too little text ({totals} tokens); give more documents")
         meta = {
             "format": FORMAT,
             "source": source,

@@ -13,6 +13,7 @@ import glob
 import gzip
 import json
 import lzma
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -109,13 +110,45 @@ def _kind(path: Path) -> tuple[str, str]:
     raise DataError(f"input file {str(path)!r} has an unknown type; use {KINDS}")
 
 
-def _open_text(path: Path, comp: str):
+class Utf8Check:
+    """Invalid UTF-8 in the inputs: replaced by U+FFFD and counted, the first place kept for the
+    report (`summary()`), or refused in one line when strict. `flag` names the switch in messages."""
+
+    def __init__(self, strict: bool = False, flag: str = "--strict", on_first=None):
+        self.strict, self.flag, self.on_first = strict, flag, on_first
+        self.count, self.first = 0, ""
+
+    def decode(self, raw: bytes, where: str) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if self.strict:
+                raise DataError(
+                    f"{where} is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 4]!r}); fix or "
+                    f"remove it, or drop {self.flag} to replace such bytes with U+FFFD"
+                ) from None
+            self.count += 1
+            if not self.first:
+                self.first = where
+                if self.on_first:
+                    self.on_first(self.summary())
+            return raw.decode("utf-8", "replace")
+
+    def summary(self) -> str:
+        """The report: how many documents held invalid UTF-8 and where the first was."""
+        return (
+            f"{self.count} document(s) held invalid UTF-8, replaced by U+FFFD (the first: {self.first}); "
+            f"{self.flag} refuses them"
+        )
+
+
+def _open_binary(path: Path, comp: str):
     if comp == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+        return gzip.open(path, "rb")
     if comp == ".bz2":
-        return bz2.open(path, "rt", encoding="utf-8", errors="replace")
+        return bz2.open(path, "rb")
     if comp == ".xz":
-        return lzma.open(path, "rt", encoding="utf-8", errors="replace")
+        return lzma.open(path, "rb")
     if comp == ".zst":
         try:
             import zstandard
@@ -123,25 +156,53 @@ def _open_text(path: Path, comp: str):
             raise DataError(f"{str(path)!r} is zstd-compressed; pip install zstandard to read it") from None
         import io
 
-        return io.TextIOWrapper(
-            zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), "utf-8", "replace"
-        )
-    return open(path, encoding="utf-8", errors="replace")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
 
 
-def file_items(patterns: list[str], text_field: str = "text") -> Iterator[str | JsonLine]:
+def _corrupt(path: Path, comp: str) -> tuple[type[BaseException], ...]:
+    """What a truncated or damaged file of this compression raises while it is read."""
+    errors: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error, lzma.LZMAError)
+    if comp == ".zst":
+        try:
+            import zstandard
+
+            errors += (zstandard.ZstdError,)
+        except ImportError:  # _open_binary said so already
+            pass
+    return errors
+
+
+def _lines(path: Path, comp: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a file; a truncated or damaged compressed file is one DataError
+    naming the file and the line it broke at."""
+    n = 0
+    try:
+        with _open_binary(path, comp) as f:
+            for n, raw in enumerate(f, 1):
+                yield n, raw
+    except _corrupt(path, comp) as e:
+        what = f"a truncated or damaged {comp[1:]} file" if comp else "unreadable"
+        raise DataError(
+            f"{str(path)!r} is {what} (after line {n}: {e}); re-download or re-create it, or leave it out"
+        ) from None
+
+
+def file_items(
+    patterns: list[str], text_field: str = "text", utf8: Utf8Check | None = None
+) -> Iterator[str | JsonLine]:
     """Items of local files: a .txt is one document; a JSON-lines file one per non-blank line; a
-    parquet file one per non-empty row of `text_field` (read in record batches)."""
+    parquet file one per non-empty row of `text_field` (read in record batches). Invalid UTF-8 goes
+    through `utf8` (default: replaced, counted by nobody)."""
+    utf8 = utf8 or Utf8Check()
     for path in expand(patterns):
         kind, comp = _kind(path)
         if kind == "txt":
-            with _open_text(path, comp) as f:
-                yield f.read()
+            yield utf8.decode(b"".join(raw for _, raw in _lines(path, comp)), str(path))
         elif kind == "json":
-            with _open_text(path, comp) as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        yield JsonLine(str(path), n, line, text_field)
+            for n, raw in _lines(path, comp):
+                if raw.strip():
+                    yield JsonLine(str(path), n, utf8.decode(raw, f"{path}:{n}"), text_field)
         else:
             import pyarrow.parquet as pq
 

@@ -29,18 +29,22 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..runtime.errors import DataError
-from .sources import document_tokens, file_items, hf_documents
+from ..runtime.log import logger
+from .sources import Utf8Check, document_tokens, file_items, hf_documents
 from .tokenizer import get_tokenizer
 
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 on torch 2.13
 
 
-def stream_items(spec: str, text_field: str) -> Iterator:
+STRICT_FLAG = "data.stream_strict = true"
+
+
+def stream_items(spec: str, text_field: str, utf8: Utf8Check) -> Iterator:
     """The items of a stream spec: "hf:NAME[:CONFIG]" or comma-separated local files / globs."""
     if spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         return hf_documents(name, "train", text_field, config or None)
-    return file_items(spec.split(","), text_field)
+    return file_items(spec.split(","), text_field, utf8)
 
 
 class _Windows(IterableDataset):
@@ -53,7 +57,7 @@ class _Windows(IterableDataset):
     state stays small whatever the document lengths."""
 
     def __init__(self, spec: str, text_field: str, tokenizer: str, seq_len: int, vocab_size: int,
-                 rank: int, world: int, val_every: int):  # fmt: skip
+                 rank: int, world: int, val_every: int, strict: bool):  # fmt: skip
         self.spec, self.text_field, self.tokenizer = spec, text_field, tokenizer
         self.seq_len, self.vocab_size, self.rank, self.world, self.val_every = (
             seq_len,
@@ -62,6 +66,7 @@ class _Windows(IterableDataset):
             world,
             val_every,
         )
+        self.strict = strict
         self.state = {"epoch": 0, "docs": 0, "carry": [], "offset": 0}
 
     def __iter__(self):
@@ -71,11 +76,18 @@ class _Windows(IterableDataset):
         enc = get_tokenizer(self.tokenizer)
         start = self.state  # where this worker resumes (the start of the stream, or a checkpoint)
         epoch, n, s = start["epoch"], self.seq_len + 1, self.seq_len
+        # every worker reads every document; the first of rank 0 reports invalid UTF-8 for all
+        report = (
+            (lambda m: logger.info(f"warning: data.stream: {m}; counted again at each pass's end"))
+            if mine == 0
+            else None
+        )
+        utf8 = Utf8Check(self.strict, STRICT_FLAG, report)
         while True:
             count, seen = 0, 0
             train = (
                 item
-                for i, item in enumerate(stream_items(self.spec, self.text_field))
+                for i, item in enumerate(stream_items(self.spec, self.text_field, utf8))
                 if not (self.val_every and i % self.val_every == self.val_every - 1)
             )
             carry: list[int] = []
@@ -101,6 +113,9 @@ class _Windows(IterableDataset):
                     f"data.stream {self.spec!r} gave no document to loader worker {mine} of {share} "
                     f"({seen} training documents in all); use fewer data-parallel ranks or stream_workers"
                 )
+            if report and utf8.count:
+                logger.info(f"warning: data.stream pass {epoch}: {utf8.summary()}")
+            utf8.count = 0
             epoch, start = epoch + 1, {"epoch": epoch + 1, "docs": 0, "carry": [], "offset": 0}
 
     def state_dict(self) -> dict:
@@ -114,7 +129,8 @@ class StreamLoader:
     """next_batch() -> (inputs, targets) [b, seq_len]; per-rank state for the checkpoint."""
 
     def __init__(self, spec: str, text_field: str, tokenizer: str, seq_len: int, local_batch_size: int,
-                 vocab_size: int, dp_rank: int, dp_degree: int, workers: int, val_every: int):  # fmt: skip
+                 vocab_size: int, dp_rank: int, dp_degree: int, workers: int, val_every: int,
+                 strict: bool = False):  # fmt: skip
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         self.layout = {"dp_rank": dp_rank, "dp_degree": dp_degree, "workers": workers, "seq_len": seq_len,
@@ -122,7 +138,7 @@ class StreamLoader:
         self.state_key = f"dataloader_dp{dp_rank}"  # ranks of one data-parallel rank (cp, tp) share it
         self.vocab_size = vocab_size
         self.dataset = _Windows(
-            spec, text_field, tokenizer, seq_len, vocab_size, dp_rank, dp_degree, val_every
+            spec, text_field, tokenizer, seq_len, vocab_size, dp_rank, dp_degree, val_every, strict
         )
         self.loader = StatefulDataLoader(
             self.dataset,
@@ -164,11 +180,11 @@ class StreamLoader:
 
 
 def stream_validation(spec: str, text_field: str, tokenizer: str, val_every: int, n_tokens: int,
-                      vocab_size: int, min_tokens: int) -> np.ndarray:  # fmt: skip
+                      vocab_size: int, min_tokens: int, strict: bool = False) -> np.ndarray:  # fmt: skip
     """The held-out documents' tokens, the first n_tokens of them (tokenized once, at start)."""
     enc = get_tokenizer(tokenizer)
     out: list[int] = []
-    items = stream_items(spec, text_field)
+    items = stream_items(spec, text_field, Utf8Check(strict, STRICT_FLAG))
     for item in itertools.islice(items, val_every - 1, None, val_every):
         out.extend(document_tokens(enc, item))
         if len(out) >= n_tokens:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from ..runtime.distributed import (
     world_size,
 )
 from ..runtime.dtypes import DTYPE_NAMES, dtype_of
-from ..runtime.errors import UserError
+from ..runtime.errors import UserError, write_reason
 from .generate import generate
 
 
@@ -201,13 +202,27 @@ def check(a: argparse.Namespace) -> None:
         raise SampleError(f"--top_p {a.top_p} must be in (0, 1]")
     if a.max_new_tokens < 1 or a.num_samples < 1 or a.top_k < 0:
         raise SampleError("--max_new_tokens and --num_samples must be >= 1, --top_k >= 0")
+    if a.output_json:  # checked before the model loads and generates, not after
+        folder = Path(a.output_json).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK) or Path(a.output_json).is_dir():
+            raise SampleError(
+                f"--output_json {a.output_json!r} cannot be written (its folder is missing, read-only, or "
+                "it is a folder); choose another path"
+            )
 
 
 def prompt_ids(a: argparse.Namespace) -> list[int]:
     if a.prompt_file:
         if not Path(a.prompt_file).is_file():
             raise SampleError(f"--prompt_file {a.prompt_file!r} does not exist")
-        text = Path(a.prompt_file).read_text()
+        raw = Path(a.prompt_file).read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SampleError(
+                f"--prompt_file {a.prompt_file!r} is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 4]!r}); "
+                "save it as UTF-8"
+            ) from None
     else:
         text = a.prompt
     if not text:
@@ -328,7 +343,20 @@ def sample(a: argparse.Namespace, rank: int) -> None:
                 text = chat_reply(toks) if a.chat else enc.decode([t for t in toks if t not in stops])
                 print(f"--- sample {i}\n{text}")
         if a.output_json:
-            Path(a.output_json).write_text(json.dumps({"prompt": ids, "tokens": new}) + "\n")
+            write_json(Path(a.output_json), {"prompt": ids, "tokens": new})
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Whole or not at all: a temporary file beside it, renamed into place; a failed write is one line."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(value) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SampleError(
+            f"--output_json {str(path)!r} could not be written ({write_reason(e, path.parent)})"
+        ) from None
 
 
 if __name__ == "__main__":

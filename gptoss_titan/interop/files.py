@@ -4,7 +4,6 @@ written under a temporary name and renamed when complete, and the Hugging Face f
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import shutil
@@ -13,7 +12,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from ..runtime.errors import UserError
+from ..runtime.errors import UserError, write_reason
 
 HF_CONFIG_FILE = "config.json"  # a Hugging Face folder's model config (not our checkpoint's CONFIG_FILE)
 MXFP4_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # stored as MXFP4 by the release
@@ -76,16 +75,9 @@ def temp_output(output: Path, overwrite: bool) -> Path:
         tmp.mkdir(parents=True)
     except OSError as e:
         raise ConvertError(
-            f"cannot write beside {str(output)!r} ({os_reason(e)}); choose another --output"
+            f"cannot write beside {str(output)!r} ({write_reason(e, output.parent)}); choose another --output"
         ) from None
     return tmp
-
-
-def os_reason(e: OSError) -> str:
-    """An OS error's reason in words; a full disk is named as such (writers report it obscurely)."""
-    if e.errno == errno.ENOSPC:
-        return "no space left on device"
-    return e.strerror or str(e)
 
 
 def publish(tmp: Path, output: Path) -> None:
@@ -97,21 +89,9 @@ def publish(tmp: Path, output: Path) -> None:
 
 def write_failure(error: BaseException, output: Path) -> ConvertError | None:
     """The one-line form of a conversion that failed to write (a full disk, no permission), else
-    None (a bug keeps its traceback). DCP wraps each rank's error; torch's zip writer reports a
-    short write as 'unexpected pos'."""
-    failures = getattr(error, "failures", None)  # DCP's CheckpointException: rank -> (error, traceback)
-    if failures:
-        error = next(iter(failures.values()))
-        error = error[0] if isinstance(error, tuple) else error
-    while error.__cause__ is not None:
-        error = error.__cause__
-    if isinstance(error, OSError):
-        where = f" ({error.filename})" if error.filename else ""
-        reason = os_reason(error) + where
-    elif isinstance(error, RuntimeError) and "unexpected pos" in str(error):
-        free = shutil.disk_usage(output.parent).free / 1e9 if output.parent.is_dir() else 0.0
-        reason = f"a short write: {free:.1f} GB free - no space left on device?"
-    else:
+    None (a bug keeps its traceback)."""
+    reason = write_reason(error, output.parent if output.parent.is_dir() else Path("."))
+    if reason is None:
         return None
     return ConvertError(
         f"writing {str(output)!r} failed ({reason}); nothing was kept - free space or choose another --output"

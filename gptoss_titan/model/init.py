@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from .local import local as local_part
+from .lora import init_spec as adapter_init_spec
+from .lora import is_adapter
 
 BLOCK_ELEMS = 1 << 22  # elements per generator block (rows are never split)
 
@@ -93,7 +95,10 @@ def init_param(param: torch.Tensor, name: str, kind: str, std: float, base_seed:
 
 
 def init_spec(name: str, param: nn.Parameter, std: float) -> tuple[str, float]:
-    """How HF initializes gpt-oss: ones for norms, zeros for biases (router bias and sinks: normal)."""
+    """How HF initializes gpt-oss: ones for norms, zeros for biases (router bias and sinks: normal);
+    LoRA adapters as lora.py says."""
+    if is_adapter(name):
+        return adapter_init_spec(name, param)
     if name.endswith("norm.weight"):
         return "ones", 0.0
     if name.endswith("router.gate.bias") or name.endswith("sinks"):
@@ -101,3 +106,15 @@ def init_spec(name: str, param: nn.Parameter, std: float) -> tuple[str, float]:
     if name.endswith(".bias") or name.endswith("b_gate_up") or name.endswith("b_down"):
         return "zeros", 0.0
     return "normal", std
+
+
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """Draw the LoRA adapters alone (the base came from a checkpoint): the values init_weights
+    would give them."""
+    from ..runtime.compat import CHECKPOINT_WRAPPED_MODULE
+
+    for name, p in model.named_parameters():
+        name = name.replace(f"{CHECKPOINT_WRAPPED_MODULE}.", "")
+        if is_adapter(name):
+            kind, std = adapter_init_spec(name, p)
+            init_param(p, name, kind, std, seed)

@@ -207,6 +207,7 @@ class GroupedExperts(nn.Module):
         self.limit, self.alpha = args.swiglu_limit, args.swiglu_alpha
         self.kernel = "loop"  # works everywhere; Transformer.set_expert_kernel picks the fast one
         self.mxfp4_qat = False  # Transformer.set_mxfp4_qat: the forward sees MXFP4-rounded weights
+        self.lora_scale = 0.0  # > 0: rank-r adapters per expert (model/lora.py adds lora_*_A, lora_*_B)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [R, H] rows sorted by expert; counts [E] rows per expert (sum R) -> [R, H]."""
@@ -219,8 +220,28 @@ class GroupedExperts(nn.Module):
             x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
         rows = _expert_of_row(counts, x.shape[0]) if self.kernel == "grouped" else None  # once for both GEMMs
         u = _grouped_linear(x, w1, b1, counts, self.kernel, rows)  # [R, 2I]
+        if self.lora_scale:
+            u = u + self._adapter("gate_up", x, counts, rows)
         z = clamped_swiglu(u, self.limit, self.alpha)  # [R, I]
-        return _grouped_linear(z, w2, b2, counts, self.kernel, rows)  # [R, H]
+        y = _grouped_linear(z, w2, b2, counts, self.kernel, rows)  # [R, H]
+        if self.lora_scale:
+            y = y + self._adapter("down", z, counts, rows)
+        return y
+
+    def _adapter(
+        self, name: str, x: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The LoRA term of one expert matrix: s (x A_e) B_e per row, on the same sorted rows."""
+        a, b = (
+            local(getattr(self, f"lora_{name}_A")),
+            local(getattr(self, f"lora_{name}_B")),
+        )  # [E, in, r], [E, r, out]
+        a, b = a.to(x.dtype), b.to(x.dtype)
+        h = _grouped_linear(x, a, a.new_zeros(a.shape[0], a.shape[2]), counts, self.kernel, rows)  # [R, r]
+        return (
+            _grouped_linear(h, b, b.new_zeros(b.shape[0], b.shape[2]), counts, self.kernel, rows)
+            * self.lora_scale
+        )
 
 
 class Router(nn.Module):

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ConfigError, JobConfig, batch_layout, check_micro_batches, model_args
+from ..config import ConfigError, JobConfig, batch_layout, check_micro_batches, lora_spec, model_args
 from ..model import ModelArgs, Transformer
+from ..model.init import init_adapters
+from ..model.lora import add_lora
 from ..model.moe import resolve_expert_kernel
 from ..runtime.dtypes import dtype_of
 from ..runtime.log import Timer, logger
@@ -87,6 +89,8 @@ def build_model(
     t, args, dims = cfg.training, plan.args, plan.dims
     with torch.device("meta"):
         model = Transformer(args)
+    if cfg.lora.rank:  # before every pass: FSDP, EP and AC see the adapters as parameters
+        add_lora(model, lora_spec(cfg))
     if weights_dtype is not None:
         model = model.to(weights_dtype)
     if dims.pp > 1:
@@ -109,6 +113,8 @@ def build_model(
             part.init_weights(seed=t.seed)
         else:
             part.init_buffers()
+            if cfg.lora.rank:  # a base from a checkpoint; adapters a LoRA checkpoint may overwrite
+                init_adapters(part, t.seed)
     if t.mxfp4_qat and not on_meta:
         logger.info("MXFP4-aware training: expert weights quantized to MXFP4 in the forward")
     if init and not on_meta:

@@ -8,7 +8,9 @@ CI runs the pinned torch 2.13.0. When torch renames one of these, only this file
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -160,3 +162,25 @@ def local_shape_and_offset(shape: torch.Size, mesh: DeviceMesh, placements) -> t
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     return compute_local_shape_and_global_offset(shape, mesh, placements)
+
+
+class Torchrun(NamedTuple):
+    """The parts of torchrun the launcher (runtime/launcher.py) is built from: public modules, but
+    only `torchrun` itself is documented. The launcher also sets `LaunchConfig.shutdown_timeout`
+    (the grace between SIGTERM and SIGKILL to the workers) and reads ChildFailedError's `failures`
+    (rank -> ProcessFailure with exitcode, pid, error_file, signal_name())."""
+
+    parse_args: Callable
+    config_from_args: Callable
+    elastic_launch: type
+    ChildFailedError: type[Exception]
+    SignalException: type[Exception]
+
+
+def torchrun() -> Torchrun:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
+
+    return Torchrun(parse_args, config_from_args, elastic_launch, ChildFailedError, SignalException)

@@ -147,18 +147,27 @@ def apply_process_settings(cfg: ProcessConfig) -> list[str]:
     return done
 
 
+# What a collective reports when its peer went away or stopped answering (gloo's socket errors,
+# NCCL's remote errors and watchdog timeouts, the store's lost connections).
+PEER_SIGNS = ("connection reset by peer", "connection closed by peer", "closed by peer", "timed out",
+              "timeout", "remote process exited", "remote peer", "broken pipe", "socket closed")  # fmt: skip
+
+
 def lost_peer(error: BaseException) -> CollectiveFailed | None:
-    """The one-line form of a collective that failed because another rank went away (gloo: the
-    peer's connection reset or closed; NCCL and others: torch's DistError), else None."""
+    """The one-line form of a collective that failed because another rank went away or hangs, else
+    None (a misuse or a bug in a collective keeps its traceback): the store's and the network's
+    errors always, a backend's (gloo, NCCL) when its message says the peer is gone or timed out."""
     text = str(error)
-    gloo = "gloo" in text and ("Connection reset by peer" in text or "Connection closed by peer" in text)
-    if not (isinstance(error, dist.DistError) or gloo):
+    low = text.lower()
+    network = isinstance(error, (dist.DistNetworkError, dist.DistStoreError))
+    backend = isinstance(error, dist.DistError) or "gloo" in low or "nccl" in low
+    if not (network or backend and any(sign in low for sign in PEER_SIGNS)):
         return None
     rank = dist.get_rank() if dist.is_initialized() else 0
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return CollectiveFailed(
-        f"rank {rank}: a collective failed ({first[-160:]}); another rank stopped or died - the launcher's "
-        "line names it"
+        f"rank {rank}: a collective failed ({first[-160:]}); another rank stopped, died or hangs - the "
+        "launcher's line names it"
     )
 
 

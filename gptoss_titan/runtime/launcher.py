@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 from .cli import error_line
+from .compat import torchrun
 from .errors import UserError
 
 OUR_CODES = (2, 3)  # runtime/cli.py: bad input, stopped by itself; and > 128: stopped on a signal
@@ -167,17 +168,13 @@ def claim_port(endpoint: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-    from torch.distributed.run import config_from_args, parse_args
-
+    run = torchrun()
     argv = sys.argv[1:] if argv is None else argv
     ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     ours.add_argument("--stop_grace", type=int, default=None)
     mine, rest = ours.parse_known_args(argv)
-    args = parse_args(rest)
-    config, cmd, cmd_args = config_from_args(args)
+    args = run.parse_args(rest)
+    config, cmd, cmd_args = run.config_from_args(args)
     try:  # one node: several launchers of a multi-node job may share a host (and the endpoint)
         single = config.min_nodes == config.max_nodes == 1
         port_lock = claim_port(args.rdzv_endpoint or "") if single else None  # held until exit  # noqa: F841
@@ -190,13 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         _forward(signum)
     _quiet_agent_logs()
     try:
-        elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
-    except ChildFailedError as e:
+        run.elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+    except run.ChildFailedError as e:
         code, line = exit_code(e.failures, _shown(args.local_ranks_filter))
         if line:
             error_line(line)
         return code
-    except SignalException as e:  # SIGTERM/SIGINT/SIGHUP to the launcher: the workers were stopped
+    except run.SignalException as e:  # SIGTERM/SIGINT/SIGHUP to the launcher: the workers were stopped
         error_line(
             f"the launcher received {signal.Signals(e.sigval).name}: its workers were asked to stop "
             "(their lines above say what they saved)"

@@ -3,7 +3,8 @@
 Every config field falls in one class (docs/checkpoints.md has the table):
 - must match: the model's shape (checked from model_args.json), training.seq_len and
   data.tokenizer (the data position counts sequences of those tokens), optimizer.implementation
-  (the saved optimizer state follows it) - refused in one line, exit 2, before the run writes
+  (the saved optimizer state follows it), lora.rank, targets and layers (the saved adapters;
+  checkpoints from before [lora] existed count as rank 0) - refused in one line, exit 2, before the run writes
   anything;
 - may change with a warning: the global batch (through NGPU, local_batch_size or
   global_batch_size), the data (dataset, dataset_path, sources, stream) and training.seed - the
@@ -29,6 +30,9 @@ MUST_MATCH = {
     "training.seq_len": "the data position counts sequences of this length",
     "data.tokenizer": "the data position counts tokens of this tokenizer",
     "optimizer.implementation": "the optimizer's saved state and flags follow it (fused vs foreach)",
+    "lora.rank": "the saved adapters have this rank (0: a full fine-tuning run)",
+    "lora.targets": "the saved adapters sit on these targets",
+    "lora.layers": "the saved adapters sit on these layers",
 }
 WARN = {
     "training.local_batch_size": "the data position (samples consumed) is kept: the new batches follow it",
@@ -72,7 +76,7 @@ def resume_lines(path: Path, cfg: JobConfig, global_batch: int, saved_global_bat
         a, b = saved.get(key), now.get(key)
         if a == b or key.startswith(NOT_COMPARED):
             continue
-        if key in MUST_MATCH:
+        if key in MUST_MATCH and not (a is None and key.startswith("lora.") and not now["lora.rank"]):
             raise CheckpointError(
                 f"{key} = {b!r} but the checkpoint {str(path)!r} was trained with {a!r} ({MUST_MATCH[key]}); "
                 f"use {key}={a!r} to resume, or start a new run folder"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import torch
 
 from ..config import Metrics as MetricsConfig
 from ..runtime.dtypes import dtype_of
+from ..runtime.errors import write_reason
 from ..runtime.log import logger
 
 # Dense peak TFLOP/s per GPU (vendor datasheets, no sparsity). "float32" is the TF32 tensor-core
@@ -226,8 +226,7 @@ class MetricsLogger:
         try:
             self.jsonl.write(row)
         except OSError as e:
-            reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            self.write_error = f"{self.path} could not be written ({reason})"
+            self.write_error = f"{self.path} could not be written ({write_reason(e, self.path.parent)})"
             logger.info(f"warning: {self.write_error}; no more rows are written to it")
             try:
                 self.jsonl.close()

@@ -27,6 +27,7 @@ from ..checkpoint.manager import CheckpointManager
 from ..config import SAVED_STATES
 from ..data import TokenLoader
 from ..model.hf import is_native_only
+from ..model.lora import is_adapter
 from ..runtime.log import logger
 from .guard import StepGuard
 
@@ -46,13 +47,16 @@ class Progress:
 
 
 class ModelState:
-    """The model's parameters and persistent buffers (plain or sharded), by parameter name."""
+    """The model's parameters and persistent buffers (plain or sharded), by parameter name; with
+    adapters_only, the LoRA adapters alone (the frozen base is loaded from its own checkpoint)."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, adapters_only: bool = False):
+        self.model, self.adapters_only = model, adapters_only
 
     def state_dict(self, dtype: torch.dtype | None = None) -> dict:
         sd = get_model_state_dict(self.model, options=StateDictOptions(ignore_frozen_params=False))
+        if self.adapters_only:
+            sd = {k: v for k, v in sd.items() if is_adapter(k)}
         return sd if dtype is None else {k: v.to(dtype) for k, v in sd.items()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -139,10 +143,11 @@ class TrainState:
         lr_scheduler,
         dataloader: TokenLoader,
         guard: StepGuard | None = None,
+        adapters_only: bool = False,
     ) -> TrainState:
         return cls(
             Progress(),
-            ModelState(model),
+            ModelState(model, adapters_only),
             OptimizerState(model, optimizer),
             LRSchedulerState(lr_scheduler),
             dataloader,
@@ -203,16 +208,34 @@ class TrainState:
                 "add it to checkpoint.exclude_from_loading or use a full checkpoint"
             )
         state = {k: m.state_dict() for k, m in members.items()}
-        if "model" in state:  # balancing biases are ours alone: a checkpoint without them (an HF
-            saved = checkpoint_fqns(path)  # import, a run without balancing) starts them at zero
-            absent = [k for k in state["model"] if f"model.{k}" not in saved and is_native_only(k)]
-            for k in absent:
-                del state["model"][k]
-            if absent:
-                logger.info(f"{len(absent)} expert-bias buffers are not in {path}: they start at zero")
+        if "model" in state:
+            _drop_absent(state["model"], path)
         seconds = checkpoint.load(path, state)
         for k, m in members.items():
             m.load_state_dict(state[k])
         what = "model" if model_only else ", ".join(k if not k.startswith("rng") else "rng" for k in members)
         logger.info(f"loaded {what} from {path} in {seconds:.2f}s")
         return set(members)
+
+    def load_base(self, checkpoint: CheckpointManager, path: Path) -> None:
+        """A LoRA run's frozen base: every parameter but the adapters, from a model checkpoint."""
+        full = ModelState(self.model.model)
+        state = {"model": {k: v for k, v in full.state_dict().items() if not is_adapter(k)}}
+        _drop_absent(state["model"], path)
+        seconds = checkpoint.load(path, state)
+        full.load_state_dict(state["model"])
+        logger.info(f"loaded the frozen base from {path} in {seconds:.2f}s")
+
+
+def _drop_absent(model_state: dict, path: Path) -> None:
+    """Leave out what a checkpoint may lack: the balancing biases are ours alone (an HF import or a
+    run without balancing has none: they start at zero); a base has no adapters (they start fresh)."""
+    saved = checkpoint_fqns(path)
+    absent = [k for k in model_state if f"model.{k}" not in saved and (is_native_only(k) or is_adapter(k))]
+    for k in absent:
+        del model_state[k]
+    biases = sum(is_native_only(k) for k in absent)
+    if biases:
+        logger.info(f"{biases} expert-bias buffers are not in {path}: they start at zero")
+    if len(absent) > biases:
+        logger.info(f"{len(absent) - biases} LoRA adapters are not in {path}: they start fresh")

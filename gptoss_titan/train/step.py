@@ -102,7 +102,7 @@ class TrainStep:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.all_reduce(counts_total)  # expert loads over the whole batch
-        if self.plan.args.load_balance_bias:
+        if self.plan.args.load_balance_bias and not cfg.lora.rank:  # LoRA: the routing stays the base's
             blocks = self.model.blocks()  # a pipeline stage holds some of them
             rows = counts_total[[b.layer_id for b in blocks]]
             update_expert_bias(

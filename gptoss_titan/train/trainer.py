@@ -36,6 +36,7 @@ from ..runtime.log import Timer, init_logging, logger
 from ..runtime.runlock import claim_run_folder
 from .contract import resume_lines
 from .evaluate import greedy_sample, validation_loss
+from .lora_run import BASE_FILE, base_record, check_base, choose_lora_resumes
 from .metrics import (
     MetricsLogger,
     StepResult,
@@ -78,7 +79,14 @@ class Trainer:
         # What to resume from (reads metadata only; errors here still leave nothing written).
         self.dump = Path(cfg.job.dump_folder)
         ckpt_folder = self.dump / cfg.checkpoint.folder
-        resume = choose_resume(cfg.checkpoint, ckpt_folder, self.model_args)
+        self.base, self.base_record = None, None  # a LoRA run's frozen base (train/lora_run.py)
+        if cfg.lora.rank:
+            self.base, resume = choose_lora_resumes(cfg.checkpoint, ckpt_folder, self.model_args)
+            self.base_record = base_record(self.base)
+            if resume is not None:
+                check_base(resume.path, self.base_record)
+        else:
+            resume = choose_resume(cfg.checkpoint, ckpt_folder, self.model_args)
         if resume is not None and resume.format == "dcp" and not resume.model_only:  # the resume contract
             saved_batch = read_run_file(resume.path).get("global_batch")
             for line in resume_lines(resume.path, cfg, self.global_bs, saved_batch):
@@ -87,11 +95,18 @@ class Trainer:
         # Model (parallel/build.py), then the step that trains it: optimizer, schedule, guard.
         # Initialization (the same values at any layout) is skipped when a checkpoint will
         # overwrite every parameter.
-        init = resume is None or "model" in cfg.checkpoint.exclude_from_loading
+        init = self.base is None and (resume is None or "model" in cfg.checkpoint.exclude_from_loading)
         built = build_model(cfg, self.plan, self.meshes, self.device, init)
         self.train_module = self.step_class(cfg, self.plan, built, self.meshes, self.device)
         m = self.train_module
-        self.state = TrainState.build(m.model, m.optimizer, m.lr_scheduler, self.train_loader, m.guard)
+        self.state = TrainState.build(
+            m.model,
+            m.optimizer,
+            m.lr_scheduler,
+            self.train_loader,
+            m.guard,
+            adapters_only=self.base is not None,
+        )
 
         # From here a stop signal waits for a step boundary (train/signals.py), also during loading.
         self.stop_request = StopRequest(
@@ -120,12 +135,19 @@ class Trainer:
         self.barrier()
         run = {"world_size": self.world_size, "global_batch": self.global_bs, "accum_steps": self.accum_steps}
         meta = {CONFIG_FILE: cfg.to_dict(), MODEL_ARGS_FILE: self.model_args.to_dict(), RUN_FILE: run}
+        if self.base_record is not None:
+            meta[BASE_FILE] = self.base_record
         writer = checkpoint_writer or IntegrityWriter
         self.checkpoint = CheckpointManager(ckpt_folder, cfg.checkpoint, meta, writer, checkpoint_stager)
         for warning in resume.warnings if resume is not None else ():
             logger.info(f"warning: {warning}")
         if resume is not None and resume.format == "hf":
             resume = import_hf(resume, ckpt_folder / "hf-import", self.model_args, self.rank, self.world_size)
+        if self.base is not None:
+            base = self.base
+            if base.format == "hf":
+                base = import_hf(base, ckpt_folder / "hf-import", self.model_args, self.rank, self.world_size)
+            self.state.load_base(self.checkpoint, base.path)
         loaded = set()
         if resume is not None:
             loaded = self.state.load(

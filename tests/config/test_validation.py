@@ -109,3 +109,43 @@ def test_bad_config(tmp_path, toml, argv, match):
 def test_bad_model_args(argv, match):
     with pytest.raises(ConfigError, match=match):
         parse_args(["--data.dataset=kjv", *argv])
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--lora.rank=-1"], r"lora.rank = -1 must be >= 1 for adapters \(0 = off"),
+        (
+            ["--lora.rank=8", "--lora.targets=attention,mlp"],
+            "lora.targets entry = 'mlp' is not one of attention, experts, router",
+        ),
+        (["--lora.rank=8", "--lora.targets="], "lora.targets is empty"),
+        (["--lora.rank=8", "--lora.layers=0,7"], r"lora.layers holds 7, but the model has layers 0..3"),
+        (["--lora.rank=8", "--lora.alpha=0"], "lora.alpha = 0.0 must be > 0"),
+        (["--lora.rank=8", "--lora.dropout=1"], r"lora.dropout = 1.0 in \[0, 1\)"),
+        (
+            ["--lora.rank=8", "--parallelism.tensor_parallel_degree=2"],
+            "LoRA does not run with tensor, pipeline or context",
+        ),
+        (["--lora.rank=8", "--training.mxfp4_qat=true"], "training.mxfp4_qat with lora.rank > 0"),
+    ],
+)
+def test_bad_lora_section(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_args(["--data.dataset=kjv", "--model.flavor=debug", *argv])
+
+
+def test_a_bad_lora_section_is_one_line_and_exit_2_from_the_config_check():
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "gptoss_titan.config", "--lora.rank=8", "--lora.targets=experts,mlp"],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        r.returncode == 2
+        and r.stderr.startswith("error: lora.targets entry = 'mlp'")
+        and r.stderr.count("\n") == 1
+    )

@@ -192,3 +192,73 @@ def test_concurrent_preparers_of_one_output_agree(tmp_path):
     assert names == ["kjv-o200k_harmony"]  # no partial or lock file left
     meta = json.loads((tmp_path / names[0] / "meta.json").read_text())
     assert meta["train_documents"] + meta["val_documents"] == 1189
+
+
+def _prepare_data(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/prepare_data.py", *args], capture_output=True, text=True)
+
+
+def test_damaged_input_and_invalid_utf8_through_the_script(tmp_path):
+    """A truncated .gz is one line, exit 2, nothing written; invalid UTF-8 is replaced and counted in
+    a warning, or refused with --strict (exit 2, nothing written)."""
+    import gzip
+
+    rows = "".join(json.dumps({"text": f"In the beginning {i} " * 30}) + "\n" for i in range(400))
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write(rows)
+    data = (tmp_path / "c.jsonl.gz").read_bytes()
+    (tmp_path / "c.jsonl.gz").write_bytes(data[: len(data) // 2])
+    r = _prepare_data("--files", str(tmp_path / "c.jsonl.gz"), "--output", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "c.jsonl.gz' is a truncated or damaged gz file" in last
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+
+    (tmp_path / "u.jsonl").write_bytes(rows.encode() + b'{"text": "caf\xe9 ' + b"word " * 50 + b'"}\n')
+    r = _prepare_data("--files", str(tmp_path / "u.jsonl"), "--output", str(tmp_path / "o"), "--strict")
+    assert (
+        r.returncode == 2
+        and f"{tmp_path / 'u.jsonl'}:401 is not valid UTF-8" in r.stderr.strip().splitlines()[-1]
+    )
+    assert not (tmp_path / "o").exists() and "Traceback" not in r.stderr
+    r = _prepare_data("--files", str(tmp_path / "u.jsonl"), "--output", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert (
+        f"warning: 1 document(s) held invalid UTF-8, replaced by U+FFFD (the first: {tmp_path / 'u.jsonl'}:401)"
+        in r.stderr
+    )
+
+
+def test_the_progress_line_names_the_count_and_the_first_of_many_inputs(tmp_path):
+    for i in range(12):
+        (tmp_path / f"part-{i:02}.txt").write_text(f"In the beginning {i} " * 200)
+    r = _prepare_data(
+        "--files",
+        *sorted(str(p) for p in tmp_path.glob("*.txt")),
+        "--output",
+        str(tmp_path / "o"),
+        "--val_every",
+        "3",
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"tokenizing 12 inputs from {tmp_path / 'part-00.txt'} [text]" in r.stderr
+    assert "part-05.txt" not in r.stderr
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert "part-11.txt" in meta["source"]  # meta.json keeps every input
+
+
+def test_a_chat_file_with_invalid_utf8_is_a_skipped_conversation(tmp_path):
+    good = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    )
+    (tmp_path / "c.jsonl").write_bytes(
+        (good + "\n").encode() * 40
+        + good.replace("hello", "h\\u00e9").encode().replace(b"\\u00e9", b"\xe9")
+        + b"\n"
+    )
+    r = _prepare_data("--chat", str(tmp_path / "c.jsonl"), "--output", str(tmp_path / "o"))
+    assert r.returncode == 0 and f"skipped {tmp_path / 'c.jsonl'}:41: not valid UTF-8 (byte" in r.stderr, (
+        r.stderr
+    )
+    r = _prepare_data("--chat", str(tmp_path / "c.jsonl"), "--output", str(tmp_path / "o2"), "--strict")
+    assert r.returncode == 2 and "c.jsonl:41: not valid UTF-8" in r.stderr and not (tmp_path / "o2").exists()

@@ -9,6 +9,7 @@ import pytest
 
 from gptoss_titan.data.sources import (
     JsonLine,
+    Utf8Check,
     document_text,
     document_tokens,
     expand,
@@ -111,3 +112,37 @@ def test_json_lines_are_parsed_where_they_are_turned_into_text(tmp_path):
     assert document_text(items[0]) == "fine"
     with pytest.raises(DataError, match="bad.jsonl:2 is not valid JSON"):
         document_text(items[1])
+
+
+@pytest.mark.parametrize("suffix,opener", [(".gz", gzip.open), (".bz2", bz2.open), (".xz", lzma.open)])
+def test_a_truncated_compressed_file_is_one_data_error_naming_it(tmp_path, suffix, opener):
+    path = tmp_path / f"c.jsonl{suffix}"
+    with opener(path, "wt") as f:
+        f.write("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(2000)))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        DataError, match=rf"c.jsonl{suffix}' is a truncated or damaged {suffix[1:]} file \(after line \d+"
+    ):
+        list(file_items([str(path)]))
+    path.write_bytes(b"\x1f\x8b" + b"garbage" * 10 if suffix == ".gz" else b"garbage" * 10)
+    with pytest.raises(DataError, match="is a truncated or damaged"):
+        list(file_items([str(path)]))
+
+
+def test_invalid_utf8_is_replaced_and_counted_or_refused_with_strict(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "bad \xff here"}\n{"text": "\xc3"}\n')
+    (tmp_path / "b.txt").write_bytes(b"text \xfe\xfe")
+    check = Utf8Check()
+    docs = [
+        document_text(i) for i in file_items([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")], utf8=check)
+    ]
+    assert docs == ["fine", "bad \ufffd here", "\ufffd", "text \ufffd\ufffd"]
+    assert check.count == 3 and check.first == f"{tmp_path / 'a.jsonl'}:2"
+    assert check.summary().startswith("3 document(s) held invalid UTF-8, replaced by U+FFFD (the first: ")
+    with pytest.raises(
+        DataError, match=r"a.jsonl:2 is not valid UTF-8 \(byte 14: b'\\xff he'\); fix or remove"
+    ):
+        list(file_items([str(tmp_path / "a.jsonl")], utf8=Utf8Check(strict=True)))
+    with pytest.raises(DataError, match=r"b.txt is not valid UTF-8 \(byte 5: .*drop --strict"):
+        list(file_items([str(tmp_path / "b.txt")], utf8=Utf8Check(strict=True)))

@@ -97,3 +97,26 @@ def test_streaming_training_resumes_exactly(tmp_path):
     assert (
         r.returncode != 0 and sum("no stream position for every data-parallel rank" in x for x in lines) == 2
     ), r.stderr[-2000:]
+
+
+def test_invalid_utf8_in_a_stream_is_logged_once_and_counted_or_refused(tmp_path, monkeypatch):
+    """Replaced by U+FFFD with one warning at the first and a count at the end of each pass (rank 0,
+    worker 0 only: every worker reads every document); data.stream_strict refuses it in one line."""
+    from gptoss_titan.runtime.log import logger
+
+    rows = b"".join(json.dumps({"text": f"word {i} " * 4}).encode() + b"\n" for i in range(30))
+    (tmp_path / "u.jsonl").write_bytes(rows + b'{"text": "caf\xe9 au lait"}\n')
+    said: list[str] = []
+    monkeypatch.setattr(logger, "info", said.append)
+    s = StreamLoader(str(tmp_path / "u.jsonl"), "text", "o200k_harmony", 8, 2, 201088, 0, 1, 0, 10)
+    for _ in range(40):  # more than one pass over the 31 documents
+        s.next_batch()
+    first = [x for x in said if "data.stream: 1 document(s) held invalid UTF-8" in x]
+    passes = [x for x in said if "data.stream pass 0: 1 document(s) held invalid UTF-8" in x]
+    assert len(first) == 1 and f"(the first: {tmp_path / 'u.jsonl'}:31)" in first[0] and len(passes) == 1
+    strict = StreamLoader(
+        str(tmp_path / "u.jsonl"), "text", "o200k_harmony", 8, 2, 201088, 0, 1, 0, 10, strict=True
+    )
+    with pytest.raises(DataError, match=r"u.jsonl:31 is not valid UTF-8 .*drop data.stream_strict = true"):
+        for _ in range(40):
+            strict.next_batch()

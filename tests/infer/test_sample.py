@@ -100,7 +100,16 @@ def test_sample_errors(trained, tmp_path):
         (["--checkpoint", ck, "--prompt", "hi", "--temperature", "-1"], "--temperature -1.0 must be >= 0"),
         (["--checkpoint", ck, "--prompt", "hi", "--top_p", "0"], "--top_p 0.0 must be in (0, 1]"),
         (["--checkpoint", ck, "--prompt", "hi", "--top_p", "1.5"], "--top_p 1.5 must be in (0, 1]"),
+        (
+            ["--checkpoint", ck, "--prompt_file", str(tmp_path / "latin1.txt")],
+            "latin1.txt' is not valid UTF-8 (byte 3",
+        ),
+        (
+            ["--checkpoint", ck, "--prompt", "hi", "--output_json", str(tmp_path / "no" / "o.json")],
+            "cannot be written",
+        ),
     ]
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     for argv, match in cases:
         r = sample(*argv)
         assert r.returncode == 2 and match in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
@@ -219,3 +228,23 @@ def test_config_shape_must_match_the_weights():
         SampleError, match=r"--config .*debug_model.toml' gives model dim = 64 but the weights have 2880"
     ):
         check_config_shape(config, FLAVORS["20b"])
+
+
+def test_output_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from gptoss_titan.infer.sample import SampleError, write_json
+
+    write_json(tmp_path / "o.json", {"tokens": [[1, 2]]})
+    assert json.loads((tmp_path / "o.json").read_text()) == {"tokens": [[1, 2]]}
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(SampleError, match=r"'.*o.json' could not be written \(no space left on device"):
+        write_json(tmp_path / "o.json", {"tokens": []})
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "o.json").read_text()) == {"tokens": [[1, 2]]}  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.json"]

@@ -264,6 +264,82 @@ def test_sbatch_two_nodes_equals_single_node(data, single_node, slurm_cluster, t
     assert "did you mean 'steps'" in (tmp_path / "bad.out").read_text()
 
 
+def job_state(job: str, e: dict) -> dict[str, str]:
+    """`scontrol show job`'s fields (JobState, Restarts, ExitCode, ...)."""
+    text = subprocess.run(
+        ["scontrol", "show", "job", job], env=e, capture_output=True, text=True, timeout=30
+    ).stdout
+    return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
+
+
+def test_the_stop_signal_saves_requeues_and_the_requeued_job_resumes(data, slurm_cluster, tmp_path):
+    """The signal `#SBATCH --signal=USR1@120` sends before the time limit (here at once, by scancel):
+    both nodes' ranks stop at one step and save it, the script requeues the job, and the requeued
+    job resumes from that checkpoint and finishes: one metrics row per step, no step twice."""
+    dump, out = tmp_path / "run", tmp_path / "job.out"
+    e = env(
+        SLURM_CONF=str(slurm_cluster), NGPU="1", RDZV_PORT=str(free_port()), LOG_DIR=str(tmp_path / "logs")
+    )
+    argv = [
+        *overrides(data, dump),
+        "--training.steps=40",
+        "--checkpoint.enable=true",
+        "--checkpoint.interval=1000",
+    ]
+    sub = [
+        "sbatch",
+        "--parsable",
+        "-N",
+        "2",
+        "-o",
+        str(out),
+        "--open-mode=append",
+        "scripts/multinode_trainer.slurm",
+    ]
+    r = subprocess.run([*sub, *argv], cwd=ROOT, env=e, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.strip().split(";")[0]
+    deadline, signalled, released, requeued_at = time.time() + 900, False, False, 0.0
+    try:
+        while True:
+            state = job_state(job, e)
+            if not signalled and (dump / "metrics.jsonl").exists() and len(losses(dump)) >= 3:
+                subprocess.run(["scancel", "--signal=USR1", job], env=e, check=True, timeout=30)
+                signalled = True
+            if state.get("JobState") == "PENDING" and state.get("Restarts") == "1" and not released:
+                # Slurm holds a requeued job back (BeginTime about 2 minutes ahead): start it now
+                requeued_at = time.time()
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=e, timeout=30)
+                released = True
+            if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+                break
+            log = out.read_text() if out.exists() else ""
+            assert "held" not in state.get("Reason", "").lower(), (
+                f"{state}\n{log[-3000:]}\n{slurm_logs(slurm_cluster)}"
+            )
+            assert time.time() < deadline, f"job {job} still {state.get('JobState')}:\n{log[-3000:]}"
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["scancel", job], env=e, capture_output=True, timeout=30)
+    log = out.read_text()
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (
+        f"{state}\n{log[-4000:]}\n{slurm_logs(slurm_cluster, 30)}"
+    )
+    assert state["Restarts"] == "1" and released, state
+    print(
+        f"requeued job: pending {state.get('EligibleTime')}, finished {time.time() - requeued_at:.0f} s after"
+    )
+    m = re.search(r"stopped by SIGUSR1 at step (\d+); saved (\S+)", log)
+    assert m and "requeueing job" in log, log[-4000:]
+    step = int(m.group(1))
+    assert (
+        m.group(2).rstrip(";").endswith(f"step-{step}")
+        and f"checkpoint/step-{step}" in log.split("requeueing job")[1]
+    )
+    rows = [json.loads(x) for x in (dump / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))
+
+
 def test_slurm_teardown_stops_every_daemon(slurm_cluster):
     folder = slurm_cluster.parent
     pids = [int(x) for x in (folder / "pids").read_text().split()]

@@ -38,14 +38,15 @@ def args(tmp: Path, run: str, *extra: str) -> list[str]:
 
 
 def chaos(nproc: int, port: int, argv: list[str], *faults: str) -> list[str]:
-    """The command of a chaos_train.py run (torchrun on a fixed port when nproc > 1)."""
+    """The command of a chaos_train.py run; with nproc > 1 through the launcher run_train.sh calls
+    (torchrun's agent, our exit codes) on a fixed port."""
     script = [str(HERE / "chaos_train.py"), *faults, *argv]
     if nproc == 1:
         return [sys.executable, *script]
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "gptoss_titan.runtime.launcher",
         f"--nproc_per_node={nproc}",
         "--rdzv_backend=c10d",
         f"--rdzv_endpoint=127.0.0.1:{port}",

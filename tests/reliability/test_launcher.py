@@ -36,6 +36,39 @@ def test_an_error_after_launch_is_one_line_and_exit_2(tmp_path):
     assert "ChildFailedError" not in r.stdout + r.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+def test_damaged_stream_data_after_launch_is_one_line_and_exit_2(tmp_path):
+    """data.stream read by the workers: a truncated .gz (2 processes, read in a loader worker
+    process) and invalid UTF-8 with data.stream_strict (1 process, read in the trainer): exit 2,
+    one line naming the file."""
+    import gzip
+    import json
+
+    rows = "".join(json.dumps({"text": f"In the beginning {i} " * 30}) + "\n" for i in range(40))
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write(rows)
+    data = (tmp_path / "c.jsonl.gz").read_bytes()
+    (tmp_path / "c.jsonl.gz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "u.jsonl").write_bytes(rows.encode() + b'{"text": "caf\xe9"}\n')
+
+    def stream(spec: str, *extra: str) -> list[str]:
+        argv = [a for a in base(tmp_path, "--training.steps=100", *extra) if "dataset_path" not in a]
+        return [*argv, "--model.flavor=debug", f"--data.stream={spec}", "--validation.enable=false"]
+
+    r = run_train_sh({"NGPU": "2"}, *stream(str(tmp_path / "c.jsonl.gz"), "--data.stream_workers=1"))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr
+    # the rank that met the damage first says so; rank 0 (shown) may instead lose a collective to it
+    lines = r.stderr.strip().splitlines()
+    assert all(x.startswith("error: ") for x in lines) and "Traceback" not in r.stdout + r.stderr, r.stderr
+    assert "c.jsonl.gz' is a truncated or damaged gz file (after line" in lines[-1], r.stderr
+    r = run_train_sh(
+        {}, *stream(str(tmp_path / "u.jsonl"), "--data.stream_workers=0", "--data.stream_strict=true")
+    )
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr
+    assert f"{tmp_path / 'u.jsonl'}:41 is not valid UTF-8 (byte" in one_line_error(r.stderr)
+    assert "drop data.stream_strict = true" in r.stderr
+
+
 def worker_pids(launcher: int) -> dict[int, int]:
     """Global rank -> pid of the launcher's workers (their RANK variable)."""
     out = {}

@@ -74,3 +74,20 @@ def test_meshes_on_a_fake_process_group():
         assert compat.local_shape_and_offset(torch.Size((8, 6)), world, [Shard(1)])[0] == (8, 2)
     finally:
         dist.destroy_process_group()
+
+
+def test_the_torchrun_parts_the_launcher_uses():
+    """torch.distributed.run's parser and config builder, the agent's entry and exceptions, and the
+    LaunchConfig field the launcher sets (its stop grace)."""
+    run = compat.torchrun()
+    args = run.parse_args(
+        ["--nproc_per_node=2", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:1", "x.py", "a"]
+    )
+    config, cmd, cmd_args = run.config_from_args(args)
+    assert (
+        config.nproc_per_node == 2
+        and config.min_nodes == config.max_nodes == 1
+        and cmd_args == ["-u", "x.py", "a"]
+    )
+    assert hasattr(config, "shutdown_timeout") and callable(run.elastic_launch(config=config, entrypoint=cmd))
+    assert issubclass(run.ChildFailedError, Exception) and issubclass(run.SignalException, Exception)

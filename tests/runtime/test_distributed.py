@@ -153,3 +153,20 @@ def test_torch_older_than_the_floor_is_one_line(monkeypatch):
         UserError, match=r"older than 2.10, the oldest this package runs on; pip install 'torch>=2.10'"
     ):
         distributed.check_torch_version()
+
+
+def test_lost_peer_names_a_gone_or_hanging_peer_and_leaves_bugs_alone():
+    import torch.distributed as dist
+
+    from gptoss_titan.runtime.distributed import lost_peer
+
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29837")
+    assert "another rank stopped, died or hangs" in str(lost_peer(gone))
+    timeout = dist.DistBackendError(
+        "Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9) ran for 100000 ms"
+    )
+    assert lost_peer(timeout) is not None
+    assert lost_peer(dist.DistStoreError("failed to recv, got 0 bytes")) is not None
+    assert lost_peer(dist.DistBackendError("NCCL error: invalid usage (run with NCCL_DEBUG=WARN)")) is None
+    assert lost_peer(RuntimeError("[gloo] mismatched sizes 4 vs 8")) is None
+    assert lost_peer(ValueError("a bug")) is None

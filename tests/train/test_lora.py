@@ -1,0 +1,99 @@
+"""LoRA runs (train/lora_run.py, model/lora.py): the frozen base comes from initial_load_path and
+never changes, checkpoints hold the adapters' state alone with the base's record, a resume is
+exact, a changed base is refused, and 2-process layouts equal one process."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptoss_titan.checkpoint.files import checkpoint_fqns
+from gptoss_titan.model.lora import is_adapter
+from gptoss_titan.train import main
+
+from ..conftest import losses, python_cmd, run_ok
+from ..helpers.checkpoint import weights
+from ..helpers.training import argv_for, host_batches, train_step_for
+
+ADAPTERS = ("--lora.rank=4", "--lora.alpha=8", "--lora.targets=attention,experts,router")
+
+
+def base_run(tmp, name: str, seed: int = 0) -> str:
+    argv = argv_for(tmp, f"--job.dump_folder={tmp / name}", "--training.steps=2", "--checkpoint.enable=true",
+                    "--validation.enable=false", f"--training.seed={seed}")  # fmt: skip
+    assert main(argv) == 0
+    return str(tmp / name / "checkpoint" / "step-2")
+
+
+@pytest.fixture(scope="module")
+def base(module_tmp):
+    return base_run(module_tmp, "base")
+
+
+def lora_argv(tmp, base: str, name: str, *extra: str) -> list[str]:
+    return argv_for(tmp, f"--job.dump_folder={tmp / name}", *ADAPTERS, "--training.global_batch_size=4", f"--checkpoint.initial_load_path={base}",
+                    "--checkpoint.enable=true", "--checkpoint.interval=2", "--validation.enable=false",
+                    "--training.deterministic=true", "--optimizer.lr=1e-2", "--lr_scheduler.decay_steps=3", *extra)  # fmt: skip
+
+
+def test_a_step_changes_the_adapters_alone(tmp_path):
+    cfg, step = train_step_for(tmp_path, *ADAPTERS)
+    before = {n: p.detach().clone() for n, p in step.model.named_parameters()}
+    assert {n for n, p in step.model.named_parameters() if p.requires_grad} == {
+        n for n in before if is_adapter(n)
+    }
+    optimized = {id(p) for g in step.optimizer.param_groups for p in g["params"]}
+    assert optimized == {id(p) for n, p in step.model.named_parameters() if is_adapter(n)}
+    for i in range(2):
+        step(host_batches(step, seed=i), i)
+    for n, p in step.model.named_parameters():
+        assert torch.equal(p, before[n]) != is_adapter(n), n  # the base bitwise, every adapter moved
+
+
+def test_adapter_checkpoints_resume_exactly_and_refuse_another_base(base, module_tmp):
+    tmp = module_tmp
+    assert main(lora_argv(tmp, base, "straight")) == 0
+    ck = tmp / "straight" / "checkpoint" / "step-4"
+    saved = checkpoint_fqns(ck)
+    model_keys = {k for k in saved if k.startswith("model.")}
+    assert model_keys and all(is_adapter(k) for k in model_keys)  # no frozen weight is saved
+    assert not any(k.startswith("optimizer.") and not is_adapter(k) for k in saved if "param_groups" not in k)
+    record = json.loads((ck / "lora_base.json").read_text())
+    assert record["path"] == str(Path(base).resolve()) and len(record["sha256"]) == 64
+    w = weights(ck)
+    assert all(w[k].abs().sum() > 0 for k in w if k.endswith("lora_B") or k.endswith("_B"))
+    # resumed at step 2: the same losses and adapters, bit for bit
+    assert main(lora_argv(tmp, base, "resumed", "--training.steps=2")) == 0
+    assert main(lora_argv(tmp, base, "resumed")) == 0
+    assert losses(tmp / "resumed") == losses(tmp / "straight")
+    w2 = weights(tmp / "resumed" / "checkpoint" / "step-4")
+    assert all(torch.equal(w[k], w2[k]) for k in w)
+    # another base under the same run folder: refused, nothing written
+    other = base_run(tmp, "other_base", seed=7)
+    before = (tmp / "resumed" / "config.json").read_text()
+    assert main(lora_argv(tmp, other, "resumed", "--training.steps=6")) == 2
+    assert (tmp / "resumed" / "config.json").read_text() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout", [("--parallelism.data_parallel_shard_degree=2",), ("--parallelism.expert_parallel_degree=2",)]
+)
+def test_two_processes_equal_one(base, module_tmp, layout):
+    """FSDP 2 and FSDP 2 x EP 2: losses and adapters equal one process (<= 1e-5). AdamW with eps = 1
+    (far above every gradient): its update is then linear in the gradient, so the reduction
+    order's rounding (~1e-7 relative) stays that small instead of being blown up to +-lr for
+    gradients near zero, which the default eps = 1e-8 would do."""
+    tmp, sgd_like = module_tmp, ("--optimizer.eps=1", "--optimizer.lr=0.5")
+    one = tmp / "one_eps1"
+    if not (one / "checkpoint" / "step-4").is_dir():
+        assert main(lora_argv(tmp, base, one.name, *sgd_like)) == 0
+    name = "two_" + layout[0].split(".")[-1].split("=")[0]
+    run_ok(python_cmd(2, "-m", "gptoss_titan.train", *lora_argv(tmp, base, name, *sgd_like, *layout)))
+    assert losses(tmp / name) == pytest.approx(losses(one), rel=1e-5)
+    a, b = weights(one / "checkpoint" / "step-4"), weights(tmp / name / "checkpoint" / "step-4")
+    assert a.keys() == b.keys() and all(is_adapter(k) for k in a)
+    for k in a:
+        assert a[k].abs().max() > 0 or not k.endswith("B")
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
