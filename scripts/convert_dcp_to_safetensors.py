@@ -9,6 +9,9 @@ model.safetensors.index.json, streaming one tensor at a time, into a temporary f
 the end. Needs no GPU, no config and no process group, whatever world size saved the checkpoint.
 --quantize mxfp4 writes the experts in the released checkpoints' MXFP4 layout (`*_blocks`,
 `*_scales`, the release's quantization_config); progress goes to stderr (--quiet: none).
+A LoRA run's checkpoint holds the adapters alone: --lora adapter writes a PEFT adapter folder
+(adapter_config.json + adapter_model.safetensors, loaded by peft.PeftModel.from_pretrained onto
+the base), --lora merge the recorded base with the adapters merged in (any --dtype, --quantize).
 """
 
 from __future__ import annotations
@@ -34,13 +37,26 @@ def main(argv: list[str] | None = None) -> int:
         choices=QUANTIZE,
         help="mxfp4: experts as the release's MXFP4 blocks and scales (20b fits 16 GB); others in --dtype",
     )
+    p.add_argument(
+        "--lora",
+        default="none",
+        choices=("none", "adapter", "merge"),
+        help="a LoRA run's checkpoint: adapter (a PEFT folder for the base) or merge (the base with the adapters merged in)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
     quiet_single_process_warnings()
 
     def convert() -> None:
         out = dcp_to_hf(
-            a.checkpoint, a.output, a.dtype, a.max_shard_size, a.overwrite, a.quantize, progress=not a.quiet
+            a.checkpoint,
+            a.output,
+            a.dtype,
+            a.max_shard_size,
+            a.overwrite,
+            a.quantize,
+            progress=not a.quiet,
+            lora=a.lora,
         )
         print(f"wrote {out}")
 

@@ -350,9 +350,10 @@ def check_lora_layout(cfg: JobConfig) -> None:
         )
 
 
-def lora_spec(cfg: JobConfig) -> LoRASpec:
-    """The [lora] section checked against the model: rank, alpha, dropout, targets, layers."""
-    lo, n_layers = cfg.lora, model_args(cfg).n_layers
+def lora_spec(cfg: JobConfig, args: ModelArgs | None = None) -> LoRASpec:
+    """The [lora] section checked against the model (args: another shape than the config's, e.g.
+    a checkpoint's): rank, alpha, dropout, targets, layers."""
+    lo, n_layers = cfg.lora, (args or model_args(cfg)).n_layers
     if lo.rank <= 0:
         raise ConfigError(f"lora.rank = {lo.rank} must be >= 1 for adapters (0 = off: full fine-tuning)")
     if not lo.targets:

@@ -17,15 +17,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 
 from ..checkpoint import read_model_args, resolve_step_dir
 from ..checkpoint.integrity import verify as verify_integrity
+from ..checkpoint.lora_base import read_base_record
 from ..config import JobConfig, model_args, parse_args
 from ..data.tokenizer import get_tokenizer
 from ..interop.convert import HFFolder, args_from_hf_config, load_hf_into
 from ..model import FLAVORS, ModelArgs, Transformer
 from ..model.local import local
+from ..model.lora import LoRASpec, is_adapter
 from ..model.tokens import STOP_IDS
 from ..parallel.build import build_model, plan_run
 from ..runtime.cli import run_cli
@@ -40,6 +46,7 @@ from ..runtime.distributed import (
 )
 from ..runtime.dtypes import DTYPE_NAMES, dtype_of
 from ..runtime.errors import UserError, write_reason
+from .adapters import base_location, lora_checkpoint, peft_adapter
 from .generate import generate
 
 
@@ -79,6 +86,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--output_json", help="also write the generated token ids here")
     p.add_argument(
+        "--adapter", help="a PEFT LoRA adapter folder (ours or peft's) applied unmerged on the weights"
+    )
+    p.add_argument(
         "--dtype",
         choices=DTYPE_NAMES,
         default=None,
@@ -99,7 +109,9 @@ def default_dtype() -> str:
     return "bfloat16" if device_type() == "cuda" else "float32"
 
 
-def rank_model(args: ModelArgs, dtype: str, batch: int, world: int, device: torch.device) -> Transformer:
+def rank_model(
+    args: ModelArgs, dtype: str, batch: int, world: int, device: torch.device, lora: LoRASpec | None = None
+) -> Transformer:
     """The model this rank holds (parallel/build.py, as in training) with weights in `dtype`, its
     expert kernel chosen for `batch` sequences per decode step, sharded over the world with the
     training defaults (FSDP2 over every rank) when there are several; buffers set, weights empty
@@ -109,7 +121,8 @@ def rank_model(args: ModelArgs, dtype: str, batch: int, world: int, device: torc
     cfg.training.local_batch_size, cfg.training.seq_len = batch, 1  # one decode step's routed rows
     plan = plan_run(cfg, world, args)
     meshes = plan.dims.build_meshes(device_type()) if world > 1 else None
-    return build_model(cfg, plan, meshes, device, init=False, weights_dtype=dtype_of(dtype)).model
+    # lora: adapters beside the weights, unmerged (model/lora.py)
+    return build_model(cfg, plan, meshes, device, init=False, weights_dtype=dtype_of(dtype), lora=lora).model
 
 
 def check_config_shape(config: str | None, args: ModelArgs) -> None:
@@ -139,13 +152,24 @@ def load_model(a: argparse.Namespace) -> Transformer:
         if damage:
             raise SampleError(f"checkpoint {str(step)!r} is damaged ({damage}); pass another step")
     check_config_shape(a.config, args)
-    model = rank_model(args, a.dtype, a.num_samples, world_size(), torch.device(device_type()))
+    lora, adapters = None, {}
+    if not a.hf and read_base_record(step) is not None:  # a LoRA run's checkpoint: its base, then it
+        lora, adapters = lora_checkpoint(step)
+        a.hf, step = base_location(step)
+        folder = HFFolder(a.hf) if a.hf else None
+    if a.adapter:
+        lora, adapters = peft_adapter(a.adapter, args)
+    model = rank_model(args, a.dtype, a.num_samples, world_size(), torch.device(device_type()), lora)
     if a.hf:
         load_hf_into(model, folder, args)
     else:
-        state = {"model": get_model_state_dict(model)}
+        state = {"model": {k: v for k, v in get_model_state_dict(model).items() if not is_adapter(k)}}
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(step)), no_dist=world_size() == 1)
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    if adapters:
+        dtype = dtype_of(a.dtype)
+        full = {k: v.to(dtype) for k, v in adapters.items()}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
     return model.eval()
 
 
@@ -301,6 +325,11 @@ def sample(a: argparse.Namespace, rank: int) -> None:
     ids = prompt_ids(a)
     model = load_model(a)
     limit = model.args.max_seq_len
+    if max(ids) >= model.args.vocab_size:
+        raise SampleError(
+            f"the prompt has token id {max(ids)}, beyond the model's vocab_size {model.args.vocab_size} "
+            "(it was trained on a smaller vocabulary); use a prompt of ids below it"
+        )
     if len(ids) + a.max_new_tokens > limit:
         raise SampleError(
             f"prompt ({len(ids)} tokens) + --max_new_tokens {a.max_new_tokens} exceeds the "

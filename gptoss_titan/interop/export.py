@@ -24,7 +24,9 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..checkpoint.files import CheckpointError, read_model_args, resolve_step_dir
 from ..checkpoint.integrity import verify as verify_integrity
+from ..checkpoint.lora_base import read_base_record
 from ..model.hf import generation_config, hf_config, name_pairs
+from ..model.lora import weight_delta
 from ..model.mxfp4 import quantize_mxfp4
 from ..model.tokens import VOCAB_SIZE
 from ..runtime.dtypes import DTYPES, dtype_of
@@ -36,6 +38,7 @@ from .files import (
     parse_size,
 )
 from .hf_tokenizer import write_tokenizer
+from .lora_export import export_adapter, merge_base, read_adapters
 from .progress import Progress
 
 # The released gpt-oss config.json's quantization_config (openai/gpt-oss-20b and -120b).
@@ -69,8 +72,11 @@ def dcp_to_hf(
     overwrite: bool = False,
     quantize: str = "none",
     progress: bool = True,
+    lora: str = "none",
 ) -> Path:
-    """Export a checkpoint's model as a Hugging Face gpt-oss folder; returns the output folder."""
+    """Export a checkpoint's model as a Hugging Face gpt-oss folder; returns the output folder.
+    A LoRA run's checkpoint (adapters only) needs lora: "adapter" writes a PEFT adapter folder
+    (interop/peft.py), "merge" the recorded base with the adapters merged in."""
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
@@ -83,22 +89,35 @@ def dcp_to_hf(
     damage = verify_integrity(step_dir)
     if damage:
         raise CheckpointError(f"checkpoint {str(step_dir)!r} is damaged ({damage}); export another step")
+    adapters, scale, weights_dir = {}, 0.0, step_dir
+    if lora == "adapter":
+        return export_adapter(step_dir, Path(output), overwrite)
+    if lora == "merge":  # the base's weights with the adapters merged in, written like any export
+        adapters, scale = read_adapters(step_dir)
+        weights_dir = merge_base(step_dir)
+    elif lora != "none":
+        raise ConvertError(f"--lora {lora!r} is not supported; use adapter or merge")
+    elif read_base_record(step_dir) is not None:
+        raise ConvertError(
+            f"checkpoint {str(step_dir)!r} holds LoRA adapters only; pass --lora adapter (a PEFT folder) or "
+            "--lora merge (the base with the adapters merged in)"
+        )
     if quantize == "mxfp4" and (args.dim % 32 or args.moe_inter_dim % 32):
         raise ConvertError(
             f"MXFP4 needs hidden size and expert size multiples of 32 (got {args.dim} and {args.moe_inter_dim}); "
             "export with --quantize none"
         )
     try:
-        meta = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+        meta = FileSystemReader(str(weights_dir)).read_metadata().state_dict_metadata
     except Exception as e:
-        raise CheckpointError(f"checkpoint {str(step_dir)!r} is unreadable ({type(e).__name__})") from None
+        raise CheckpointError(f"checkpoint {str(weights_dir)!r} is unreadable ({type(e).__name__})") from None
     out_dtype = dtype_of(dtype)
     plan: list[list[tuple[str, str, tuple[int, ...], bool]]] = [[]]
     size, total_bytes = 0, 0
     for native, hf, shape in name_pairs(args):
         m = meta.get(f"model.{native}")
         if not isinstance(m, TensorStorageMetadata):
-            raise ConvertError(f"checkpoint {str(step_dir)!r} has no tensor model.{native}")
+            raise ConvertError(f"checkpoint {str(weights_dir)!r} has no tensor model.{native}")
         if tuple(m.size) != shape:
             raise ConvertError(
                 f"checkpoint tensor model.{native} has shape {list(m.size)}, expected {list(shape)}"
@@ -122,8 +141,11 @@ def dcp_to_hf(
             for native, hf, shape, quantized in shard:
                 m = meta[f"model.{native}"]
                 holder = {f"model.{native}": torch.empty(shape, dtype=m.properties.dtype)}
-                dcp.load(holder, storage_reader=FileSystemReader(str(step_dir)), no_dist=True)
+                dcp.load(holder, storage_reader=FileSystemReader(str(weights_dir)), no_dist=True)
                 value = holder.pop(f"model.{native}")
+                delta = weight_delta(native, adapters, scale)
+                if delta is not None:
+                    value = value.to(delta.dtype) + delta
                 if quantized:  # expert by expert: the encoder's temporaries stay small
                     parts = [quantize_mxfp4(value[e : e + 1]) for e in range(value.shape[0])]
                     written = {

@@ -37,6 +37,9 @@ class LoRASpec:
     dropout: float
     targets: tuple[str, ...]
     layers: tuple[int, ...] = ()  # empty: every layer
+    sites: tuple[
+        str, ...
+    ] = ()  # explicit places instead of targets x layers (an imported adapter's: sites_of)
 
     @property
     def scale(self) -> float:
@@ -65,9 +68,9 @@ def _wrap_linear(m: nn.Linear, spec: LoRASpec) -> None:
     m.lora_scale, m.lora_dropout = spec.scale, spec.dropout
 
 
-def _add_expert_lora(experts: nn.Module, spec: LoRASpec) -> None:
+def _add_expert_lora(experts: nn.Module, spec: LoRASpec, matrices: list[str]) -> None:
     r = spec.rank
-    for name in EXPERT_MATRICES:
+    for name in matrices:
         w = getattr(experts, f"w_{name}")  # [E, in, out]
         E, fan_in, fan_out = w.shape
         experts.register_parameter(
@@ -79,21 +82,50 @@ def _add_expert_lora(experts: nn.Module, spec: LoRASpec) -> None:
     experts.lora_scale = spec.scale
 
 
+def spec_sites(spec: LoRASpec, n_layers: int) -> tuple[str, ...]:
+    """Where the adapters of `spec` sit: "layers.L.attention.wq", "layers.L.moe.router.gate",
+    "layers.L.moe.experts.gate_up", ... (spec.sites when given, else targets x layers)."""
+    if spec.sites:
+        return spec.sites
+    out = []
+    for i in spec.layers or range(n_layers):
+        if "attention" in spec.targets:
+            out += [f"layers.{i}.attention.{n}" for n in ATTENTION]
+        if "router" in spec.targets:
+            out.append(f"layers.{i}.moe.router.gate")
+        if "experts" in spec.targets:
+            out += [f"layers.{i}.moe.experts.{m}" for m in EXPERT_MATRICES]
+    return tuple(out)
+
+
+def sites_of(names) -> tuple[str, ...]:
+    """The sites (see spec_sites) of adapter parameter names, e.g. a checkpoint's or a PEFT folder's."""
+    out = set()
+    for n in names:
+        if n.endswith((".lora_A", ".lora_B")):
+            out.add(n[: -len(".lora_A")])
+        elif is_adapter(n):  # layers.L.moe.experts.lora_gate_up_A
+            prefix, _, rest = n.rpartition(".lora_")
+            out.add(f"{prefix}.{rest[: -len('_A')]}")
+    return tuple(sorted(out))
+
+
 def add_lora(model: nn.Module, spec: LoRASpec) -> None:
-    """Adapters on `spec.targets` of `spec.layers` (all when empty); the rest frozen."""
+    """Adapters at spec_sites(spec) (of the layers this model holds); every other parameter frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
-    chosen = set(spec.layers)
+    sites = set(spec_sites(spec, model.args.n_layers))
     for block in model.blocks():
-        if chosen and block.layer_id not in chosen:
-            continue
-        if "attention" in spec.targets:
-            for name in ATTENTION:
+        here = f"layers.{block.layer_id}"
+        for name in ATTENTION:
+            if f"{here}.attention.{name}" in sites:
                 _wrap_linear(getattr(block.attention, name), spec)
-        if "router" in spec.targets:
+        if f"{here}.moe.router.gate" in sites:
             _wrap_linear(block.moe.router.gate, spec)
-        if "experts" in spec.targets:
-            _add_expert_lora(block.moe.experts, spec)
+        if any(f"{here}.moe.experts.{m}" in sites for m in EXPERT_MATRICES):
+            _add_expert_lora(
+                block.moe.experts, spec, [m for m in EXPERT_MATRICES if f"{here}.moe.experts.{m}" in sites]
+            )
     model.lora = spec
 
 
@@ -110,22 +142,31 @@ def init_spec(name: str, param: torch.Tensor) -> tuple[str, float]:
     return "normal", 1.0 / math.sqrt(fan_in)
 
 
+def weight_delta(name: str, adapters: dict[str, torch.Tensor], scale: float) -> torch.Tensor | None:
+    """The update the adapters make to the base weight `name` (model state names), in at least
+    fp32: s B A for a linear layer ([out, in]), s A_e B_e per expert ([E, in, out]); None when no
+    adapter sits on it."""
+    if name.endswith(".weight") and name[: -len("weight")] + "lora_A" in adapters:
+        owner = name[: -len("weight")]
+        a, b = adapters[owner + "lora_A"], adapters[owner + "lora_B"]
+        wide = torch.promote_types(a.dtype, torch.float32)
+        return scale * (b.to(wide) @ a.to(wide))
+    prefix, _, matrix = name.rpartition(".w_")
+    if matrix in EXPERT_MATRICES and f"{prefix}.lora_{matrix}_A" in adapters:
+        a, b = adapters[f"{prefix}.lora_{matrix}_A"], adapters[f"{prefix}.lora_{matrix}_B"]
+        wide = torch.promote_types(a.dtype, torch.float32)
+        return scale * torch.bmm(a.to(wide), b.to(wide))
+    return None
+
+
 @torch.no_grad()
 def merged_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """A full (unsharded) adapter model's state dict -> the base's names with every adapter merged
-    in: W + s B A for a linear layer ([out, in]), W_e + s A_e B_e per expert ([E, in, out]),
-    computed in at least fp32 and stored in each weight's dtype."""
-    out = {k: v for k, v in state.items() if not is_adapter(k)}
-    for k in state:
-        wide = torch.promote_types(state[k].dtype, torch.float32)
-        if k.endswith(".lora_A"):  # a LoRALinear: [r, in], [out, r]
-            owner = k[: -len("lora_A")]
-            name, delta = owner + "weight", state[owner + "lora_B"].to(wide) @ state[k].to(wide)
-        elif is_adapter(k) and k.endswith("_A"):  # experts: [E, in, r], [E, r, out]
-            prefix, matrix = k[: -len("_A")].rsplit(".lora_", 1)
-            b = state[f"{prefix}.lora_{matrix}_B"].to(wide)
-            name, delta = f"{prefix}.w_{matrix}", torch.bmm(state[k].to(wide), b)
-        else:
-            continue
-        out[name] = (out[name].to(wide) + scale * delta).to(out[name].dtype)
+    in (weight_delta), each weight kept in its dtype."""
+    adapters = {k: v for k, v in state.items() if is_adapter(k)}
+    out = {}
+    for k, v in state.items():
+        if not is_adapter(k):
+            delta = weight_delta(k, adapters, scale)
+            out[k] = v if delta is None else (v.to(delta.dtype) + delta).to(v.dtype)
     return out

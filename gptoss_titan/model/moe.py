@@ -220,11 +220,11 @@ class GroupedExperts(nn.Module):
             x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
         rows = _expert_of_row(counts, x.shape[0]) if self.kernel == "grouped" else None  # once for both GEMMs
         u = _grouped_linear(x, w1, b1, counts, self.kernel, rows)  # [R, 2I]
-        if self.lora_scale:
+        if self.lora_scale and hasattr(self, "lora_gate_up_A"):
             u = u + self._adapter("gate_up", x, counts, rows)
         z = clamped_swiglu(u, self.limit, self.alpha)  # [R, I]
         y = _grouped_linear(z, w2, b2, counts, self.kernel, rows)  # [R, H]
-        if self.lora_scale:
+        if self.lora_scale and hasattr(self, "lora_down_A"):
             y = y + self._adapter("down", z, counts, rows)
         return y
 

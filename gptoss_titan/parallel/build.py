@@ -18,7 +18,7 @@ from torch import nn
 from ..config import ConfigError, JobConfig, batch_layout, check_micro_batches, lora_spec, model_args
 from ..model import ModelArgs, Transformer
 from ..model.init import init_adapters
-from ..model.lora import add_lora
+from ..model.lora import LoRASpec, add_lora
 from ..model.moe import resolve_expert_kernel
 from ..runtime.dtypes import dtype_of
 from ..runtime.log import Timer, logger
@@ -82,15 +82,18 @@ def build_model(
     init: bool = True,
     pp_rank: int | None = None,
     weights_dtype: torch.dtype | None = None,
+    lora: LoRASpec | None = None,
 ) -> RankModel:
     """This rank's model (pp_rank: another pipeline rank's stages, for the dry run). init False:
     only the buffers are set (a checkpoint loads every parameter). weights_dtype: parameters stored
-    in this dtype (the sampler's bf16 weights) instead of fp32 masters."""
+    in this dtype (the sampler's bf16 weights) instead of fp32 masters. lora: where adapters sit,
+    instead of the config's [lora] section (an imported adapter's or a checkpoint's sites)."""
     t, args, dims = cfg.training, plan.args, plan.dims
     with torch.device("meta"):
         model = Transformer(args)
-    if cfg.lora.rank:  # before every pass: FSDP, EP and AC see the adapters as parameters
-        add_lora(model, lora_spec(cfg))
+    lora = lora or (lora_spec(cfg, args) if cfg.lora.rank else None)
+    if lora is not None:  # before every pass: FSDP, EP and AC see the adapters as parameters
+        add_lora(model, lora)
     if weights_dtype is not None:
         model = model.to(weights_dtype)
     if dims.pp > 1:
@@ -113,7 +116,7 @@ def build_model(
             part.init_weights(seed=t.seed)
         else:
             part.init_buffers()
-            if cfg.lora.rank:  # a base from a checkpoint; adapters a LoRA checkpoint may overwrite
+            if lora is not None:  # a base from a checkpoint; adapters a LoRA checkpoint may overwrite
                 init_adapters(part, t.seed)
     if t.mxfp4_qat and not on_meta:
         logger.info("MXFP4-aware training: expert weights quantized to MXFP4 in the forward")

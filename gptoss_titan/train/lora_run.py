@@ -2,26 +2,25 @@
 
 The base is `checkpoint.initial_load_path` (a DCP step folder, or a Hugging Face folder with
 `initial_load_format = "hf"`), loaded at every start, model only. The run's checkpoints hold the
-trainable state alone (adapters, their AdamW, schedule, data position, RNG) plus `lora_base.json`:
-the base's path and a checksum of its index and config (DCP: `.metadata`, `model_args.json` and
-the integrity records, which hold every file's checksum; Hugging Face: `config.json` and the
-safetensors index or headers). A resume onto another base is refused in one line.
+trainable state alone (adapters, their AdamW, schedule, data position, RNG) plus the base's
+record (checkpoint/lora_base.py); a resume onto another base is refused in one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import struct
 from pathlib import Path
 
-from ..checkpoint.files import CheckpointError
-from ..config import Checkpoint as CkptConfig
-from ..model import ModelArgs
-from .resume import Resume, choose_resume
+import torch
 
-BASE_FILE = "lora_base.json"
+from ..checkpoint.files import CheckpointError, checkpoint_fqns
+from ..config import Checkpoint as CkptConfig
+from ..config import JobConfig, lora_spec
+from ..config import LoRA as LoRAConfig
+from ..model import ModelArgs
+from ..model.lora import LoRASpec, is_adapter, sites_of, spec_sites
+from ..runtime.log import logger
+from .resume import Resume, choose_resume
 
 
 def choose_lora_resumes(cfg: CkptConfig, folder: Path, model_args: ModelArgs) -> tuple[Resume, Resume | None]:
@@ -37,40 +36,44 @@ def choose_lora_resumes(cfg: CkptConfig, folder: Path, model_args: ModelArgs) ->
     return base, own
 
 
-def _files(base: Resume) -> list[Path]:
-    p = base.path
-    if base.format == "hf":
-        return [p / "config.json", *sorted(p.glob("*.safetensors.index.json"))]
-    return [p / ".metadata", p / "model_args.json", *sorted(p.glob("integrity_*.json"))]
-
-
-def base_record(base: Resume) -> dict:
-    """The base's path and checksum (sha256 of its index and config files; for a Hugging Face
-    folder without an index, of its safetensors headers)."""
-    h = hashlib.sha256()
-    for f in _files(base):
-        if f.is_file():
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-    if base.format == "hf" and not any(base.path.glob("*.safetensors.index.json")):
-        for f in sorted(base.path.glob("*.safetensors")):
-            with open(f, "rb") as fh:
-                n = struct.unpack("<Q", fh.read(8))[0]
-                h.update(f.name.encode() + b"\0" + fh.read(n))
-    return {"path": str(base.path.resolve()), "format": base.format, "sha256": h.hexdigest()}
-
-
-def check_base(own: Path, record: dict) -> None:
-    """The run's checkpoint `own` was trained on this base (CheckpointError in one line if not)."""
-    f = own / BASE_FILE
-    if not f.is_file():
-        raise CheckpointError(
-            f"checkpoint {str(own)!r} holds no LoRA adapters ({BASE_FILE} missing): it is not a LoRA run's; "
-            "use another run folder, or set lora.rank = 0 to resume it"
+def lora_layout(
+    cfg: JobConfig, args: ModelArgs, own: Resume | None
+) -> tuple[LoRASpec, dict[str, torch.Tensor]]:
+    """(where the adapters sit, lora.initial_adapter's tensors or {}): a resumed run's sites are its
+    checkpoint's, an imported adapter's are its own (lora.targets and lora.layers cannot say "q and
+    v on every layer, experts on layers 7, 15, 23" as the cookbook's do), else the config's."""
+    spec, adapters = lora_spec(cfg, args), {}
+    if own is not None:
+        names = [k[len("model.") :] for k in checkpoint_fqns(own.path) if k.startswith("model.")]
+        sites = sites_of(n for n in names if is_adapter(n))
+    elif cfg.lora.initial_adapter:
+        adapters = initial_adapter(cfg.lora, args)
+        sites = sites_of(adapters)
+    else:
+        return spec, adapters
+    if sites != spec_sites(spec, args.n_layers):
+        logger.info(
+            f"adapters at {len(sites)} places, as {'the checkpoint' if own else 'lora.initial_adapter'} has them"
         )
-    saved = json.loads(f.read_text())
-    if saved.get("sha256") != record["sha256"]:
+    return dataclasses.replace(spec, sites=sites), adapters
+
+
+def initial_adapter(cfg: LoRAConfig, model_args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The adapters of lora.initial_adapter (a PEFT folder), of the run's rank (one line if not)."""
+    from ..interop.files import ConvertError
+    from ..interop.lora_export import read_peft_adapter
+
+    try:
+        settings, adapters = read_peft_adapter(cfg.initial_adapter, model_args)
+    except ConvertError as e:
+        raise CheckpointError(f"lora.initial_adapter: {e}") from None
+    if settings["rank"] != cfg.rank:
         raise CheckpointError(
-            f"the adapters in {str(own)!r} were trained on the base {saved.get('path')!r}, which differs from "
-            f"checkpoint.initial_load_path {record['path']!r} (checksum {str(saved.get('sha256'))[:12]} vs "
-            f"{record['sha256'][:12]}); point initial_load_path at that base, or start a new run folder"
+            f"lora.initial_adapter {cfg.initial_adapter!r} has rank {settings['rank']} but lora.rank = {cfg.rank}; "
+            f"set lora.rank = {settings['rank']}"
         )
+    if abs(settings["alpha"] - cfg.alpha) > 1e-9 * cfg.alpha:
+        logger.info(
+            f"warning: lora.initial_adapter was trained with alpha {settings['alpha']}; lora.alpha = {cfg.alpha}"
+        )
+    return adapters

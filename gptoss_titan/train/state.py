@@ -226,6 +226,12 @@ class TrainState:
         full.load_state_dict(state["model"])
         logger.info(f"loaded the frozen base from {path} in {seconds:.2f}s")
 
+    def load_adapters(self, adapters: dict[str, torch.Tensor]) -> None:
+        """Whole adapter tensors (every rank holds them: they are small) into the sharded model."""
+        set_model_state_dict(
+            self.model.model, adapters, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+
 
 def _drop_absent(model_state: dict, path: Path) -> None:
     """Leave out what a checkpoint may lack: the balancing biases are ours alone (an HF import or a

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ..checkpoint.files import CONFIG_FILE, MODEL_ARGS_FILE, RUN_FILE, read_run_file
 from ..checkpoint.integrity import IntegrityWriter
+from ..checkpoint.lora_base import BASE_FILE, base_record, check_base
 from ..checkpoint.manager import CheckpointManager, CheckpointSaveError
 from ..config import JobConfig, model_name
 from ..data import open_data
@@ -36,7 +37,7 @@ from ..runtime.log import Timer, init_logging, logger
 from ..runtime.runlock import claim_run_folder
 from .contract import resume_lines
 from .evaluate import greedy_sample, validation_loss
-from .lora_run import BASE_FILE, base_record, check_base, choose_lora_resumes
+from .lora_run import choose_lora_resumes, lora_layout
 from .metrics import (
     MetricsLogger,
     StepResult,
@@ -79,12 +80,14 @@ class Trainer:
         # What to resume from (reads metadata only; errors here still leave nothing written).
         self.dump = Path(cfg.job.dump_folder)
         ckpt_folder = self.dump / cfg.checkpoint.folder
-        self.base, self.base_record = None, None  # a LoRA run's frozen base (train/lora_run.py)
+        self.base, self.base_record, lora = None, None, None  # a LoRA run's frozen base (train/lora_run.py)
+        self.initial_adapter: dict = {}  # lora.initial_adapter's tensors, for a run without a checkpoint
         if cfg.lora.rank:
             self.base, resume = choose_lora_resumes(cfg.checkpoint, ckpt_folder, self.model_args)
-            self.base_record = base_record(self.base)
+            self.base_record = base_record(self.base.path, self.base.format)
             if resume is not None:
                 check_base(resume.path, self.base_record)
+            lora, self.initial_adapter = lora_layout(cfg, self.model_args, resume)
         else:
             resume = choose_resume(cfg.checkpoint, ckpt_folder, self.model_args)
         if resume is not None and resume.format == "dcp" and not resume.model_only:  # the resume contract
@@ -96,7 +99,7 @@ class Trainer:
         # Initialization (the same values at any layout) is skipped when a checkpoint will
         # overwrite every parameter.
         init = self.base is None and (resume is None or "model" in cfg.checkpoint.exclude_from_loading)
-        built = build_model(cfg, self.plan, self.meshes, self.device, init)
+        built = build_model(cfg, self.plan, self.meshes, self.device, init, lora=lora)
         self.train_module = self.step_class(cfg, self.plan, built, self.meshes, self.device)
         m = self.train_module
         self.state = TrainState.build(
@@ -148,6 +151,9 @@ class Trainer:
             if base.format == "hf":
                 base = import_hf(base, ckpt_folder / "hf-import", self.model_args, self.rank, self.world_size)
             self.state.load_base(self.checkpoint, base.path)
+            if self.initial_adapter:
+                self.state.load_adapters(self.initial_adapter)
+                logger.info(f"adapters from {cfg.lora.initial_adapter}")
         loaded = set()
         if resume is not None:
             loaded = self.state.load(

@@ -97,3 +97,28 @@ def test_two_processes_equal_one(base, module_tmp, layout):
     for k in a:
         assert a[k].abs().max() > 0 or not k.endswith("B")
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra,exact",
+    [
+        (("--activation_checkpoint.mode=full",), True),
+        (("--activation_checkpoint.mode=selective",), True),
+        (("--training.document_mask=true",), True),
+        (("--compile.enable=true",), False),
+    ],
+)
+def test_adapters_compose_with_activation_checkpointing_compile_and_document_masks(
+    base, module_tmp, extra, exact
+):
+    """The same LoRA losses with full or per-op AC, document masks (bitwise) and compile (1e-5)."""
+    tmp = module_tmp
+    plain = tmp / "plain"
+    if not (plain / "metrics.jsonl").is_file():
+        assert main(lora_argv(tmp, base, plain.name, "--checkpoint.enable=false")) == 0
+    name = "with_" + extra[0].split(".")[-1].split("=")[0]
+    assert main(lora_argv(tmp, base, name, "--checkpoint.enable=false", *extra)) == 0
+    if exact:
+        assert losses(tmp / name) == losses(plain)
+    else:
+        assert losses(tmp / name) == pytest.approx(losses(plain), rel=1e-5)
