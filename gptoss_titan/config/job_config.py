@@ -208,9 +208,7 @@ class LoRA:
     dropout: float = 0.0  # dropout on the adapters' input (attention and router; experts take none)
     targets: list[str] = field(default_factory=lambda: ["attention", "experts"])  # attention, experts, router
     layers: list[int] = field(default_factory=list)  # layer indices with adapters (empty = all)
-    initial_adapter: str = (
-        ""  # a PEFT adapter folder to start from (ours or peft's), when the run has no checkpoint
-    )
+    initial_adapter: str = ""  # a PEFT adapter folder (ours or peft's) to start from without a checkpoint
 
 
 @dataclass
