@@ -348,6 +348,12 @@ def check_lora_layout(cfg: JobConfig) -> None:
         raise ConfigError(
             "training.mxfp4_qat with lora.rank > 0: LoRA trains adapters, not MXFP4 experts; turn one off"
         )
+    _choice("lora.base_format", cfg.lora.base_format, ("auto", "bfloat16", "float32"))
+    if cfg.lora.base_format == "bfloat16" and cfg.training.mixed_precision_param == "float32":
+        raise ConfigError(
+            "lora.base_format = 'bfloat16' computes with the frozen weights as stored: set "
+            "training.mixed_precision_param = 'bfloat16', or lora.base_format = 'auto'"
+        )
 
 
 def lora_spec(cfg: JobConfig, args: ModelArgs | None = None) -> LoRASpec:
@@ -368,3 +374,9 @@ def lora_spec(cfg: JobConfig, args: ModelArgs | None = None) -> LoRASpec:
     return LoRASpec(
         lo.rank, lo.alpha, lo.dropout, tuple(dict.fromkeys(lo.targets)), tuple(sorted(set(lo.layers)))
     )
+
+
+def lora_base_dtype(cfg: JobConfig) -> str:
+    """The dtype the frozen base of a LoRA run is stored in (lora.base_format resolved)."""
+    f = cfg.lora.base_format
+    return cfg.training.mixed_precision_param if f == "auto" else f

@@ -129,6 +129,15 @@ def add_lora(model: nn.Module, spec: LoRASpec) -> None:
     model.lora = spec
 
 
+def store_base(model: nn.Module, dtype: torch.dtype) -> None:
+    """Keep the frozen base in `dtype` (bf16 halves it; it is never updated, so no fp32 master
+    copy is needed): every parameter but the adapters, before the parallel passes."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not is_adapter(name) and p.dtype != dtype:
+                module.register_parameter(name, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+
+
 def is_adapter(name: str) -> bool:
     """Whether a parameter name (any wrapping) is an adapter's."""
     return ".lora_" in name or name.startswith("lora_")

@@ -15,10 +15,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ConfigError, JobConfig, batch_layout, check_micro_batches, lora_spec, model_args
+from ..config import (
+    ConfigError,
+    JobConfig,
+    batch_layout,
+    check_micro_batches,
+    lora_base_dtype,
+    lora_spec,
+    model_args,
+)
 from ..model import ModelArgs, Transformer
 from ..model.init import init_adapters
-from ..model.lora import LoRASpec, add_lora
+from ..model.lora import LoRASpec, add_lora, store_base
 from ..model.moe import resolve_expert_kernel
 from ..runtime.dtypes import dtype_of
 from ..runtime.log import Timer, logger
@@ -94,6 +102,8 @@ def build_model(
     lora = lora or (lora_spec(cfg, args) if cfg.lora.rank else None)
     if lora is not None:  # before every pass: FSDP, EP and AC see the adapters as parameters
         add_lora(model, lora)
+        if weights_dtype is None:
+            store_base(model, dtype_of(lora_base_dtype(cfg)))
     if weights_dtype is not None:
         model = model.to(weights_dtype)
     if dims.pp > 1:

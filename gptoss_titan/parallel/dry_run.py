@@ -5,7 +5,8 @@
 
 One process pretends to be rank 0 of NGPU. The model stays on the meta device, so nothing is
 allocated; the printout is what each rank would hold: parameters (fp32 master weights),
-gradients and AdamW state, dense vs experts, the largest FSDP all-gather, and an estimate of the
+gradients and AdamW state (a LoRA run: the frozen base in its storage dtype, the adapters with
+their gradients and AdamW), dense vs experts, the largest FSDP all-gather, and an estimate of the
 activations of one micro-batch (local_batch_size x seq_len / context_parallel_degree tokens).
 """
 
@@ -18,8 +19,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
-from ..config import JobConfig, model_name
+from ..config import JobConfig, lora_base_dtype, model_name
 from ..model.local import local
+from ..model.lora import is_adapter
 from ..model.loss import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS
 from ..runtime.compat import fake_process_group, fsdp_mesh_size
 from ..runtime.dtypes import dtype_of
@@ -85,11 +87,12 @@ def _rank_plan(cfg: JobConfig, plan: RunPlan, meshes, pp_rank: int) -> dict:
     stages = build_model(cfg, plan, meshes, torch.device("meta"), pp_rank=pp_rank).stages
     t = cfg.training
     pbytes = dtype_of(t.mixed_precision_param).itemsize
-    out = {"dense": 0, "experts": 0, "groups": [], "blocks": 0.0, "loss": 0.0, "layers": 0}
+    out = {"dense": 0, "experts": 0, "adapters": 0, "groups": [], "blocks": 0.0, "loss": 0.0, "layers": 0}
     tokens = t.local_batch_size * t.seq_len // dims.cp
     for _, part in stages:
         for n, p in part.named_parameters():
-            out["experts" if ".moe.experts." in n else "dense"] += local(p).numel()
+            kind = "adapters" if is_adapter(n) else "experts" if ".moe.experts." in n else "dense"
+            out[kind] += local(p).numel()
         out["groups"] += _fsdp_groups(part)
         n_layers = len(part.blocks())
         out["layers"] += n_layers
@@ -107,8 +110,31 @@ def _rank_plan(cfg: JobConfig, plan: RunPlan, meshes, pp_rank: int) -> dict:
     return out
 
 
-def _total_gib(plan: dict) -> float:
-    return ((plan["dense"] + plan["experts"]) * 16 + plan["blocks"] + plan["loss"]) / GIB
+def _state_rows(cfg: JobConfig) -> list[tuple[str, int, str]]:
+    """(label, bytes per element, which elements) of what a rank holds besides activations: fp32
+    weights, gradients and AdamW for full training; a LoRA run's frozen base in its storage dtype
+    (no gradient, no optimizer state) and its adapters' fp32 weights, gradients and AdamW."""
+    if not cfg.lora.rank:
+        return [
+            ("parameters (fp32)", 4, "model"),
+            ("gradients (fp32)", 4, "model"),
+            ("AdamW state (2 x fp32)", 8, "model"),
+        ]
+    base = lora_base_dtype(cfg)
+    return [
+        (f"frozen base ({base})", dtype_of(base).itemsize, "model"),
+        ("adapters (fp32)", 4, "adapters"),
+        ("adapter gradients (fp32)", 4, "adapters"),
+        ("adapter AdamW (2 x fp32)", 8, "adapters"),
+    ]
+
+
+def _total_gib(plan: dict, rows: list[tuple[str, int, str]]) -> float:
+    held = sum(
+        b * (plan["dense"] + plan["experts"] if which == "model" else plan["adapters"])
+        for _, b, which in rows
+    )
+    return (held + plan["blocks"] + plan["loss"]) / GIB
 
 
 def dry_run(cfg: JobConfig, world_size: int) -> None:
@@ -118,29 +144,38 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     meshes = dims.build_meshes("cpu")
     t = cfg.training
     plans = [_rank_plan(cfg, plan, meshes, p) for p in range(dims.pp)]
-    worst = max(range(dims.pp), key=lambda p: _total_gib(plans[p]))
+    rows = _state_rows(cfg)
+    worst = max(range(dims.pp), key=lambda p: _total_gib(plans[p], rows))
     held = plans[worst]
     dense, experts = held["dense"], held["experts"]
     pbytes = dtype_of(t.mixed_precision_param).itemsize
     name, mesh, n = max(held["groups"], key=lambda g: g[2] * g[1])
-    rows = [("parameters (fp32)", 4), ("gradients (fp32)", 4), ("AdamW state (2 x fp32)", 8)]
+    lora = (
+        f", LoRA rank {cfg.lora.rank} ({held['adapters']:,} adapter elements on this rank)"
+        if cfg.lora.rank
+        else ""
+    )
     print(
-        f"dry run: {model_name(cfg)} ({args.num_params():,} parameters) on {world_size} ranks: pp {dims.pp} x "
+        f"dry run: {model_name(cfg)} ({args.num_params():,} parameters{lora}) on {world_size} ranks: pp {dims.pp} x "
         f"replicate {dims.dp_replicate} x shard {dims.dp_shard} x cp {dims.cp} x tp {dims.tp} "
         f"(efsdp {dims.efsdp} x ep {dims.ep})"
     )
     if dims.pp > 1:
-        per_stage = ", ".join(f"{_total_gib(q):.1f} GiB ({q['layers']} layers)" for q in plans)
+        per_stage = ", ".join(f"{_total_gib(q, rows):.1f} GiB ({q['layers']} layers)" for q in plans)
         print(
             f"pipeline ranks (schedule {cfg.parallelism.pipeline_parallel_schedule}, {micro_batches} micro-batches): "
             f"{per_stage}; the table is pipeline rank {worst}'s"
         )
     print(f"{'per rank':<26}{'dense GiB':>12}{'experts GiB':>14}{'total GiB':>12}")
     total = 0.0
-    for label, b in rows:
-        d, e = dense * b / GIB, experts * b / GIB
+    for label, b, which in rows:
+        if which == "model":
+            d, e = dense * b / GIB, experts * b / GIB
+            print(f"{label:<26}{d:>12.3f}{e:>14.3f}{d + e:>12.3f}")
+        else:
+            d, e = held["adapters"] * b / GIB, 0.0
+            print(f"{label:<26}{'':>12}{'':>14}{d:>12.3f}")
         total += d + e
-        print(f"{label:<26}{d:>12.3f}{e:>14.3f}{d + e:>12.3f}")
     tokens = t.local_batch_size * t.seq_len // dims.cp
     ac = cfg.activation_checkpoint.mode + (
         f" {cfg.activation_checkpoint.selective_ac_option}"

@@ -30,7 +30,16 @@ def test_defaults_and_overrides(tmp_path):
 
 
 def test_repo_configs_load():
-    for name in ("debug_model", "gpt_oss_20b", "gpt_oss_120b", "sft_debug", "gpt_oss_20b_sft"):
+    for name in (
+        "debug_model",
+        "gpt_oss_20b",
+        "gpt_oss_120b",
+        "sft_debug",
+        "gpt_oss_20b_sft",
+        "lora_debug",
+        "gpt_oss_20b_lora",
+        "gpt_oss_120b_lora",
+    ):
         cfg = parse_args(["--config", f"train_configs/{name}.toml"])
         assert cfg.model.name == "gpt_oss"
     big = parse_args(["--config", "train_configs/gpt_oss_20b.toml"])

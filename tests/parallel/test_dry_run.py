@@ -113,3 +113,32 @@ def test_activation_estimate_matches_what_autograd_saves():
     per_token = (saved(512) - saved(256)) / 256
     est = activation_bytes(args, 1, ActivationCheckpoint(mode="none"), 4)
     assert abs(est["blocks"] + 4 * args.dim - per_token) / per_token < 0.1, (est, per_token)
+
+
+def test_lora_dry_run_plans_the_frozen_base_and_the_adapters():
+    """20b, LoRA rank 16 on attention and experts, a bf16 base, on one GPU: the base in bf16 with no
+    gradient or AdamW, the adapters (exactly r (in + out) per attention projection and per expert
+    matrix) with fp32 gradients and AdamW."""
+    r = run_train_sh(
+        {"COMM_MODE": "fake_backend", "NGPU": "1", "CONFIG_FILE": "train_configs/gpt_oss_20b.toml"},
+        "--parallelism.expert_parallel_degree=1",
+        "--lora.rank=16",
+        "--lora.targets=attention,experts",
+        "--activation_checkpoint.mode=full",
+        "--training.local_batch_size=1",
+        "--training.global_batch_size=1",
+        "--training.seq_len=4096",
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    from gptoss_titan.model import FLAVORS
+
+    a, rank = FLAVORS["20b"], 16
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    attention = rank * ((a.dim + q) * 2 + (a.dim + kv) * 2)  # wq, wo; wk, wv
+    experts = a.num_experts * rank * ((a.dim + 2 * a.moe_inter_dim) + (a.moe_inter_dim + a.dim))
+    assert f"LoRA rank 16 ({a.n_layers * (attention + experts):,} adapter elements on this rank)" in r.stdout
+    rows = {x[:26].strip(): x.split() for x in r.stdout.splitlines()}
+    base_gib = float(rows["frozen base (bfloat16)"][-1])
+    assert abs(base_gib - a.num_params() * 2 / 2**30) < 0.01  # every weight once, in bf16
+    adam = float(rows["adapter AdamW (2 x fp32)"][-1])
+    assert abs(adam - a.n_layers * (attention + experts) * 8 / 2**30) < 1e-3

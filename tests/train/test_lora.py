@@ -122,3 +122,43 @@ def test_adapters_compose_with_activation_checkpointing_compile_and_document_mas
         assert losses(tmp / name) == losses(plain)
     else:
         assert losses(tmp / name) == pytest.approx(losses(plain), rel=1e-5)
+
+
+def test_the_frozen_base_is_stored_in_the_compute_dtype(tmp_path):
+    """lora.base_format auto: with bf16 compute the base is kept in bf16 (never updated, so no fp32
+    master), the adapters in fp32; a bf16 base with fp32 compute is refused in one line."""
+    from gptoss_titan.config import ConfigError, parse_args
+
+    _, step = train_step_for(tmp_path, *ADAPTERS, "--training.mixed_precision_param=bfloat16")
+    dtypes = {n: p.dtype for n, p in step.model.named_parameters()}
+    assert all((d == torch.float32) == is_adapter(n) for n, d in dtypes.items())
+    loss = step(host_batches(step), 0)
+    assert torch.isfinite(torch.as_tensor(loss.loss))
+    with pytest.raises(
+        ConfigError, match="lora.base_format = 'bfloat16' computes with the frozen weights as stored"
+    ):
+        parse_args(argv_for(tmp_path, *ADAPTERS, "--lora.base_format=bfloat16"))
+
+
+@pytest.mark.slow
+def test_lora_debug_config_through_run_train_sh(tmp_path):
+    """train_configs/lora_debug.toml as users run it, on a saved debug-model base (a few steps of
+    each here), then the adapter export."""
+    from ..conftest import run_train_sh
+    from ..helpers.convert import convert
+
+    short = ("--training.seq_len=128", "--validation.enable=false", "--training.steps=2")
+    r = run_train_sh({}, *short, f"--job.dump_folder={tmp_path / 'debug'}", "--checkpoint.enable=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train_sh(
+        {"CONFIG_FILE": "train_configs/lora_debug.toml"},
+        *short,
+        f"--job.dump_folder={tmp_path / 'lora'}",
+        f"--checkpoint.initial_load_path={tmp_path / 'debug' / 'checkpoint'}",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "loaded the frozen base from" in r.stdout and len(losses(tmp_path / "lora")) == 2
+    r = convert(
+        "--checkpoint", str(tmp_path / "lora"), "--output", str(tmp_path / "adapter"), "--lora", "adapter"
+    )
+    assert r.returncode == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file(), r.stderr
