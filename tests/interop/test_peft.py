@@ -70,6 +70,12 @@ def test_our_adapter_loads_in_peft_and_the_merged_export_equals_it(trained):
         "--checkpoint", str(step), "--output", str(tmp / "merged"), "--lora", "merge", "--dtype", "float32"
     )
     assert r.returncode == 0, r.stderr
+    r = convert(
+        "--checkpoint", str(step), "--output", str(tmp / "merged4"), "--lora", "merge", "--quantize", "mxfp4"
+    )
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp / "merged4" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.mlp.experts.gate_up_proj_blocks" in index  # the merged experts, requantized
 
     adapters = weights(step)
     ours = ours_with_adapters(base, adapters, LoRASpec(4, 8.0, 0.0, TARGETS))

@@ -74,6 +74,7 @@ def test_adapter_checkpoints_resume_exactly_and_refuse_another_base(base, module
     before = (tmp / "resumed" / "config.json").read_text()
     assert main(lora_argv(tmp, other, "resumed", "--training.steps=6")) == 2
     assert (tmp / "resumed" / "config.json").read_text() == before
+    assert main(lora_argv(tmp, "", "no_base")) == 2 and not (tmp / "no_base").exists()  # LoRA needs a base
 
 
 @pytest.mark.slow
