@@ -334,15 +334,13 @@ def validate(cfg: JobConfig) -> None:
 
 
 def check_lora_layout(cfg: JobConfig) -> None:
-    """What LoRA runs with so far: data parallelism (FSDP/HSDP), expert parallelism, AC, compile."""
+    """What LoRA runs with so far: FSDP/HSDP, expert, pipeline and context parallelism, AC, compile."""
     p = cfg.parallelism
-    for name, degree in (("tensor_parallel_degree", p.tensor_parallel_degree),
-                         ("pipeline_parallel_degree", p.pipeline_parallel_degree),
-                         ("context_parallel_degree", p.context_parallel_degree)):  # fmt: skip
+    for name, degree in (("tensor_parallel_degree", p.tensor_parallel_degree),):
         if degree > 1:
             raise ConfigError(
                 f"parallelism.{name} = {degree} with lora.rank = {cfg.lora.rank}: LoRA does not run with "
-                "tensor, pipeline or context parallelism yet; use data and expert parallelism"
+                "tensor parallelism yet (its adapters are not split by heads); use data, expert, pipeline or context parallelism"
             )
     if cfg.training.mxfp4_qat:
         raise ConfigError(

@@ -79,10 +79,16 @@ def test_adapter_checkpoints_resume_exactly_and_refuse_another_base(base, module
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "layout", [("--parallelism.data_parallel_shard_degree=2",), ("--parallelism.expert_parallel_degree=2",)]
+    "layout",
+    [
+        ("--parallelism.data_parallel_shard_degree=2",),
+        ("--parallelism.expert_parallel_degree=2",),
+        ("--parallelism.pipeline_parallel_degree=2",),
+        ("--parallelism.context_parallel_degree=2",),
+    ],
 )
 def test_two_processes_equal_one(base, module_tmp, layout):
-    """FSDP 2 and FSDP 2 x EP 2: losses and adapters equal one process (<= 1e-5). AdamW with eps = 1
+    """FSDP 2, FSDP 2 x EP 2, PP 2 and CP 2: losses and adapters equal one process (<= 1e-5). AdamW with eps = 1
     (far above every gradient): its update is then linear in the gradient, so the reduction
     order's rounding (~1e-7 relative) stays that small instead of being blown up to +-lr for
     gradients near zero, which the default eps = 1e-8 would do."""
@@ -163,3 +169,19 @@ def test_lora_debug_config_through_run_train_sh(tmp_path):
         "--checkpoint", str(tmp_path / "lora"), "--output", str(tmp_path / "adapter"), "--lora", "adapter"
     )
     assert r.returncode == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file(), r.stderr
+
+
+@pytest.mark.slow
+def test_two_process_resume_is_bitwise(base, module_tmp):
+    """FSDP 2 x EP 2: stopped at step 2 and resumed, the same losses and adapters bit for bit."""
+    tmp, layout = module_tmp, ("--parallelism.expert_parallel_degree=2",)
+
+    def run(name, *extra):
+        run_ok(python_cmd(2, "-m", "gptoss_titan.train", *lora_argv(tmp, base, name, *layout, *extra)))
+
+    run("ep_straight")
+    run("ep_resumed", "--training.steps=2")
+    run("ep_resumed")
+    assert losses(tmp / "ep_resumed") == losses(tmp / "ep_straight")
+    a, b = (weights(tmp / n / "checkpoint" / "step-4") for n in ("ep_straight", "ep_resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
