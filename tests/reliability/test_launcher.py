@@ -110,8 +110,8 @@ def test_a_rank_killed_by_a_signal_is_named(tmp_path):
     assert all(line.startswith("error: ") for line in lines) and len(lines) <= 2, err
 
 
-def start(tmp_path: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "NGPU": "2", "MASTER_PORT": str(free_port())}
+def start(tmp_path: Path, *extra: str, nproc: int = 2) -> subprocess.Popen:
+    env = {**os.environ, "NGPU": str(nproc), "MASTER_PORT": str(free_port())}
     return subprocess.Popen(
         [str(ROOT / "scripts" / "run_train.sh"), *base(tmp_path, *extra)],
         env=env,
@@ -119,6 +119,7 @@ def start(tmp_path: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group: Ctrl-C is a SIGINT to the whole group
     )
 
 
@@ -135,16 +136,24 @@ def wait_for_step(p: subprocess.Popen, run: Path, step: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_signal_stops_every_rank_at_one_step_saves_it_and_the_rerun_resumes_exactly(tmp_path, sig):
-    """SIGTERM (scancel, preemption) or SIGUSR1 (sbatch --signal) to the launcher: both ranks stop at
-    the same step, save it, say so in one line, exit 128 + N; the same command resumes from it and
-    continues bit for bit as a run that never stopped."""
+@pytest.mark.parametrize(
+    "sig,nproc",
+    [(signal.SIGTERM, 2), (signal.SIGUSR1, 2), (signal.SIGINT, 1)],
+    ids=["TERM-2", "USR1-2", "INT-1"],
+)
+def test_a_signal_stops_every_rank_at_one_step_saves_it_and_the_rerun_resumes_exactly(tmp_path, sig, nproc):
+    """SIGTERM (scancel, preemption) or SIGUSR1 (sbatch --signal) to the launcher, or Ctrl-C (SIGINT
+    to the whole process group): every rank stops at the same step, saves it, says so in one line,
+    exit 128 + N; the same command resumes from it and continues bit for bit as a run that never
+    stopped."""
     ckpt = ("--checkpoint.enable=true", "--checkpoint.interval=1000")
-    p = start(tmp_path, "--training.steps=1000", *ckpt)
+    p = start(tmp_path, "--training.steps=1000", *ckpt, nproc=nproc)
     try:
         wait_for_step(p, tmp_path / "run", 2)
-        os.kill(p.pid, sig)  # the launcher (run_train.sh execs it)
+        if sig == signal.SIGINT:
+            os.killpg(p.pid, sig)  # Ctrl-C: the terminal signals the launcher and its workers
+        else:
+            os.kill(p.pid, sig)  # the launcher (run_train.sh execs it)
         out, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
@@ -159,13 +168,13 @@ def test_a_signal_stops_every_rank_at_one_step_saves_it_and_the_rerun_resumes_ex
     )
     ckpts = sorted(q.name for q in (tmp_path / "run" / "checkpoint").iterdir())
     assert ckpts == [f"step-{n}"], ckpts  # the stop step, intact (no .tmp left)
-    if sig != signal.SIGTERM:
+    if sig == signal.SIGUSR1:
         return
-    again = run_train_sh({"NGPU": "2"}, *base(tmp_path, f"--training.steps={n + 2}", *ckpt))
+    again = run_train_sh({"NGPU": str(nproc)}, *base(tmp_path, f"--training.steps={n + 2}", *ckpt))
     assert again.returncode == 0, again.stderr[-3000:]
     ref_dir = tmp_path / "ref"
     ref = run_train_sh(
-        {"NGPU": "2"}, *base(tmp_path, f"--training.steps={n + 2}", f"--job.dump_folder={ref_dir}")
+        {"NGPU": str(nproc)}, *base(tmp_path, f"--training.steps={n + 2}", f"--job.dump_folder={ref_dir}")
     )
     assert ref.returncode == 0, ref.stderr[-3000:]
 
