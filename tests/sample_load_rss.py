@@ -23,7 +23,11 @@ def main() -> None:
     folder, out = sys.argv[1], sys.argv[2]
     rank, _ = init_distributed()
     before = hwm_mib()
-    load_model(argparse.Namespace(hf=folder, checkpoint=None, config=None, dtype="float32", num_samples=1))
+    load_model(
+        argparse.Namespace(
+            hf=folder, checkpoint=None, config=None, dtype="float32", num_samples=1, adapter=None
+        )
+    )
     grown = hwm_mib() - before
     if rank == 0:
         with open(out, "w") as f:

@@ -172,7 +172,7 @@ def test_load_in_bf16(trained):
     tok = torch.tensor([[791, 3581, 382, 290, 10922]])
     for dtype in ("float32", "bfloat16"):
         a = argparse.Namespace(
-            hf=None, checkpoint=str(trained / "run"), config=None, dtype=dtype, num_samples=1
+            hf=None, checkpoint=str(trained / "run"), config=None, dtype=dtype, num_samples=1, adapter=None
         )
         m = load_model(a)
         assert {p.dtype for p in m.parameters()} == {getattr(torch, dtype)}
