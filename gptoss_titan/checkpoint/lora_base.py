@@ -2,7 +2,8 @@
 
 `lora_base.json`: the base's path, format and a checksum of its index and config (DCP: `.metadata`,
 `model_args.json` and the integrity records, which hold every file's checksum; Hugging Face:
-`config.json` and the safetensors index, or the safetensors headers). A resume onto another base
+`config.json`, the safetensors index, and each safetensors file's header, size and samples of its
+data). A resume onto another base
 is refused in one line; the exporter merges onto the recorded base.
 """
 
@@ -25,18 +26,28 @@ def _files(path: Path, fmt: str) -> list[Path]:
     return [p / ".metadata", p / "model_args.json", *sorted(p.glob("integrity_*.json"))]
 
 
+SAMPLE = 1 << 20  # bytes of each safetensors file's data fingerprinted at its start, middle and end
+
+
 def base_record(path: Path, fmt: str) -> dict:
-    """The base's path and checksum (sha256 of its index and config files; for a Hugging Face
-    folder without an index, of its safetensors headers)."""
+    """The base's path and checksum: sha256 of its index and config files, and for a Hugging Face
+    folder of every safetensors file's header (names, shapes, offsets), size and 3 x 1 MiB of its
+    data (start, middle, end: another fine-tune or revision of the same shape differs there;
+    reading whole 20b shards at every start would cost minutes). A DCP base's integrity records
+    already hold every file's full checksum."""
     h = hashlib.sha256()
     for f in _files(path, fmt):
         if f.is_file():
             h.update(f.name.encode() + b"\0" + f.read_bytes())
-    if fmt == "hf" and not any(path.glob("*.safetensors.index.json")):
+    if fmt == "hf":
         for f in sorted(path.glob("*.safetensors")):
+            size = f.stat().st_size
             with open(f, "rb") as fh:
                 n = struct.unpack("<Q", fh.read(8))[0]
-                h.update(f.name.encode() + b"\0" + fh.read(n))
+                h.update(f.name.encode() + b"\0" + str(size).encode() + fh.read(n))
+                for at in (8 + n, max(8 + n, size // 2 - SAMPLE // 2), max(8 + n, size - SAMPLE)):
+                    fh.seek(at)
+                    h.update(fh.read(SAMPLE))
     return {"path": str(path.resolve()), "format": fmt, "sha256": h.hexdigest()}
 
 
@@ -61,3 +72,13 @@ def read_base_record(step: Path) -> dict | None:
     """The base record of a LoRA checkpoint's step folder, None for any other checkpoint."""
     f = step / BASE_FILE
     return json.loads(f.read_text()) if f.is_file() else None
+
+
+def check_record(path: Path, fmt: str, record: dict, what: str) -> None:
+    """The base at `path` is the one `record` names (CheckpointError in one line if not)."""
+    found = base_record(path, fmt)["sha256"]
+    if found != record["sha256"]:
+        raise CheckpointError(
+            f"{what}: the base {str(path)!r} is not the one the adapters were trained on (checksum {found[:12]} vs "
+            f"{record['sha256'][:12]}); restore that base, or export --lora adapter and apply it to the base you have"
+        )

@@ -331,6 +331,10 @@ def validate(cfg: JobConfig) -> None:
     if cfg.lora.rank:
         lora_spec(cfg)
         check_lora_layout(cfg)
+    elif cfg.lora.initial_adapter:
+        raise ConfigError(
+            f"lora.initial_adapter = {cfg.lora.initial_adapter!r} with lora.rank = 0; set lora.rank to the adapter's rank"
+        )
 
 
 def check_lora_layout(cfg: JobConfig) -> None:
@@ -345,6 +349,11 @@ def check_lora_layout(cfg: JobConfig) -> None:
     if cfg.training.mxfp4_qat:
         raise ConfigError(
             "training.mxfp4_qat with lora.rank > 0: LoRA trains adapters, not MXFP4 experts; turn one off"
+        )
+    if cfg.lora.dropout > 0 and cfg.compile.enable:
+        raise ConfigError(
+            f"lora.dropout = {cfg.lora.dropout} with compile.enable: compiled dropout is not checked against "
+            "activation-checkpoint recomputes here; set lora.dropout = 0 or compile.enable = false"
         )
     _choice("lora.base_format", cfg.lora.base_format, ("auto", "bfloat16", "float32"))
     if cfg.lora.base_format == "bfloat16" and cfg.training.mixed_precision_param == "float32":

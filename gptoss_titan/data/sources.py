@@ -175,13 +175,17 @@ def _corrupt(path: Path, comp: str) -> tuple[type[BaseException], ...]:
 
 def _lines(path: Path, comp: str) -> Iterator[tuple[int, bytes]]:
     """(line number, raw line) of a file; a truncated or damaged compressed file is one DataError
-    naming the file and the line it broke at."""
+    naming the file and the line it broke at. Errors of the file system itself (no permission, a
+    vanished file, an I/O error: an OSError with an errno) are not called damage."""
     n = 0
+    f = _open_binary(path, comp)
     try:
-        with _open_binary(path, comp) as f:
+        with f:
             for n, raw in enumerate(f, 1):
                 yield n, raw
     except _corrupt(path, comp) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
         what = f"a truncated or damaged {comp[1:]} file" if comp else "unreadable"
         raise DataError(
             f"{str(path)!r} is {what} (after line {n}: {e}); re-download or re-create it, or leave it out"
@@ -197,8 +201,9 @@ def file_items(
     utf8 = utf8 or Utf8Check()
     for path in expand(patterns):
         kind, comp = _kind(path)
-        if kind == "txt":
-            yield utf8.decode(b"".join(raw for _, raw in _lines(path, comp)), str(path))
+        if kind == "txt":  # universal newlines, as text-mode reading gives (\r\n and \r -> \n)
+            text = utf8.decode(b"".join(raw for _, raw in _lines(path, comp)), str(path))
+            yield text.replace("\r\n", "\n").replace("\r", "\n")
         elif kind == "json":
             for n, raw in _lines(path, comp):
                 if raw.strip():

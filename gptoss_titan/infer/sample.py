@@ -152,15 +152,19 @@ def load_model(a: argparse.Namespace) -> Transformer:
         if damage:
             raise SampleError(f"checkpoint {str(step)!r} is damaged ({damage}); pass another step")
     check_config_shape(a.config, args)
-    lora, adapters = None, {}
-    if not a.hf and read_base_record(step) is not None:  # a LoRA run's checkpoint: its base, then it
+    lora, adapters, hf = None, {}, a.hf
+    if not hf and read_base_record(step) is not None:  # a LoRA run's checkpoint: its base, then it
+        if a.adapter:
+            raise SampleError(
+                f"--adapter with the LoRA checkpoint {str(step)!r}, which has its own adapters: pass its base instead"
+            )
         lora, adapters = lora_checkpoint(step)
-        a.hf, step = base_location(step)
-        folder = HFFolder(a.hf) if a.hf else None
+        hf, step = base_location(step)
+        folder = HFFolder(hf) if hf else None
     if a.adapter:
         lora, adapters = peft_adapter(a.adapter, args)
     model = rank_model(args, a.dtype, a.num_samples, world_size(), torch.device(device_type()), lora)
-    if a.hf:
+    if hf:
         load_hf_into(model, folder, args)
     else:
         state = {"model": {k: v for k, v in get_model_state_dict(model).items() if not is_adapter(k)}}

@@ -12,7 +12,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from ..checkpoint.files import CONFIG_FILE, CheckpointError, read_model_args, resolve_step_dir
 from ..checkpoint.integrity import verify as verify_integrity
-from ..checkpoint.lora_base import base_record, read_base_record
+from ..checkpoint.lora_base import check_record, read_base_record
 from ..model import ModelArgs
 from ..model.lora import is_adapter
 from .files import ConvertError, output_folder
@@ -44,27 +44,24 @@ def read_adapters(step: Path) -> tuple[dict[str, torch.Tensor], float]:
 
 def merge_base(step: Path) -> Path:
     """The DCP step folder of the base a LoRA checkpoint was trained on, checked against its record
-    (a Hugging Face base: the run's own import of it, checkpoint/hf-import)."""
+    (a Hugging Face base: the run's own import of it, checkpoint/hf-import, made from that folder)."""
     record = read_base_record(step)
     assert record is not None
+    where = f"--lora merge of {str(step)!r}"
     if record["format"] == "hf":
-        base, fmt = step.parent / "hf-import", "dcp"
-        found = Path(record["path"])
-        if base_record(found, "hf")["sha256"] != record["sha256"]:
+        base = step.parent / "hf-import"
+        source = base / "hf_source.json"
+        if not source.is_file() or json.loads(source.read_text()).get("path") != record["path"]:
             raise ConvertError(
-                f"the base {str(found)!r} changed since the adapters were trained on it; merge needs that base"
+                f"{where}: the run's import of its Hugging Face base {record['path']!r} ({base}) is missing; "
+                "export --lora adapter and apply it to the base with peft, or rerun a step of the run to re-import"
             )
+        check_record(Path(record["path"]), "hf", record, where)
     else:
-        base, fmt = resolve_step_dir(record["path"]), "dcp"
-        if base_record(base, fmt)["sha256"] != record["sha256"]:
-            raise ConvertError(
-                f"the base {str(base)!r} changed since the adapters in {str(step)!r} were trained on it; "
-                "merge needs that base (or export --lora adapter)"
-            )
+        base = resolve_step_dir(record["path"])
+        check_record(base, "dcp", record, where)
     if not (base / ".metadata").is_file():
-        raise ConvertError(
-            f"the base {record['path']!r} of {str(step)!r} is not readable as DCP ({base}); export --lora adapter"
-        )
+        raise ConvertError(f"{where}: the base {str(base)!r} is not readable as DCP; export --lora adapter")
     damage = verify_integrity(base)
     if damage:
         raise CheckpointError(f"the base checkpoint {str(base)!r} is damaged ({damage})")
@@ -108,4 +105,25 @@ def read_peft_adapter(folder: str, args: ModelArgs) -> tuple[dict, dict[str, tor
     except (json.JSONDecodeError, SafetensorError, KeyError, ValueError) as e:
         raise ConvertError(f"{folder!r}: unreadable adapter ({type(e).__name__}: {e})") from None
     ours = from_peft(tensors, args)
+    check_shapes(ours, args, lora["rank"], folder)
     return lora, ours
+
+
+def check_shapes(adapters: dict[str, torch.Tensor], args: ModelArgs, rank: int, folder: str) -> None:
+    """Each adapter has the shape this model's adapter at its place has (ConvertError if not)."""
+    from ..model import Transformer
+    from ..model.lora import LoRASpec, add_lora, sites_of
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    try:
+        add_lora(model, LoRASpec(rank, 1.0, 0.0, (), sites=sites_of(adapters)))
+    except AttributeError as e:
+        raise ConvertError(f"{folder!r}: an adapter sits where this model has nothing ({e})") from None
+    want = {n: tuple(p.shape) for n, p in model.named_parameters() if is_adapter(n)}
+    for name, t in adapters.items():
+        if want.get(name) != tuple(t.shape):
+            raise ConvertError(
+                f"{folder!r}: adapter {name} has shape {list(t.shape)}, but this model's (rank {rank}) is "
+                f"{list(want.get(name, ()))}; the adapter was made for another model or rank"
+            )

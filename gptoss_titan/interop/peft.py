@@ -6,8 +6,9 @@ lora_A [r, in], lora_B [out, r]) and on its expert and router parameters through
 For a 3-D expert parameter [E, in, out] its lora_A is [r*E, in] with expert e's rows at
 e*r .. e*r + r - 1, and lora_B is [out, r*E] with expert e's columns at k*E + e (k < r): expert
 e's update is s * A_e^T B_e^T as an [in, out] matrix, which is our [E, in, r] @ [E, r, out] per
-expert. Two parameters of one module nest: PEFT wraps them in sorted order, so down_proj's
-adapter is `mlp.experts.lora_*` and gate_up_proj's `mlp.experts.base_layer.lora_*`. Keys carry
+expert. Two parameters of one module nest: PEFT wraps them in registration order, so with both
+targeted down_proj's adapter is `mlp.experts.lora_*` and gate_up_proj's
+`mlp.experts.base_layer.lora_*`; a layer with one of them has it at `mlp.experts.lora_*`. Keys carry
 the prefix "base_model.model." and no adapter name. PEFT refuses dropout on parameter targets:
 the exported config says 0 (dropout acts only in training).
 """
@@ -24,7 +25,6 @@ from .files import ConvertError
 
 PREFIX = "base_model.model.model.layers."
 ATTENTION = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
-EXPERT_MODULE = {"gate_up": "mlp.experts.base_layer", "down": "mlp.experts"}
 EXPERT_PARAM = {"gate_up": "gate_up_proj", "down": "down_proj"}
 _OURS = re.compile(
     r"layers\.(\d+)\.(?:attention\.(wq|wk|wv|wo)\.lora_([AB])|moe\.router\.gate\.lora_([AB])"
@@ -38,7 +38,7 @@ _THEIRS = re.compile(
 
 def to_peft(adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our adapter tensors (model state names) -> PEFT's adapter_model.safetensors tensors."""
-    out = {}
+    out, both = {}, _layers_with_both(adapters)
     for name, t in adapters.items():
         m = _OURS.match(name)
         if m is None:
@@ -54,7 +54,8 @@ def to_peft(adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 t = t.permute(0, 2, 1).reshape(E * t.shape[2], t.shape[1])
             else:  # [E, r, out] -> [out, r*E], column k*E + e
                 t = t.permute(2, 1, 0).reshape(t.shape[2], t.shape[1] * E)
-            out[f"{PREFIX}{layer}.{EXPERT_MODULE[matrix]}.lora_{ab_expert}.weight"] = t
+            module = "mlp.experts.base_layer" if matrix == "gate_up" and layer in both else "mlp.experts"
+            out[f"{PREFIX}{layer}.{module}.lora_{ab_expert}.weight"] = t
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -75,13 +76,47 @@ def from_peft(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, to
         elif router:
             out[f"layers.{layer}.moe.router.gate.lora_{ab}"] = t
         else:
-            matrix = "gate_up" if experts.endswith("base_layer") else "down"
+            matrix = _expert_matrix(tensors, key, layer, experts, args)
+            if t.shape[0 if ab == "A" else 1] % E:
+                raise ConvertError(
+                    f"adapter tensor {key!r} has shape {list(t.shape)}: not r x {E} experts; another model's?"
+                )
             if ab == "A":  # [r*E, in] -> [E, in, r]
                 t = t.reshape(E, t.shape[0] // E, t.shape[1]).permute(0, 2, 1)
             else:  # [out, r*E] -> [E, r, out]
                 t = t.reshape(t.shape[0], t.shape[1] // E, E).permute(2, 1, 0)
             out[f"layers.{layer}.moe.experts.lora_{matrix}_{ab}"] = t
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _layers_with_both(adapters: dict) -> set[str]:
+    """Layers whose experts have adapters on both matrices (PEFT nests gate_up's there)."""
+    seen: dict[str, set[str]] = {}
+    for name in adapters:
+        m = _OURS.match(name)
+        if m and m.group(5):
+            seen.setdefault(m.group(1), set()).add(m.group(5))
+    return {layer for layer, matrices in seen.items() if len(matrices) == 2}
+
+
+def _expert_matrix(tensors: dict, key: str, layer: str, module: str, args: ModelArgs) -> str:
+    """gate_up or down, for a PEFT expert adapter key: nested ones are gate_up's; an outer one is
+    down's when the layer also has a nested one, else told by its shapes (lora_B's output: 2I for
+    gate_up, H for down; lora_A's input when those are equal)."""
+    if module.endswith("base_layer"):
+        return "gate_up"
+    outer = f"{PREFIX}{layer}.mlp.experts"
+    if f"{outer}.base_layer.lora_A.weight" in tensors:
+        return "down"
+    b, a = tensors.get(f"{outer}.lora_B.weight"), tensors.get(f"{outer}.lora_A.weight")
+    H, two_i = args.dim, 2 * args.moe_inter_dim
+    if b is not None and b.shape[0] in (H, two_i) and H != two_i:
+        return "gate_up" if b.shape[0] == two_i else "down"
+    if a is not None and a.shape[1] in (H, args.moe_inter_dim):
+        return "gate_up" if a.shape[1] == H else "down"
+    raise ConvertError(
+        f"adapter tensor {key!r}: its shapes fit neither gate_up_proj nor down_proj of this model"
+    )
 
 
 def adapter_config(names, rank: int, alpha: float, n_layers: int, base: str | None) -> dict:
@@ -128,6 +163,11 @@ def lora_from_config(cfg: dict, args: ModelArgs) -> dict:
             raise ConvertError(f"adapter_config.json sets {flag}; only plain LoRA adapters load")
     if cfg.get("bias", "none") != "none":
         raise ConvertError(f"adapter_config.json sets bias = {cfg['bias']!r}; only bias = 'none' loads")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(field):
+            raise ConvertError(
+                f"adapter_config.json sets {field}; only one rank and alpha for every adapter load"
+            )
     return {
         "rank": int(cfg["r"]),
         "alpha": float(cfg["lora_alpha"]),

@@ -232,15 +232,17 @@ class GroupedExperts(nn.Module):
         self, name: str, x: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor | None
     ) -> torch.Tensor:
         """The LoRA term of one expert matrix: s (x A_e) B_e per row, on the same sorted rows."""
-        a, b = (
-            local(getattr(self, f"lora_{name}_A")),
-            local(getattr(self, f"lora_{name}_B")),
-        )  # [E, in, r], [E, r, out]
-        a, b = a.to(x.dtype), b.to(x.dtype)
-        h = _grouped_linear(x, a, a.new_zeros(a.shape[0], a.shape[2]), counts, self.kernel, rows)  # [R, r]
+        a = local(getattr(self, f"lora_{name}_A")).to(x.dtype)  # [E, in, r]
+        b = local(getattr(self, f"lora_{name}_B")).to(x.dtype)  # [E, r, out]
+        r = a.shape[2]
+        if self.kernel == "grouped" and (r * x.element_size()) % 16 == 0:  # grouped_mm: 16-byte row strides
+            offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+            h = _ContiguousGrad.apply(grouped_mm(x, a, offs))  # [R, r], no bias to gather
+            return _ContiguousGrad.apply(grouped_mm(h, b, offs)) * self.lora_scale
+        kernel = "loop" if self.kernel == "grouped" else self.kernel  # a rank grouped_mm cannot stride
+        h = _grouped_linear(x, a, a.new_zeros(a.shape[0], r), counts, kernel, rows)  # [R, r]
         return (
-            _grouped_linear(h, b, b.new_zeros(b.shape[0], b.shape[2]), counts, self.kernel, rows)
-            * self.lora_scale
+            _grouped_linear(h, b, b.new_zeros(b.shape[0], b.shape[2]), counts, kernel, rows) * self.lora_scale
         )
 
 

@@ -39,7 +39,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes | None, cfg
         apply_expert_parallel(model, meshes.ep)
         logger.info(f"expert parallelism: {dims.ep} groups of {model.args.num_experts // dims.ep} experts")
     compiled = cfg.compile.enable and "model" in cfg.compile.components
-    apply_activation_checkpointing(model, cfg.activation_checkpoint, compiled)
+    dropout = cfg.lora.rank > 0 and cfg.lora.dropout > 0  # the recompute must draw the same masks
+    apply_activation_checkpointing(model, cfg.activation_checkpoint, compiled, preserve_rng_state=dropout)
     if compiled:
         apply_compile(model)
     if meshes is not None:

@@ -61,9 +61,11 @@ def _op_policy(save: set, ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def apply_activation_checkpointing(
-    model: nn.Module, cfg: ActivationCheckpoint, compiled: bool = False
+    model: nn.Module, cfg: ActivationCheckpoint, compiled: bool = False, preserve_rng_state: bool = False
 ) -> None:
-    """compiled: the compile pass follows (the checkpoint regions are then traced by Dynamo)."""
+    """compiled: the compile pass follows (the checkpoint regions are then traced by Dynamo).
+    preserve_rng_state: the recompute replays the forward's random draws (LoRA dropout); the model
+    has no other randomness, so it is off (and free) otherwise."""
     if cfg.mode == "none":
         return
     every = int(cfg.selective_ac_option) if cfg.mode == "selective" and cfg.selective_ac_option != "op" else 1
@@ -75,9 +77,11 @@ def apply_activation_checkpointing(
             continue
         if per_op:
             ctx = partial(create_selective_checkpoint_contexts, partial(_op_policy, save))
-            block.attention = checkpoint_wrapper(block.attention, context_fn=ctx, preserve_rng_state=False)
+            block.attention = checkpoint_wrapper(
+                block.attention, context_fn=ctx, preserve_rng_state=preserve_rng_state
+            )
         else:
-            setattr(model.layers, name, checkpoint_wrapper(block, preserve_rng_state=False))
+            setattr(model.layers, name, checkpoint_wrapper(block, preserve_rng_state=preserve_rng_state))
         wrapped += 1
     kind = "per-op selective" if per_op else ("full" if every == 1 else f"every {every} blocks")
     logger.info(f"activation checkpointing ({kind}) on {wrapped}/{len(model.blocks())} blocks")

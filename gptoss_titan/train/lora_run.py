@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.files import CheckpointError, checkpoint_fqns
+from ..checkpoint.lora_base import read_base_record
 from ..config import Checkpoint as CkptConfig
 from ..config import JobConfig, lora_spec
 from ..config import LoRA as LoRAConfig
@@ -31,8 +32,13 @@ def choose_lora_resumes(cfg: CkptConfig, folder: Path, model_args: ModelArgs) ->
             "(a DCP step folder, or a Hugging Face folder with checkpoint.initial_load_format = 'hf')"
         )
     base = choose_resume(dataclasses.replace(cfg, enable=False), folder, model_args)
-    own = choose_resume(dataclasses.replace(cfg, initial_load_path=""), folder, model_args)
     assert base is not None
+    if base.format == "dcp" and read_base_record(base.path) is not None:
+        raise CheckpointError(
+            f"checkpoint.initial_load_path {str(base.path)!r} is a LoRA run's checkpoint (adapters only), not a "
+            "base; point it at that run's base, or export the merged model (--lora merge) and start from it"
+        )
+    own = choose_resume(dataclasses.replace(cfg, initial_load_path=""), folder, model_args)
     return base, own
 
 
@@ -51,7 +57,7 @@ def lora_layout(
         sites = sites_of(adapters)
     else:
         return spec, adapters
-    if sites != spec_sites(spec, args.n_layers):
+    if sites != tuple(sorted(spec_sites(spec, args.n_layers))):
         logger.info(
             f"adapters at {len(sites)} places, as {'the checkpoint' if own else 'lora.initial_adapter'} has them"
         )

@@ -146,3 +146,10 @@ def test_invalid_utf8_is_replaced_and_counted_or_refused_with_strict(tmp_path):
         list(file_items([str(tmp_path / "a.jsonl")], utf8=Utf8Check(strict=True)))
     with pytest.raises(DataError, match=r"b.txt is not valid UTF-8 \(byte 5: .*drop --strict"):
         list(file_items([str(tmp_path / "b.txt")], utf8=Utf8Check(strict=True)))
+
+
+def test_text_files_read_with_universal_newlines(tmp_path):
+    """\r\n and \r become \n in .txt documents, as text-mode reading gives (the same tokens as
+    before the readers went binary)."""
+    (tmp_path / "w.txt").write_bytes(b"line one\r\nline two\rline three\n")
+    assert list(file_documents([str(tmp_path / "w.txt")])) == ["line one\nline two\nline three\n"]

@@ -10,7 +10,7 @@ import torch
 from gptoss_titan.checkpoint import read_model_args
 from gptoss_titan.interop.lora_export import read_peft_adapter
 from gptoss_titan.model import Transformer
-from gptoss_titan.model.lora import LoRASpec, add_lora
+from gptoss_titan.model.lora import LoRASpec, add_lora, sites_of
 from gptoss_titan.train import main
 
 from ..helpers.checkpoint import weights
@@ -90,23 +90,50 @@ def test_our_adapter_loads_in_peft_and_the_merged_export_equals_it(trained):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_peft_made_adapter_imports_with_peft_logits(trained, tmp_path):
+@pytest.mark.parametrize(
+    "modules,params",
+    [
+        (
+            ["q_proj", "k_proj", "v_proj", "o_proj"],
+            ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.router.weight"],
+        ),
+        ([], ["mlp.experts.gate_up_proj"]),  # one expert matrix: not nested in peft's keys
+        ([], ["mlp.experts.down_proj"]),
+    ],
+    ids=["all", "gate_up_only", "down_only"],
+)
+def test_a_peft_made_adapter_imports_with_peft_logits(trained, tmp_path, modules, params):
+    """Imported, then exported again: peft's logits both ways (fp32, 1e-5)."""
     tmp, base, _ = trained
     cfg = peft.LoraConfig(
         r=4,
         lora_alpha=16,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.router.weight"],
+        target_modules=modules or None,
+        target_parameters=params,
         init_lora_weights=False,  # random A and B: the adapter changes the logits
     )
     made = peft.get_peft_model(hf_model(tmp / "base_hf"), cfg).eval()
     made.save_pretrained(str(tmp_path / "made"))
     lora, adapters = read_peft_adapter(str(tmp_path / "made"), read_model_args(base))
     assert lora == {"rank": 4, "alpha": 16.0, "dropout": 0.0}
-    ours = ours_with_adapters(base, adapters, LoRASpec(4, 16.0, 0.0, TARGETS))
+    ours = ours_with_adapters(base, adapters, LoRASpec(4, 16.0, 0.0, (), sites=sites_of(adapters)))
     tokens = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(ours(tokens), made(tokens).logits, rtol=1e-5, atol=1e-5)
+        want = made(tokens).logits
+        torch.testing.assert_close(ours(tokens), want, rtol=1e-5, atol=1e-5)
+    # and back: our tensors in peft's names load into peft onto the base, with the same logits
+    from safetensors.torch import save_file
+
+    from gptoss_titan.interop.peft import adapter_config, to_peft
+
+    back = tmp_path / "back"
+    back.mkdir()
+    save_file(to_peft(adapters), str(back / "adapter_model.safetensors"))
+    n_layers = read_model_args(base).n_layers
+    (back / "adapter_config.json").write_text(json.dumps(adapter_config(adapters, 4, 16.0, n_layers, None)))
+    again = peft.PeftModel.from_pretrained(hf_model(tmp / "base_hf"), str(back)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_flags_on_the_wrong_checkpoint_are_one_line(trained, tmp_path):

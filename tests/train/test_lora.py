@@ -75,6 +75,8 @@ def test_adapter_checkpoints_resume_exactly_and_refuse_another_base(base, module
     assert main(lora_argv(tmp, other, "resumed", "--training.steps=6")) == 2
     assert (tmp / "resumed" / "config.json").read_text() == before
     assert main(lora_argv(tmp, "", "no_base")) == 2 and not (tmp / "no_base").exists()  # LoRA needs a base
+    adapters_only = str(tmp / "straight" / "checkpoint" / "step-4")  # not a base
+    assert main(lora_argv(tmp, adapters_only, "on_adapters")) == 2 and not (tmp / "on_adapters").exists()
 
 
 @pytest.mark.slow
@@ -185,3 +187,26 @@ def test_two_process_resume_is_bitwise(base, module_tmp):
     assert losses(tmp / "ep_resumed") == losses(tmp / "ep_straight")
     a, b = (weights(tmp / n / "checkpoint" / "step-4") for n in ("ep_straight", "ep_resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_dropout_adapters_under_activation_checkpointing_get_the_forwards_masks(tmp_path, mode):
+    """lora.dropout with AC: the recompute replays the forward's dropout masks (preserve_rng_state),
+    so a step updates the adapters as without AC; a different mask would give other gradients."""
+    results = []
+    for ac in ("none", mode):
+        _, step = train_step_for(
+            tmp_path, *ADAPTERS, "--lora.dropout=0.3", f"--activation_checkpoint.mode={ac}"
+        )
+        torch.manual_seed(0)
+        step(host_batches(step), 0)
+        results.append(
+            {
+                n.replace("_checkpoint_wrapped_module.", ""): p.detach().clone()
+                for n, p in step.model.named_parameters()
+                if is_adapter(n)
+            }  # fmt: skip
+        )
+    plain, ckpt = results
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-6, atol=1e-7, msg=n)
