@@ -325,6 +325,7 @@ class Trainer:
                 state = self.state.state_dicts(self.rank)
                 self._save_guarded(lambda: self.checkpoint.save(self.step, state, blocking=True))
                 logger.info(f"saved step {self.step} for the stop in {time.perf_counter() - t0:.1f} s")
+            self.barrier()  # rank 0 renames the step into place after the others finished writing
             saved = f"saved {self.checkpoint.last_intact()}; rerun the same command to resume"
         message = f"stopped by {name} at step {self.step}; {saved}"
         if signum == METRICS_FAILED:
