@@ -47,9 +47,11 @@ def run_cli(
     try:
         return body() or 0
     except (UserError, TrainingStopped, CollectiveFailed) as e:
+        # the error file first: a worker stopped by the agent right after printing its line is
+        # then known to have said it (the launcher does not repeat it)
+        report_to_launcher(str(e), consequence=isinstance(e, CollectiveFailed))
         if show:
             error_line(e)
-        report_to_launcher(str(e), consequence=isinstance(e, CollectiveFailed))
         if on_error is not None:
             on_error()
         return 2 if isinstance(e, UserError) else e.exit_code

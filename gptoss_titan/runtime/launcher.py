@@ -76,12 +76,15 @@ def exit_code(failures: dict, shown: set[int] | None = None) -> tuple[int, str |
     rank = min(failures, key=rank_of)
     code = failures[rank].exitcode
     if reported(code):
-        f = failures[rank]
-        data = getattr(f, "error_file_data", None) or {}
-        hidden = shown is not None and getattr(f, "local_rank", 0) not in shown
-        return code, (
-            f"rank {rank}: {data['message']}" if hidden and data.get("gptoss_titan") else None
-        )  # the worker said it in one line already
+        data = getattr(failures[rank], "error_file_data", None) or {}
+        # said already: by this rank (shown), or by a shown rank that met the same error and was
+        # stopped by the agent before its own exit code was seen
+        said = not hidden(rank) or any(
+            not hidden(r)
+            and (getattr(f, "error_file_data", None) or {}).get("message") == data.get("message")
+            for r, f in failures.items()
+        )
+        return code, (f"rank {rank}: {data['message']}" if not said and data.get("gptoss_titan") else None)
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
         hint = " (the out-of-memory killer, or kill -9)" if -code == signal.SIGKILL else ""

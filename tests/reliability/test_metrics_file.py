@@ -119,9 +119,8 @@ def test_a_full_disk_while_logging(tmp_path, on_error):
     if on_error == "stop":
         assert r.returncode == 3, r.stderr[-2000:]
         err = one_line_error(r.stderr)
-        assert (
-            f"{metrics} could not be written (File too large): stopped by an unwritable metrics.jsonl" in err
-        )
+        limit = f"{metrics} could not be written (File too large; files are limited to {24 << 10} bytes (ulimit -f))"
+        assert f"{limit}: stopped by an unwritable metrics.jsonl" in err, err
         assert "checkpoint.enable is false: nothing saved; or set metrics.on_write_error = continue" in err
     else:
         assert r.returncode == 0 and "no more rows are written to it" in r.stdout, r.stderr[-2000:]

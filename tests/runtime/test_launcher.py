@@ -41,6 +41,9 @@ def test_the_worst_failure_decides():
     assert exit_code(failures, shown=None) == (2, None)  # shown already
     both = {0: Failure(2, 9, error_file_data=own), 1: Failure(2, 1, local_rank=1, error_file_data=own)}
     assert exit_code(both, shown={0}) == (2, None)  # the shown rank's line is enough, even if later
+    # the shown rank met the same error and printed it, but the agent's SIGTERM ended it first
+    raced = {0: Failure(term, 2, error_file_data=own), 1: Failure(2, 1, local_rank=1, error_file_data=own)}
+    assert exit_code(raced, shown={0}) == (2, None)
 
 
 def test_local_ranks_filter():
