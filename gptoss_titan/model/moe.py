@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..runtime.compat import grouped_mm, has_grouped_mm
@@ -234,15 +235,16 @@ class GroupedExperts(nn.Module):
         """The LoRA term of one expert matrix: s (x A_e) B_e per row, on the same sorted rows."""
         a = local(getattr(self, f"lora_{name}_A")).to(x.dtype)  # [E, in, r]
         b = local(getattr(self, f"lora_{name}_B")).to(x.dtype)  # [E, r, out]
-        r = a.shape[2]
-        if self.kernel == "grouped" and (r * x.element_size()) % 16 == 0:  # grouped_mm: 16-byte row strides
+        if self.kernel == "grouped":  # no bias to gather; the rank padded with zeros to 16-byte rows
+            pad = -a.shape[2] % (16 // x.element_size())  # (grouped_mm's stride rule; exact, no host sync)
+            a, b = F.pad(a, (0, pad)), F.pad(b, (0, 0, 0, pad))
             offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-            h = _ContiguousGrad.apply(grouped_mm(x, a, offs))  # [R, r], no bias to gather
+            h = _ContiguousGrad.apply(grouped_mm(x, a, offs))  # [R, r]
             return _ContiguousGrad.apply(grouped_mm(h, b, offs)) * self.lora_scale
-        kernel = "loop" if self.kernel == "grouped" else self.kernel  # a rank grouped_mm cannot stride
-        h = _grouped_linear(x, a, a.new_zeros(a.shape[0], r), counts, kernel, rows)  # [R, r]
+        h = _grouped_linear(x, a, a.new_zeros(a.shape[0], a.shape[2]), counts, self.kernel, rows)  # [R, r]
         return (
-            _grouped_linear(h, b, b.new_zeros(b.shape[0], b.shape[2]), counts, kernel, rows) * self.lora_scale
+            _grouped_linear(h, b, b.new_zeros(b.shape[0], b.shape[2]), counts, self.kernel, rows)
+            * self.lora_scale
         )
 
 

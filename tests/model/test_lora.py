@@ -73,8 +73,9 @@ def test_targets_and_layers_choose_what_gets_adapters():
 
 @pytest.mark.parametrize("rank", [4, 8])
 def test_expert_adapters_on_the_grouped_kernel_at_any_rank(rank):
-    """torch._grouped_mm needs 16-byte row strides: a bf16 rank-4 adapter (8 bytes) runs on the
-    loop kernel instead of failing; either way the result is the loop kernel's."""
+    """torch._grouped_mm needs 16-byte row strides: a bf16 rank-4 adapter (8 bytes) is padded with
+    zero columns (no fallback to the loop kernel, which syncs with the host on CUDA); either way the
+    result is the loop kernel's."""
     from gptoss_titan.model.moe import grouped_mm_works
 
     if not grouped_mm_works("cpu", torch.bfloat16):
@@ -96,3 +97,28 @@ def test_expert_adapters_on_the_grouped_kernel_at_any_rank(rank):
         out[kernel] = m(tokens)
         out[kernel].float().sum().backward()
     assert torch.equal(out["loop"], out["grouped"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("rank", [4, 16])
+def test_expert_adapters_on_cuda_grouped_kernel(rank):
+    """bf16 on CUDA ("auto" picks grouped_mm): forward and backward run at a rank whose rows are
+    not 16 bytes, and equal the loop kernel to bf16 precision."""
+    with torch.device("meta"):
+        m = Transformer(tiny_args())
+    add_lora(m, LoRASpec(rank, 2.0 * rank, 0.0, ("experts",)))
+    m.to_empty(device="cuda")
+    m.init_weights(seed=0)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if is_adapter(n):
+                p.normal_(0, 0.1)
+    m = m.to(torch.bfloat16)
+    tokens = torch.randint(0, 256, (2, 64), device="cuda")
+    out = {}
+    for kernel in ("loop", "grouped"):
+        m.set_expert_kernel(kernel)
+        out[kernel] = m(tokens).float()
+        out[kernel].sum().backward()
+    torch.testing.assert_close(out["grouped"], out["loop"], rtol=2e-2, atol=2e-2)
