@@ -153,7 +153,7 @@ def test_the_frozen_base_is_stored_in_the_compute_dtype(tmp_path):
 def test_lora_debug_config_through_run_train_sh(tmp_path):
     """train_configs/lora_debug.toml as users run it, on a saved debug-model base (a few steps of
     each here), then the adapter export."""
-    from ..conftest import run_train_sh
+    from ..conftest import one_line_error, run_train_sh
     from ..helpers.convert import convert
 
     short = ("--training.seq_len=128", "--validation.enable=false", "--training.steps=2")
@@ -171,6 +171,15 @@ def test_lora_debug_config_through_run_train_sh(tmp_path):
         "--checkpoint", str(tmp_path / "lora"), "--output", str(tmp_path / "adapter"), "--lora", "adapter"
     )
     assert r.returncode == 0 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file(), r.stderr
+    # a refused base at the shell: the LoRA run's own checkpoint is not a base (one line, exit 2)
+    r = run_train_sh(
+        {"CONFIG_FILE": "train_configs/lora_debug.toml"},
+        *short,
+        f"--job.dump_folder={tmp_path / 'lora2'}",
+        f"--checkpoint.initial_load_path={tmp_path / 'lora' / 'checkpoint'}",
+    )
+    assert r.returncode == 2 and "is a LoRA run's checkpoint (adapters only)" in one_line_error(r.stderr)
+    assert not (tmp_path / "lora2").exists()
 
 
 @pytest.mark.slow
