@@ -14,7 +14,8 @@ import json
 import struct
 from pathlib import Path
 
-from .files import CheckpointError
+from .files import CheckpointError, resolve_step_dir
+from .integrity import verify
 
 BASE_FILE = "lora_base.json"
 
@@ -82,3 +83,20 @@ def check_record(path: Path, fmt: str, record: dict, what: str) -> None:
             f"{what}: the base {str(path)!r} is not the one the adapters were trained on (checksum {found[:12]} vs "
             f"{record['sha256'][:12]}); restore that base, or export --lora adapter and apply it to the base you have"
         )
+
+
+def recorded_base(step: Path, what: str) -> tuple[Path, str]:
+    """(path, format) of the base the LoRA checkpoint `step` was trained on, checked to be that
+    base (and, a DCP base, undamaged); `what` names the command in the one-line errors."""
+    record = read_base_record(step)
+    assert record is not None
+    if record["format"] == "hf":
+        path = Path(record["path"])
+        check_record(path, "hf", record, what)
+        return path, "hf"
+    path = resolve_step_dir(record["path"])
+    check_record(path, "dcp", record, what)
+    damage = verify(path)
+    if damage:
+        raise CheckpointError(f"{what}: the base checkpoint {str(path)!r} is damaged ({damage})")
+    return path, "dcp"

@@ -6,13 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import resolve_step_dir
-from ..checkpoint.integrity import verify as verify_integrity
-from ..checkpoint.lora_base import check_record, read_base_record
+from ..checkpoint.lora_base import recorded_base
 from ..interop.lora_export import read_adapters, read_peft_adapter
 from ..model import ModelArgs
 from ..model.lora import LoRASpec, sites_of
-from ..runtime.errors import UserError
 
 
 def lora_checkpoint(step: Path) -> tuple[LoRASpec, dict]:
@@ -25,17 +22,8 @@ def lora_checkpoint(step: Path) -> tuple[LoRASpec, dict]:
 def base_location(step: Path) -> tuple[str | None, Path]:
     """(an HF folder, or None and the DCP step folder) of the base a LoRA checkpoint records,
     checked to be that base."""
-    record = read_base_record(step)
-    where = f"sampling {str(step)!r}"
-    if record["format"] == "hf":
-        check_record(Path(record["path"]), "hf", record, where)
-        return record["path"], step
-    base = resolve_step_dir(record["path"])
-    check_record(base, "dcp", record, where)
-    damage = verify_integrity(base)
-    if damage:
-        raise UserError(f"the base checkpoint {str(base)!r} of {str(step)!r} is damaged ({damage})")
-    return None, base
+    path, fmt = recorded_base(step, f"sampling {str(step)!r}")
+    return (str(path), step) if fmt == "hf" else (None, path)
 
 
 def peft_adapter(folder: str, args: ModelArgs) -> tuple[LoRASpec, dict]:

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from ..runtime.compat import CHECKPOINT_WRAPPED_MODULE
 from .local import local as local_part
 from .lora import init_spec as adapter_init_spec
 from .lora import is_adapter
@@ -108,13 +109,17 @@ def init_spec(name: str, param: nn.Parameter, std: float) -> tuple[str, float]:
     return "normal", std
 
 
+def init_params(model: nn.Module, seed: int, std: float, only=None) -> None:
+    """Draw every parameter (or those whose name passes `only`) as init_spec says, by its name
+    without the activation-checkpoint wrapper's part (stable under AC)."""
+    for name, p in model.named_parameters():
+        name = name.replace(f"{CHECKPOINT_WRAPPED_MODULE}.", "")
+        if only is None or only(name):
+            kind, std_p = init_spec(name, p, std)
+            init_param(p, name, kind, std_p, seed)
+
+
 def init_adapters(model: nn.Module, seed: int) -> None:
     """Draw the LoRA adapters alone (the base came from a checkpoint): the values init_weights
     would give them."""
-    from ..runtime.compat import CHECKPOINT_WRAPPED_MODULE
-
-    for name, p in model.named_parameters():
-        name = name.replace(f"{CHECKPOINT_WRAPPED_MODULE}.", "")
-        if is_adapter(name):
-            kind, std = adapter_init_spec(name, p)
-            init_param(p, name, kind, std, seed)
+    init_params(model, seed, model.args.init_std, only=is_adapter)

@@ -15,11 +15,10 @@ import math
 import torch
 from torch import nn
 
-from ..runtime.compat import CHECKPOINT_WRAPPED_MODULE
 from .args import ModelArgs
 from .attention import attention_mask, decode_attention, position_mask, sink_attention, training_attention
 from .documents import Documents, document_attention, flex_document_mask
-from .init import init_param, init_spec
+from .init import init_params
 from .kv_cache import KVCache, LayerCache
 from .local import local
 from .loss import fused_linear_cross_entropy
@@ -220,10 +219,7 @@ class Transformer(nn.Module):
         """
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        for name, p in self.named_parameters():
-            name = name.replace(f"{CHECKPOINT_WRAPPED_MODULE}.", "")  # stable under activation checkpointing
-            kind, std = init_spec(name, p, self.args.init_std)
-            init_param(p, name, kind, std, seed)
+        init_params(self, seed, self.args.init_std)
         self.init_buffers(buffer_device)
 
     @torch.no_grad()

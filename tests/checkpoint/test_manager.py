@@ -233,7 +233,7 @@ def test_one_pinned_stager_per_run_closed_at_the_end(tmp_path):
 def test_a_resumed_run_does_not_draw_weights_it_will_load(tmp_path, monkeypatch):
     """Initialization is skipped when a checkpoint overwrites every parameter (it would cost minutes
     per rank at 120b), and happens when the model is excluded from loading."""
-    import gptoss_titan.model.model as model_module
+    import gptoss_titan.model.init as model_module
 
     assert main(base_args(tmp_path, "run", "--training.steps=3")) == 0
     drawn = []

@@ -39,10 +39,10 @@ def test_init_is_repeatable_and_a_checkpoint_bound_build_draws_nothing(tmp_path,
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     drawn = []
-    from gptoss_titan.model import model as model_module
+    from gptoss_titan.model import init as init_module
 
-    real = model_module.init_param
-    monkeypatch.setattr(model_module, "init_param", lambda *x: drawn.append(x[1]) or real(*x))
+    real = init_module.init_param
+    monkeypatch.setattr(init_module, "init_param", lambda *x: drawn.append(x[1]) or real(*x))
     c = build_model(cfg, plan, None, cpu, init=False)
     assert not drawn  # no weight drawn: a checkpoint overwrites them all
     assert torch.equal(c.model.rope_cos, a.model.rope_cos)  # buffers are set
