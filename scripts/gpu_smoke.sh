@@ -10,7 +10,8 @@
 #   cuda_tests  pytest -m cuda: flex attention backward vs the reference, grouped GEMM vs the loop at
 #               20b's expert shapes in bf16 with an empty expert, the host-sync audit of a training
 #               step on CUDA, the bf16 loss vs fp32, deterministic mode bit for bit, LoRA expert
-#               adapters on grouped_mm at a rank whose rows are not 16 bytes (padded) vs the loop
+#               adapters on grouped_mm at a rank whose rows are not 16 bytes (padded) vs the loop,
+#               the MXFP4-resident LoRA base on grouped_mm vs the dequantized base
 #   train       bf16, torch.compile, full activation checkpointing, async checkpoints with pinned
 #               memory, experts split over 2 GPUs when there are 2 or more; then the same command
 #               with more steps: it resumes from the last checkpoint

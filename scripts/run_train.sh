@@ -34,7 +34,12 @@ fi
 
 # Check the config, data paths, process count and port first: a bad value is one line and exit 2,
 # not a torchrun trace.
-python -m gptoss_titan.config --config "${CONFIG_FILE}" "$@"
+# A dry run plans memory only: it needs no data folder.
+if [ "${COMM_MODE:-}" = "fake_backend" ]; then
+  python -m gptoss_titan.config --config "${CONFIG_FILE}" --comm.mode=fake_backend "$@"
+else
+  python -m gptoss_titan.config --config "${CONFIG_FILE}" "$@"
+fi
 if [ "${COMM_MODE:-}" != "fake_backend" ]; then
   python -m gptoss_titan.runtime.launch --nproc "${NGPU}" --port "${MASTER_PORT}"
 fi

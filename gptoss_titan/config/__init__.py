@@ -1,5 +1,5 @@
 """The run's configuration: JobConfig (job_config.py), loading and --help (loading.py), every check
-(validation.py); `python -m gptoss_titan.config` checks a config file (__main__.py)."""
+(validation.py, lora_checks.py); `python -m gptoss_titan.config` checks a config file (__main__.py)."""
 
 from .job_config import (
     SAVED_STATES,
@@ -22,12 +22,11 @@ from .job_config import (
     Validation,
 )
 from .loading import help_text, load_toml, parse_args
+from .lora_checks import lora_base_dtype, lora_spec
 from .validation import (
     batch_layout,
     check_degrees,
     check_micro_batches,
-    lora_base_dtype,
-    lora_spec,
     model_args,
     model_name,
     pipeline_layout,

@@ -23,6 +23,8 @@ def check_main(argv: list[str] | None = None) -> int:
 
 def check(argv: list[str]) -> None:
     cfg = parse_args(argv)
+    if cfg.comm.mode == "fake_backend":  # a dry run reads no data
+        return
     for folder in [cfg.data.dataset_path] if cfg.data.dataset_path else [s.path for s in cfg.data.sources]:
         if not ((Path(folder) / "meta.json").is_file() or (Path(folder) / "train.bin").is_file()):
             raise ConfigError(

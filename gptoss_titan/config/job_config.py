@@ -209,7 +209,7 @@ class LoRA:
     targets: list[str] = field(default_factory=lambda: ["attention", "experts"])  # attention, experts, router
     layers: list[int] = field(default_factory=list)  # layer indices with adapters (empty = all)
     initial_adapter: str = ""  # a PEFT adapter folder (ours or peft's) to start from without a checkpoint
-    base_format: str = "auto"  # the frozen base's storage: auto (= mixed_precision_param), bfloat16, float32
+    base_format: str = "auto"  # frozen base storage: auto (= mixed_precision_param), bfloat16, float32, mxfp4 (experts as the HF folder's uint8 blocks)
 
 
 @dataclass

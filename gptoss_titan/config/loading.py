@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..model.args import ModelArgs
 from .job_config import ConfigError, JobConfig
+from .lora_checks import validate_lora
 from .validation import closest, validate
 
 if sys.version_info >= (3, 11):
@@ -189,4 +190,5 @@ def parse_args(argv: list[str]) -> JobConfig:
         section, _, key = name.partition(".")
         _apply(cfg, section, key, value, from_cli=True, origin="command line")
     validate(cfg)
+    validate_lora(cfg)
     return cfg

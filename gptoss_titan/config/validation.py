@@ -10,8 +10,6 @@ import dataclasses
 import difflib
 
 from ..model import FLAVORS, ModelArgs
-from ..model.lora import TARGETS as LORA_TARGETS
-from ..model.lora import LoRASpec
 from ..model.moe import EXPERT_KERNELS
 from ..model.tokens import VOCAB_SIZE
 from ..runtime.dtypes import DTYPE_NAMES
@@ -328,62 +326,4 @@ def validate(cfg: JobConfig) -> None:
             f"data.dataset_path = {cfg.data.dataset_path!r} and data.sources are both set; "
             "list every folder in data.sources (with its weight) and leave dataset_path empty"
         )
-    if cfg.lora.rank:
-        lora_spec(cfg)
-        check_lora_layout(cfg)
-    elif cfg.lora.initial_adapter:
-        raise ConfigError(
-            f"lora.initial_adapter = {cfg.lora.initial_adapter!r} with lora.rank = 0; set lora.rank to the adapter's rank"
-        )
-
-
-def check_lora_layout(cfg: JobConfig) -> None:
-    """What LoRA runs with so far: FSDP/HSDP, expert, pipeline and context parallelism, AC, compile."""
-    p = cfg.parallelism
-    for name, degree in (("tensor_parallel_degree", p.tensor_parallel_degree),):
-        if degree > 1:
-            raise ConfigError(
-                f"parallelism.{name} = {degree} with lora.rank = {cfg.lora.rank}: LoRA does not run with "
-                "tensor parallelism yet (its adapters are not split by heads); use data, expert, pipeline or context parallelism"
-            )
-    if cfg.training.mxfp4_qat:
-        raise ConfigError(
-            "training.mxfp4_qat with lora.rank > 0: LoRA trains adapters, not MXFP4 experts; turn one off"
-        )
-    if cfg.lora.dropout > 0 and cfg.compile.enable:
-        raise ConfigError(
-            f"lora.dropout = {cfg.lora.dropout} with compile.enable: compiled dropout is not checked against "
-            "activation-checkpoint recomputes here; set lora.dropout = 0 or compile.enable = false"
-        )
-    _choice("lora.base_format", cfg.lora.base_format, ("auto", "bfloat16", "float32"))
-    if cfg.lora.base_format == "bfloat16" and cfg.training.mixed_precision_param == "float32":
-        raise ConfigError(
-            "lora.base_format = 'bfloat16' computes with the frozen weights as stored: set "
-            "training.mixed_precision_param = 'bfloat16', or lora.base_format = 'auto'"
-        )
-
-
-def lora_spec(cfg: JobConfig, args: ModelArgs | None = None) -> LoRASpec:
-    """The [lora] section checked against the model (args: another shape than the config's, e.g.
-    a checkpoint's): rank, alpha, dropout, targets, layers."""
-    lo, n_layers = cfg.lora, (args or model_args(cfg)).n_layers
-    if lo.rank <= 0:
-        raise ConfigError(f"lora.rank = {lo.rank} must be >= 1 for adapters (0 = off: full fine-tuning)")
-    if not lo.targets:
-        raise ConfigError(f"lora.targets is empty; choose from {', '.join(LORA_TARGETS)}")
-    for t in lo.targets:
-        _choice("lora.targets entry", t, LORA_TARGETS)
-    if not lo.alpha > 0 or not 0 <= lo.dropout < 1:
-        raise ConfigError(f"lora.alpha = {lo.alpha} must be > 0 and lora.dropout = {lo.dropout} in [0, 1)")
-    bad = [i for i in lo.layers if not 0 <= i < n_layers]
-    if bad:
-        raise ConfigError(f"lora.layers holds {bad[0]}, but the model has layers 0..{n_layers - 1}")
-    return LoRASpec(
-        lo.rank, lo.alpha, lo.dropout, tuple(dict.fromkeys(lo.targets)), tuple(sorted(set(lo.layers)))
-    )
-
-
-def lora_base_dtype(cfg: JobConfig) -> str:
-    """The dtype the frozen base of a LoRA run is stored in (lora.base_format resolved)."""
-    f = cfg.lora.base_format
-    return cfg.training.mixed_precision_param if f == "auto" else f
+    # the [lora] section: lora_checks.validate_lora (loading.py runs it next)

@@ -96,6 +96,15 @@ class HFFolder:
             return (e, nb * 32, out)
         return None
 
+    def load_raw(self, name: str, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> torch.Tensor:
+        """Rows [r0, r1) and columns [c0, c1) (dims 0 and 1; None = all) of `name` as stored (no
+        dequantizing: e.g. the uint8 MXFP4 blocks)."""
+        r = slice(*rows) if rows else slice(None)
+        c = slice(*cols) if cols else slice(None)
+        with self._open(name) as f:
+            part = f.get_slice(name)
+            return (part[r] if len(part.get_shape()) == 1 else part[r, c]).clone()
+
     def load(self, name: str) -> torch.Tensor:
         """The whole (dequantized) tensor `name`."""
         return self.load_part(name, None, None)
@@ -127,27 +136,71 @@ class HFFolder:
 @torch.no_grad()
 def load_hf_into(model: torch.nn.Module, folder: HFFolder, args: ModelArgs) -> None:
     """Copy a Hugging Face folder's weights into a (possibly sharded) model: each process reads only
-    the rows and columns of each tensor it holds, and casts them to the parameter's dtype."""
-    from ..model.init import global_indices
+    the rows and columns of each tensor it holds, and casts them to the parameter's dtype. A model
+    with MXFP4-resident experts (`w_gate_up_blocks` ...) gets the folder's blocks and scales as
+    stored, or a bf16/fp32 folder's experts quantized to MXFP4; a pipeline stage, its own layers."""
+    from ..runtime.compat import CHECKPOINT_WRAPPED_MODULE
 
-    params = dict(model.named_parameters())
+    params = {n.replace(f"{CHECKPOINT_WRAPPED_MODULE}.", ""): p for n, p in model.named_parameters()}
+    quantized = 0
     for native, hf, shape in name_pairs(args):
         got = folder.shape(hf)
         if got != shape:
             raise ConvertError(
                 f"tensor {hf!r} has shape {list(got) if got else None}, expected {list(shape)}"
             )
-        p = params[native]
-        held = local(p)
-        if held.numel() == 0:
-            continue
-        idx = global_indices(p)  # dim -> global indices held here (contiguous chunks)
-        span = {d: (int(i.min()), int(i.max()) + 1) for d, i in idx.items()}
-        value = folder.load_part(hf, span.get(0), span.get(1))
-        for d, i in idx.items():
-            if len(i) != value.shape[d]:  # not one contiguous chunk: pick the indices
-                value = value.index_select(d, (i - span[d][0]).cpu())
-        held.copy_(value.to(held.dtype))
+        if f"{native}_blocks" in params:
+            quantized += _load_mxfp4_into(params[f"{native}_blocks"], params[f"{native}_scales"], folder, hf)
+        elif native in params:  # (absent: a layer of another pipeline stage)
+            _copy_held(params[native], lambda rows, cols, hf=hf: folder.load_part(hf, rows, cols))
+    if quantized:
+        from ..runtime.log import logger
+
+        logger.info(
+            f"quantized {quantized} expert tensors of {str(folder.folder)!r} to MXFP4 (the folder holds them in full precision)"
+        )
+
+
+def _copy_held(p: torch.Tensor, read) -> None:
+    """Copy into `p` (plain or DTensor) the part of the global tensor it holds; read(rows, cols)
+    returns rows [r0, r1) and columns [c0, c1) of dims 0 and 1 (None = all)."""
+    from ..model.init import global_indices
+
+    held = local(p)
+    if held.numel() == 0:
+        return
+    idx = global_indices(p)  # dim -> global indices held here (contiguous chunks)
+    span = {d: (int(i.min()), int(i.max()) + 1) for d, i in idx.items()}
+    value = read(span.get(0), span.get(1))
+    for d, i in idx.items():
+        if len(i) != value.shape[d]:  # not one contiguous chunk: pick the indices
+            value = value.index_select(d, (i - span[d][0]).cpu())
+    held.copy_(value.to(held.dtype))
+
+
+def _load_mxfp4_into(blocks: torch.Tensor, scales: torch.Tensor, folder: HFFolder, hf: str) -> int:
+    """The MXFP4 expert `hf` into its blocks and scales parameters ([E, out, in/32, 16] and
+    [E, out, in/32], split on dims 0 and 1): read as stored, or quantized from a full-precision
+    folder (returns 1 then)."""
+    from ..model.mxfp4 import quantize_mxfp4
+
+    if f"{hf}_blocks" in folder.weight_map:
+        for p, name in ((blocks, f"{hf}_blocks"), (scales, f"{hf}_scales")):
+            _copy_held(p, lambda rows, cols, name=name: folder.load_raw(name, rows, cols))
+        return 0
+
+    done: dict = {}  # blocks and scales come from one quantization of the rows held
+
+    def quantized(rows, cols, part):
+        if (rows, cols) not in done:
+            w = folder.load_part(hf, rows, None)  # [E', in, out]
+            done.clear()
+            done[rows, cols] = quantize_mxfp4(w[:, :, cols[0] : cols[1]] if cols else w)
+        return done[rows, cols][part]
+
+    _copy_held(blocks, lambda rows, cols: quantized(rows, cols, 0))
+    _copy_held(scales, lambda rows, cols: quantized(rows, cols, 1))
+    return 1
 
 
 class _LazySavePlanner(dcp.DefaultSavePlanner):

@@ -129,12 +129,16 @@ def add_lora(model: nn.Module, spec: LoRASpec) -> None:
     model.lora = spec
 
 
-def store_base(model: nn.Module, dtype: torch.dtype) -> None:
+def store_base(model: nn.Module, dtype: torch.dtype, mxfp4_experts: bool = False) -> None:
     """Keep the frozen base in `dtype` (bf16 halves it; it is never updated, so no fp32 master
-    copy is needed): every parameter but the adapters, before the parallel passes."""
+    copy is needed): every parameter but the adapters, before the parallel passes. mxfp4_experts:
+    the expert weights as MXFP4 blocks and scales instead (GroupedExperts.freeze_as_mxfp4)."""
+    if mxfp4_experts:
+        for block in model.blocks():
+            block.moe.experts.freeze_as_mxfp4()
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
-            if not is_adapter(name) and p.dtype != dtype:
+            if not is_adapter(name) and p.dtype != dtype and p.is_floating_point():
                 module.register_parameter(name, nn.Parameter(p.detach().to(dtype), requires_grad=False))
 
 

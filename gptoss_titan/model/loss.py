@@ -23,7 +23,9 @@ from ..runtime.compat import addmm_fp32_, mm_fp32_out
 
 IGNORE_INDEX = -100
 CPU_CHUNK_ELEMS = 1 << 25  # 128 MiB of fp32 logits: ~166 rows at V = 201088
-ACCEL_CHUNK_ELEMS = 1 << 29  # 2 GiB: ~2670 rows at V = 201088, so the [V, H] weight is read few times
+ACCEL_CHUNK_ELEMS = (
+    1 << 28
+)  # 1 GiB (+ its bf16 gradient): ~1335 rows at V = 201088, the [V, H] weight read few times
 
 
 def loss_path(device: torch.device) -> str:
@@ -52,25 +54,25 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         path: str | None,
         vocab_start: int,
         combine: RowCombine | None,
+        grad_enabled: bool,
     ):
         """h [M, H], w [V, H], targets [M] (IGNORE_INDEX = skip) -> summed loss (fp32 scalar).
         No host synchronization: ignored rows get a zero gradient by arithmetic, not by a branch.
         With `combine`, w holds rows vocab_start .. vocab_start + V - 1 of a larger vocabulary
-        (see fused_linear_cross_entropy)."""
+        (see fused_linear_cross_entropy). grad_enabled: whether the caller runs with gradients on
+        (ctx.needs_input_grad stays True under torch.no_grad: validation would do the gradient
+        GEMMs and allocate their buffers for nothing)."""
         path = path or loss_path(h.device)
         dt = _compute_dtype(h, path)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h_needed, grad_w_needed = (grad_enabled and n for n in ctx.needs_input_grad[:2])
+        need_grad = grad_h_needed or grad_w_needed
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dt), w.to(dt)
             M, V = h.shape[0], w.shape[0]
             rows = max(1, (chunk_elems or (CPU_CHUNK_ELEMS if path == "cpu" else ACCEL_CHUNK_ELEMS)) // V)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
-            grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-            grad_w = (
-                torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-                if ctx.needs_input_grad[1]
-                else None
-            )
+            grad_h = torch.empty_like(h) if grad_h_needed else None
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grad_w_needed else None
             # One reused [C, V] fp32 workspace: fresh allocations this large cost more than the math.
             buf = torch.empty(min(rows, M), V, dtype=torch.float32, device=h.device)
             for s in range(0, M, rows):
@@ -107,7 +109,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 class RowCombine(Protocol):
@@ -138,4 +140,5 @@ def fused_linear_cross_entropy(
     vocab_start + V - 1, and `combine` merges the row maxima, sums of exponentials and target
     logits of all parts; every part then returns the loss of the whole vocabulary, and the
     gradients of its own rows of w and its share of h's (summed over parts by the caller)."""
-    return _FusedLinearCrossEntropy.apply(h, w, targets, chunk_elems, path, vocab_start, combine)
+    grad = torch.is_grad_enabled()
+    return _FusedLinearCrossEntropy.apply(h, w, targets, chunk_elems, path, vocab_start, combine, grad)

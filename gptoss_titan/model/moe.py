@@ -25,7 +25,7 @@ from . import blas_batch
 from .args import ModelArgs
 from .expert_mm import expert_linear
 from .local import local
-from .mxfp4 import fake_quantize_mxfp4
+from .mxfp4 import BLOCK, FrozenMXFP4Linear, MXFP4Error, fake_quantize_mxfp4
 
 # "auto" is resolved by resolve_expert_kernel; the others are what GroupedExperts.kernel holds.
 EXPERT_KERNELS = ("auto", "loop", "batched", "grouped")
@@ -77,7 +77,12 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def resolve_expert_kernel(
-    requested: str, device_type: str, dtype: torch.dtype, local_experts: int, rows: int
+    requested: str,
+    device_type: str,
+    dtype: torch.dtype,
+    local_experts: int,
+    rows: int,
+    widths: dict[str, int] | None = None,
 ) -> tuple[str, str]:
     """The expert kernel to use and why, once per model: (kernel, reason).
 
@@ -85,8 +90,9 @@ def resolve_expert_kernel(
     experts on this rank; rows: routed rows per forward on this rank (tokens x K), for "auto".
     auto: CPU -> "batched" for many experts with few rows each where MKL's batch GEMM exists
     (fp32/fp64), else "loop"; CUDA -> "grouped" in bf16, "loop" in fp32 (there _grouped_mm falls
-    back to one GEMM per expert and copies the offsets to the host). Raises ValueError for a kernel
-    that cannot run here.
+    back to one GEMM per expert and copies the offsets to the host). widths: the experts' GEMM
+    row widths on this rank (name -> elements: hidden, 2I and I per tensor-parallel rank), which
+    _grouped_mm needs in whole 16-byte rows. Raises ValueError for a kernel that cannot run here.
     """
     if requested not in EXPERT_KERNELS:
         raise ValueError(f"model.expert_kernel = {requested!r} is not one of {', '.join(EXPERT_KERNELS)}")
@@ -101,6 +107,21 @@ def resolve_expert_kernel(
             f"model.expert_kernel = 'grouped': torch._grouped_mm does not run for {dtype} on "
             f"{device_type} with this torch; use 'loop' or 'auto'"
         )
+    if requested in ("grouped", "auto") and device_type != "cpu":
+        per_row = 16 // dtype.itemsize  # elements in 16 bytes
+        odd = {k: v for k, v in (widths or {}).items() if v % per_row}
+        if odd and requested == "grouped":
+            raise ValueError(
+                "model.expert_kernel = 'grouped': torch._grouped_mm needs expert widths in whole 16-byte rows "
+                f"(multiples of {per_row} in {dtype}); this rank has "
+                + ", ".join(f"{k} = {v}" for k, v in odd.items())
+                + "; change the shape or use 'loop' or 'auto'"
+            )
+        if odd:
+            return (
+                "loop",
+                f"one GEMM per expert (widths {', '.join(f'{k} = {v}' for k, v in odd.items())} are not 16-byte rows for _grouped_mm)",
+            )
     if requested != "auto":
         return requested, "set in the config"
     if device_type == "cpu":
@@ -208,26 +229,61 @@ class GroupedExperts(nn.Module):
         self.limit, self.alpha = args.swiglu_limit, args.swiglu_alpha
         self.kernel = "loop"  # works everywhere; Transformer.set_expert_kernel picks the fast one
         self.mxfp4_qat = False  # Transformer.set_mxfp4_qat: the forward sees MXFP4-rounded weights
+        self.mxfp4_base = False  # freeze_as_mxfp4: frozen uint8 weights, dequantized per layer
         self.lora_scale = 0.0  # > 0: rank-r adapters per expert (model/lora.py adds lora_*_A, lora_*_B)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [R, H] rows sorted by expert; counts [E] rows per expert (sum R) -> [R, H]."""
-        # Under expert parallelism the parameters are DTensors sharded by expert: use the local experts.
-        w1, b1, w2, b2 = (local(t) for t in (self.w_gate_up, self.b_gate_up, self.w_down, self.b_down))
-        if self.mxfp4_qat:  # the values an MXFP4 export will hold, straight-through gradients
-            w1, w2 = fake_quantize_mxfp4(w1), fake_quantize_mxfp4(w2)
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm and the CPU op are not autocast-aware
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, w1, b1, w2, b2 = (t.to(dt) for t in (x, w1, b1, w2, b2))
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # (the weights follow x's dtype)
         rows = _expert_of_row(counts, x.shape[0]) if self.kernel == "grouped" else None  # once for both GEMMs
-        u = _grouped_linear(x, w1, b1, counts, self.kernel, rows)  # [R, 2I]
+        u = self._base("gate_up", x, counts, rows)  # [R, 2I]
         if self.lora_scale and hasattr(self, "lora_gate_up_A"):
             u = u + self._adapter("gate_up", x, counts, rows)
         z = clamped_swiglu(u, self.limit, self.alpha)  # [R, I]
-        y = _grouped_linear(z, w2, b2, counts, self.kernel, rows)  # [R, H]
+        y = self._base("down", z, counts, rows)  # [R, H]
         if self.lora_scale and hasattr(self, "lora_down_A"):
             y = y + self._adapter("down", z, counts, rows)
         return y
+
+    def _base(
+        self, name: str, x: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One expert matrix with its bias on the sorted rows. Under expert parallelism the
+        parameters are DTensors sharded by expert: the local experts are used."""
+        b = local(getattr(self, f"b_{name}"))
+        if self.mxfp4_base:  # frozen uint8 blocks and scales, dequantized just in time
+            blocks, scales = (local(getattr(self, f"w_{name}_{part}")) for part in ("blocks", "scales"))
+
+            def linear(x, w, b):
+                return _grouped_linear(x, w, b, counts, self.kernel, rows)
+
+            return FrozenMXFP4Linear.apply(x, blocks, scales, b, linear)
+        w = local(getattr(self, f"w_{name}"))
+        if self.mxfp4_qat:  # the values an MXFP4 export will hold, straight-through gradients
+            w = fake_quantize_mxfp4(w)
+        return _grouped_linear(x, w.to(x.dtype), b.to(x.dtype), counts, self.kernel, rows)
+
+    def freeze_as_mxfp4(self) -> None:
+        """Hold the expert weights as frozen MXFP4 blocks and scales (uint8, the released
+        checkpoints' layout: blocks [E, out, in/32, 16], scales [E, out, in/32]) in place of
+        w_gate_up and w_down; the forward dequantizes them per layer (FrozenMXFP4Linear). For a
+        LoRA base, before the parallel passes (which shard them like any parameter); the values
+        come from a checkpoint (interop/convert.py: load_hf_into)."""
+        for name in ("gate_up", "down"):
+            w = self._parameters.pop(f"w_{name}")
+            E, fan_in, fan_out = w.shape
+            if fan_in % BLOCK:
+                raise MXFP4Error(
+                    f"an MXFP4 base needs expert input widths that are multiples of {BLOCK}; got {fan_in}"
+                )
+            for part, shape in (
+                ("blocks", (E, fan_out, fan_in // BLOCK, 16)),
+                ("scales", (E, fan_out, fan_in // BLOCK)),
+            ):
+                t = torch.empty(shape, dtype=torch.uint8, device=w.device)
+                self.register_parameter(f"w_{name}_{part}", nn.Parameter(t, requires_grad=False))
+        self.mxfp4_base = True
 
     def _adapter(
         self, name: str, x: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor | None
@@ -249,7 +305,8 @@ class GroupedExperts(nn.Module):
 
 
 class Router(nn.Module):
-    """Top-K of E linear logits; weights = softmax over the K chosen logits only (in fp32)."""
+    """Top-K of E linear logits; weights = softmax over the K chosen logits only (in fp32, or fp64
+    for an fp64 model: exact against the reference there)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -263,11 +320,12 @@ class Router(nn.Module):
             self.expert_bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [M, H] -> weights [M, K] (fp32), experts [M, K], logits [M, E]."""
+        """x [M, H] -> weights [M, K] (at least fp32), experts [M, K], logits [M, E]."""
         logits = self.gate(x)  # [M, E]
         scores = logits if self.expert_bias is None else logits + self.expert_bias
         _, idx = torch.topk(scores, self.top_k, dim=-1)  # [M, K]
-        weights = torch.softmax(logits.gather(-1, idx).float(), dim=-1)  # [M, K]
+        chosen = logits.gather(-1, idx)  # [M, K]
+        weights = torch.softmax(chosen.to(torch.promote_types(chosen.dtype, torch.float32)), dim=-1)
         return weights, idx, logits
 
 

@@ -14,7 +14,10 @@ Encoding matches OpenAI's triton_kernels quantizer that transformers uses to wri
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 
 from ..runtime.errors import UserError
 
@@ -29,21 +32,90 @@ class MXFP4Error(UserError):
     """Shapes that are not MXFP4 (one line, exit 2 in the scripts)."""
 
 
+@functools.cache
+def _byte_values(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[256, 2]: the two E2M1 values a byte holds (low nibble first), made once per device and
+    dtype (not copied to the device at every dequantize)."""
+    v, b = torch.tensor(FP4_VALUES, dtype=torch.float64), torch.arange(256)
+    return torch.stack([v[b & 0x0F], v[b >> 4]], dim=-1).to(device=device, dtype=dtype)
+
+
+def _scale_values(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^(s - 127) for E8M0 bytes s, built from the fp32 bit pattern (exact; byte 0 is the
+    subnormal 2^-127, byte 255 infinity), in `dtype`."""
+    bits = scales.to(torch.int32) << 23
+    bits = torch.where(scales == 0, torch.full_like(bits, 1 << 22), bits)
+    return bits.view(torch.float32).to(dtype)
+
+
 def dequantize_mxfp4(
-    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+    transposed: bool = False,
 ) -> torch.Tensor:
-    """blocks uint8 [E, out, in/32, 16], scales uint8 [E, out, in/32] -> [E, in, out] (HF layout)."""
+    """blocks uint8 [E, out, in/32, 16], scales uint8 [E, out, in/32] -> [E, in, out] (HF layout),
+    or [E, out, in] with transposed (the layout the blocks are stored in: no transposing copy).
+
+    Each value is one E2M1 value times a power of two, so computing in `dtype` rounds once, like
+    computing in fp32 and casting (the product is exact wherever fp32 holds it). Working memory
+    besides the result: an int32 index per byte and the values, about 4 bytes per element in bf16."""
     E, out_dim, nb, sixteen = blocks.shape
     if sixteen != 16 or tuple(scales.shape) != (E, out_dim, nb):
         raise MXFP4Error(
             f"MXFP4 shapes do not match: blocks {list(blocks.shape)}, scales {list(scales.shape)}"
         )
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    lo, hi = (blocks & 0x0F).long(), (blocks >> 4).long()  # [E, out, nb, 16] each
-    vals = torch.stack([lut[lo], lut[hi]], dim=-1).reshape(E, out_dim, nb, 32)  # element 2j, 2j+1
-    exp = scales.to(torch.int32) - 127  # [E, out, nb]
-    vals = torch.ldexp(vals, exp.unsqueeze(-1).to(torch.float32))
-    return vals.reshape(E, out_dim, nb * 32).transpose(1, 2).contiguous().to(dtype)  # [E, in, out]
+    vals = F.embedding(blocks.to(torch.int32), _byte_values(blocks.device, dtype))  # [E, out, nb, 16, 2]
+    vals = vals.view(E, out_dim, nb, 32).mul_(_scale_values(scales, dtype).unsqueeze(-1))
+    vals = vals.view(E, out_dim, nb * 32)
+    if transposed:
+        return vals
+    out = torch.empty(E, nb * 32, out_dim, dtype=dtype, device=blocks.device)
+    return out.copy_(vals.transpose(1, 2))  # [E, in, out]
+
+
+CHUNK_ELEMS = 1 << 25  # dequantize_experts: experts per chunk so that a chunk has at most this many values
+
+
+def dequantize_experts(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, transposed: bool = False
+) -> torch.Tensor:
+    """dequantize_mxfp4 (the same values) a few experts at a time: the full-precision result of
+    all E experts is the only large allocation, not the temporaries of all of them."""
+    E, out_dim, nb, _ = blocks.shape
+    per = max(1, CHUNK_ELEMS // max(out_dim * nb * 32, 1))
+    if per >= E:
+        return dequantize_mxfp4(blocks, scales, dtype, transposed)
+    shape = (E, out_dim, nb * 32) if transposed else (E, nb * 32, out_dim)
+    out = torch.empty(shape, dtype=dtype, device=blocks.device)
+    for e in range(0, E, per):
+        out[e : e + per] = dequantize_mxfp4(blocks[e : e + per], scales[e : e + per], dtype, transposed)
+    return out
+
+
+class FrozenMXFP4Linear(torch.autograd.Function):
+    """y = linear(x, W, b) for a frozen expert weight W held as MXFP4 blocks and scales (uint8):
+    W is dequantized just in time in the forward and again in backward, and only the uint8
+    tensors are saved, so no full-precision copy of the experts outlives one GEMM. Under
+    activation checkpointing the recompute dequantizes once more. The weight and bias are frozen
+    (a LoRA base): the only gradient is the input's, linear(g, W^T, 0).
+
+    linear(x, w [E, in, out], b [E, out]) -> [R, out] runs the GEMMs (the experts' grouped linear
+    on their sorted rows, with their counts and kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, blocks, scales, bias, linear):
+        ctx.save_for_backward(blocks, scales)
+        ctx.linear = linear
+        ctx.in_dim = blocks.shape[2] * 32
+        return linear(x, dequantize_experts(blocks, scales, x.dtype), bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        blocks, scales = ctx.saved_tensors
+        wt = dequantize_experts(blocks, scales, g.dtype, transposed=True)  # [E, out, in] = W^T
+        zero = g.new_zeros(wt.shape[0], ctx.in_dim)
+        return ctx.linear(g.contiguous(), wt, zero), None, None, None, None
 
 
 def _scale_exponents(amax: torch.Tensor) -> torch.Tensor:

@@ -72,9 +72,12 @@ def choose_expert_kernel(
     t = cfg.training
     local = model.args.num_experts // dims.ep
     rows = t.local_batch_size * t.seq_len * model.args.top_k  # routed rows per micro-batch per rank
+    cols = dims.tp if dims.moe_split else 1  # expert columns split over tensor parallelism
+    I = model.args.moe_inter_dim
+    widths = {"dim": model.args.dim, "2 x moe_inter_dim / tp": 2 * I // cols, "moe_inter_dim / tp": I // cols}
     try:
         kernel, why = resolve_expert_kernel(
-            cfg.model.expert_kernel, device.type, dtype_of(t.mixed_precision_param), local, rows
+            cfg.model.expert_kernel, device.type, dtype_of(t.mixed_precision_param), local, rows, widths
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -103,7 +106,7 @@ def build_model(
     if lora is not None:  # before every pass: FSDP, EP and AC see the adapters as parameters
         add_lora(model, lora)
         if weights_dtype is None:
-            store_base(model, dtype_of(lora_base_dtype(cfg)))
+            store_base(model, dtype_of(lora_base_dtype(cfg)), cfg.lora.base_format == "mxfp4")
     if weights_dtype is not None:
         model = model.to(weights_dtype)
     if dims.pp > 1:

@@ -23,8 +23,10 @@ from ..config import JobConfig, lora_base_dtype, model_name
 from ..model.local import local
 from ..model.lora import is_adapter
 from ..model.loss import ACCEL_CHUNK_ELEMS, CPU_CHUNK_ELEMS
+from ..model.mxfp4 import CHUNK_ELEMS
 from ..runtime.compat import fake_process_group, fsdp_mesh_size
 from ..runtime.dtypes import dtype_of
+from .activation_checkpoint import unwrap
 from .build import RunPlan, build_model, plan_run
 
 GIB = 2**30
@@ -76,11 +78,12 @@ def activation_bytes(
         blocks = L * layer
     vocab = args.vocab_size // tp
     chunk = min(tokens, max(1, (ACCEL_CHUNK_ELEMS if accel else CPU_CHUNK_ELEMS) // vocab))
-    loss = 4 * H * tokens + 4 * chunk * vocab
+    # + the chunk's gradient in the compute dtype on accelerators (cast for the two GEMMs)
+    loss = 4 * H * tokens + (4 + (compute_bytes if accel and compute_bytes < 4 else 0)) * chunk * vocab
     return {"blocks": blocks * tokens, "loss": loss}
 
 
-def _rank_plan(cfg: JobConfig, plan: RunPlan, meshes, pp_rank: int) -> dict:
+def _rank_plan(cfg: JobConfig, plan: RunPlan, meshes, pp_rank: int, accel: bool = True) -> dict:
     """What one rank of pipeline rank pp_rank holds (every rank when pp = 1): its stages built on
     the meta device with every pass; parameter elements (dense, experts), FSDP groups, activations."""
     args, dims, micro_batches = plan.args, plan.dims, plan.accum_steps
@@ -88,11 +91,19 @@ def _rank_plan(cfg: JobConfig, plan: RunPlan, meshes, pp_rank: int) -> dict:
     t = cfg.training
     pbytes = dtype_of(t.mixed_precision_param).itemsize
     out = {"dense": 0, "experts": 0, "adapters": 0, "groups": [], "blocks": 0.0, "loss": 0.0, "layers": 0}
+    out |= {"dense_bytes": 0, "experts_bytes": 0, "dequantized": 0}  # as stored; one layer's MXFP4 experts
     tokens = t.local_batch_size * t.seq_len // dims.cp
     for _, part in stages:
         for n, p in part.named_parameters():
             kind = "adapters" if is_adapter(n) else "experts" if ".moe.experts." in n else "dense"
             out[kind] += local(p).numel()
+            if kind != "adapters":
+                out[f"{kind}_bytes"] += local(p).numel() * p.element_size()
+        for block in part.blocks()[:1]:
+            experts = unwrap(block).moe.experts
+            if experts.mxfp4_base:  # dequantized per layer, one matrix at a time (model/mxfp4.py)
+                largest = max(local(experts.w_gate_up_blocks).numel(), local(experts.w_down_blocks).numel())
+                out["dequantized"] = 2 * largest * pbytes + min(2 * largest, CHUNK_ELEMS) * (pbytes + 2)
         out["groups"] += _fsdp_groups(part)
         n_layers = len(part.blocks())
         out["layers"] += n_layers
@@ -101,19 +112,20 @@ def _rank_plan(cfg: JobConfig, plan: RunPlan, meshes, pp_rank: int) -> dict:
             gpipe = cfg.parallelism.pipeline_parallel_schedule == "GPipe"
             in_flight = micro_batches if gpipe or dims.pp == 1 else min(micro_batches, dims.pp - pp_rank)
             a = dataclasses.replace(args, n_layers=n_layers)
-            act = activation_bytes(a, tokens, cfg.activation_checkpoint, pbytes, tp=dims.tp)
+            act = activation_bytes(a, tokens, cfg.activation_checkpoint, pbytes, accel, tp=dims.tp)
             out["blocks"] += act["blocks"] * (in_flight if dims.pp > 1 else 1)
         if part.output is not None:
-            out["loss"] = activation_bytes(args, tokens, cfg.activation_checkpoint, pbytes, tp=dims.tp)[
-                "loss"
-            ]
+            out["loss"] = activation_bytes(
+                args, tokens, cfg.activation_checkpoint, pbytes, accel, tp=dims.tp
+            )["loss"]
     return out
 
 
 def _state_rows(cfg: JobConfig) -> list[tuple[str, int, str]]:
-    """(label, bytes per element, which elements) of what a rank holds besides activations: fp32
-    weights, gradients and AdamW for full training; a LoRA run's frozen base in its storage dtype
-    (no gradient, no optimizer state) and its adapters' fp32 weights, gradients and AdamW."""
+    """(label, bytes per element (0: as stored), which elements) of what a rank holds besides
+    activations: fp32 weights, gradients and AdamW for full training; a LoRA run's frozen base as
+    stored (its dtype; MXFP4 experts in their uint8 blocks and scales; no gradient, no optimizer
+    state) and its adapters' fp32 weights, gradients and AdamW."""
     if not cfg.lora.rank:
         return [
             ("parameters (fp32)", 4, "model"),
@@ -121,33 +133,54 @@ def _state_rows(cfg: JobConfig) -> list[tuple[str, int, str]]:
             ("AdamW state (2 x fp32)", 8, "model"),
         ]
     base = lora_base_dtype(cfg)
+    if cfg.lora.base_format == "mxfp4":  # (the label fits the table's first column)
+        base = "MXFP4+" + {"bfloat16": "bf16", "float32": "fp32"}.get(base, base)
     return [
-        (f"frozen base ({base})", dtype_of(base).itemsize, "model"),
+        (f"frozen base ({base})", 0, "model"),
         ("adapters (fp32)", 4, "adapters"),
         ("adapter gradients (fp32)", 4, "adapters"),
         ("adapter AdamW (2 x fp32)", 8, "adapters"),
     ]
 
 
+def _row_bytes(plan: dict, b: int, which: str) -> tuple[float, float]:
+    """(dense, experts) bytes of one row of _state_rows."""
+    if which == "adapters":
+        return b * plan["adapters"], 0.0
+    if b == 0:
+        return plan["dense_bytes"], plan["experts_bytes"]
+    return b * plan["dense"], b * plan["experts"]
+
+
 def _total_gib(plan: dict, rows: list[tuple[str, int, str]]) -> float:
-    held = sum(
-        b * (plan["dense"] + plan["experts"] if which == "model" else plan["adapters"])
-        for _, b, which in rows
-    )
-    return (held + plan["blocks"] + plan["loss"]) / GIB
+    held = sum(sum(_row_bytes(plan, b, which)) for _, b, which in rows)
+    return (held + plan["blocks"] + plan["loss"] + plan["dequantized"]) / GIB
+
+
+def _plans(cfg: JobConfig, world_size: int, accel: bool) -> tuple[RunPlan, list[dict], list]:
+    """(the run's plan, what each pipeline rank holds, the state rows) on a fake process group
+    of world_size ranks (left initialized)."""
+    plan = plan_run(cfg, world_size)
+    fake_process_group(world_size)
+    meshes = plan.dims.build_meshes("cpu")
+    plans = [_rank_plan(cfg, plan, meshes, p, accel) for p in range(plan.dims.pp)]
+    return plan, plans, _state_rows(cfg)
+
+
+def planned_gib(cfg: JobConfig, world_size: int, accel: bool = True) -> float:
+    """The dry run's sum for the most loaded rank, in GiB (accel False: the CPU loss chunks, to
+    compare with a measured CPU run: benchmarks/lora_memory.py)."""
+    _, plans, rows = _plans(cfg, world_size, accel)
+    dist.destroy_process_group()
+    return max(_total_gib(p, rows) for p in plans)
 
 
 def dry_run(cfg: JobConfig, world_size: int) -> None:
-    plan = plan_run(cfg, world_size)
-    fake_process_group(world_size)
+    plan, plans, rows = _plans(cfg, world_size, accel=True)
     args, dims, micro_batches = plan.args, plan.dims, plan.accum_steps
-    meshes = dims.build_meshes("cpu")
     t = cfg.training
-    plans = [_rank_plan(cfg, plan, meshes, p) for p in range(dims.pp)]
-    rows = _state_rows(cfg)
     worst = max(range(dims.pp), key=lambda p: _total_gib(plans[p], rows))
     held = plans[worst]
-    dense, experts = held["dense"], held["experts"]
     pbytes = dtype_of(t.mixed_precision_param).itemsize
     name, mesh, n = max(held["groups"], key=lambda g: g[2] * g[1])
     lora = (
@@ -169,11 +202,10 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     print(f"{'per rank':<26}{'dense GiB':>12}{'experts GiB':>14}{'total GiB':>12}")
     total = 0.0
     for label, b, which in rows:
+        d, e = (x / GIB for x in _row_bytes(held, b, which))
         if which == "model":
-            d, e = dense * b / GIB, experts * b / GIB
             print(f"{label:<26}{d:>12.3f}{e:>14.3f}{d + e:>12.3f}")
         else:
-            d, e = held["adapters"] * b / GIB, 0.0
             print(f"{label:<26}{'':>12}{'':>14}{d:>12.3f}")
         total += d + e
     tokens = t.local_batch_size * t.seq_len // dims.cp
@@ -184,7 +216,9 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     )
     print(f"{'activations (estimate)':<26}{'':>12}{'':>14}{held['blocks'] / GIB:>12.3f}")
     print(f"{'loss (fused, chunked)':<26}{'':>12}{'':>14}{held['loss'] / GIB:>12.3f}")
-    total += (held["blocks"] + held["loss"]) / GIB
+    if held["dequantized"]:
+        print(f"{'MXFP4 experts dequantized':<26}{'':>12}{'':>14}{held['dequantized'] / GIB:>12.3f}")
+    total += (held["blocks"] + held["loss"] + held["dequantized"]) / GIB
     print(f"{'sum':<26}{'':>12}{'':>14}{total:>12.3f}")
     print(
         f"activations for {tokens:,} tokens per rank (local_batch_size {t.local_batch_size} x seq_len {t.seq_len:,}"

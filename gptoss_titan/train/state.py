@@ -28,7 +28,8 @@ from ..config import SAVED_STATES
 from ..data import TokenLoader
 from ..model.hf import is_native_only
 from ..model.lora import is_adapter
-from ..runtime.log import logger
+from ..runtime.errors import UserError
+from ..runtime.log import Timer, logger
 from .guard import StepGuard
 
 
@@ -210,6 +211,9 @@ class TrainState:
         state = {k: m.state_dict() for k, m in members.items()}
         if "model" in state:
             _drop_absent(state["model"], path)
+        fqns = checkpoint_fqns(path)
+        for k in [k for k in state if k.startswith("rng_rank")]:  # saved on a CPU: no CUDA generator state
+            state[k] = {name: v for name, v in state[k].items() if f"{k}.{name}" in fqns}
         seconds = checkpoint.load(path, state)
         for k, m in members.items():
             m.load_state_dict(state[k])
@@ -225,6 +229,23 @@ class TrainState:
         seconds = checkpoint.load(path, state)
         full.load_state_dict(state["model"])
         logger.info(f"loaded the frozen base from {path} in {seconds:.2f}s")
+
+    def load_base_hf(self, checkpoint: CheckpointManager, path: Path, args) -> None:
+        """A LoRA run's frozen base from a Hugging Face folder, each rank reading the parts it
+        holds (MXFP4 experts as stored when the base is MXFP4-resident); one line on every rank
+        if any rank cannot read it."""
+        from ..interop.convert import HFFolder, load_hf_into
+
+        timer, error = Timer(), None
+        try:
+            load_hf_into(self.model.model, HFFolder(str(path)), args)
+        except UserError as e:
+            error = str(e)
+        if checkpoint.any_rank(error is not None):
+            raise CheckpointError(
+                f"checkpoint.initial_load_path: {error or 'another rank could not read the base'}"
+            )
+        logger.info(f"loaded the frozen base from {path} in {timer.lap():.2f}s")
 
     def load_adapters(self, adapters: dict[str, torch.Tensor]) -> None:
         """Whole adapter tensors (every rank holds them: they are small) into the sharded model."""

@@ -56,6 +56,7 @@ class TrainStep:
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, t.steps, cfg.lr_scheduler)
         self.guard = StepGuard(t, device)
+        self._held_layers: torch.Tensor | None = None  # indices of this rank's layers (expert balancing)
         # Without FSDP, bf16 compute is autocast; with FSDP it is the MixedPrecisionPolicy.
         self.autocast_dtype = (
             dtype_of(t.mixed_precision_param)
@@ -104,7 +105,9 @@ class TrainStep:
         self.all_reduce(counts_total)  # expert loads over the whole batch
         if self.plan.args.load_balance_bias and not cfg.lora.rank:  # LoRA: the routing stays the base's
             blocks = self.model.blocks()  # a pipeline stage holds some of them
-            rows = counts_total[[b.layer_id for b in blocks]]
+            if self._held_layers is None:  # made once: an index list would be a blocking copy per step
+                self._held_layers = torch.tensor([b.layer_id for b in blocks], device=counts_total.device)
+            rows = counts_total.index_select(0, self._held_layers)
             update_expert_bias(
                 [b.moe.router for b in blocks], rows, cfg.model.load_balance_bias_rate * (1 - skip)
             )

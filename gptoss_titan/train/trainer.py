@@ -147,10 +147,10 @@ class Trainer:
         if resume is not None and resume.format == "hf":
             resume = import_hf(resume, ckpt_folder / "hf-import", self.model_args, self.rank, self.world_size)
         if self.base is not None:
-            base = self.base
-            if base.format == "hf":
-                base = import_hf(base, ckpt_folder / "hf-import", self.model_args, self.rank, self.world_size)
-            self.state.load_base(self.checkpoint, base.path)
+            if self.base.format == "hf":  # read straight into the sharded model: no converted copy
+                self.state.load_base_hf(self.checkpoint, self.base.path, self.model_args)
+            else:
+                self.state.load_base(self.checkpoint, self.base.path)
             if self.initial_adapter:
                 self.state.load_adapters(self.initial_adapter)
                 logger.info(f"adapters from {cfg.lora.initial_adapter}")

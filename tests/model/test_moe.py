@@ -255,3 +255,33 @@ def test_grouped_mm_matches_loop_at_20b_expert_shapes_on_cuda(rows):
     for p, q in zip(ga, gr):
         torch.testing.assert_close(p.float(), q.float(), rtol=2e-2, atol=5e-2)
     assert ga[1][3].eq(0).all() and ga[2][3].eq(0).all()  # the empty expert's gradients
+
+
+def test_router_weights_keep_fp64():
+    """The top-k softmax runs in at least fp32: an fp64 model keeps fp64 (exact against a direct
+    fp64 definition, as OpenAI's reference computes it in fp64), bf16 logits get fp32 weights."""
+    from gptoss_titan.model.moe import Router
+
+    r = Router(tiny_args()).double()
+    torch.nn.init.normal_(r.gate.weight, std=0.5)
+    x = torch.randn(10, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w, idx, logits = r(x)
+    assert w.dtype == torch.float64
+    assert torch.equal(w, torch.softmax(torch.topk(x @ r.gate.weight.T + r.gate.bias, 2).values, dim=-1))
+    assert r.to(torch.bfloat16)(x.to(torch.bfloat16))[0].dtype == torch.float32
+
+
+def test_grouped_kernel_needs_16_byte_rows(monkeypatch):
+    """torch._grouped_mm rejects rows that are not whole 16 bytes at the first step: a GPU run with
+    such widths (a custom shape, or I / tp) is refused for 'grouped' with the numbers, and 'auto'
+    takes the loop kernel and says why."""
+    import gptoss_titan.model.moe as moe_module
+
+    monkeypatch.setattr(moe_module, "grouped_mm_works", lambda device, dtype: True)
+    odd = {"dim": 64, "2 x moe_inter_dim / tp": 36, "moe_inter_dim / tp": 18}
+    with pytest.raises(ValueError, match="moe_inter_dim / tp = 18"):
+        resolve_expert_kernel("grouped", "cuda", torch.bfloat16, 32, 4096, odd)
+    kernel, why = resolve_expert_kernel("auto", "cuda", torch.bfloat16, 32, 4096, odd)
+    assert kernel == "loop" and "2 x moe_inter_dim / tp = 36" in why
+    even = {"dim": 64, "2 x moe_inter_dim / tp": 64, "moe_inter_dim / tp": 32}
+    assert resolve_expert_kernel("auto", "cuda", torch.bfloat16, 32, 4096, even)[0] == "grouped"

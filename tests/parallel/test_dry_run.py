@@ -142,3 +142,26 @@ def test_lora_dry_run_plans_the_frozen_base_and_the_adapters():
     assert abs(base_gib - a.num_params() * 2 / 2**30) < 0.01  # every weight once, in bf16
     adam = float(rows["adapter AdamW (2 x fp32)"][-1])
     assert abs(adam - a.n_layers * (attention + experts) * 8 / 2**30) < 1e-3
+
+
+def test_lora_dry_run_plans_an_mxfp4_base_for_one_24_gb_gpu():
+    """train_configs/gpt_oss_20b_lora.toml as shipped (MXFP4-resident base, rank 16 on attention and
+    experts, full AC, 4,096 tokens, one GPU), planned without its data folder: the experts as
+    their uint8 blocks and scales (17 bytes per 32 values), the rest bf16, one layer's experts
+    dequantized at a time; the sum within the 20 GiB the config promises."""
+    r = run_train_sh(
+        {"COMM_MODE": "fake_backend", "NGPU": "1", "CONFIG_FILE": "train_configs/gpt_oss_20b_lora.toml"}
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    from gptoss_titan.model import FLAVORS
+
+    a = FLAVORS["20b"]
+    rows = {x[:26].strip(): x.split() for x in r.stdout.splitlines()}
+    dense, experts = (float(v) for v in rows["frozen base (MXFP4+bf16)"][-3:-1])
+    expert_values = a.n_layers * a.num_experts * 3 * a.dim * a.moe_inter_dim  # gate_up 2 H I + down I H
+    expert_bias = a.n_layers * a.num_experts * (2 * a.moe_inter_dim + a.dim)  # bf16
+    assert abs(experts - (expert_values * 17 / 32 + expert_bias * 2) / 2**30) < 1e-3
+    assert abs(dense - (a.num_params() - expert_values - expert_bias) * 2 / 2**30) < 1e-2
+    layer_gate_up = a.num_experts * 2 * a.dim * a.moe_inter_dim * 2  # bf16, the larger matrix
+    assert float(rows["MXFP4 experts dequantized"][-1]) >= layer_gate_up / 2**30
+    assert float(rows["sum"][-1]) <= 20.0

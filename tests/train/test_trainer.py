@@ -181,7 +181,8 @@ def _device_to_host(name: str, args, kwargs) -> bool:
 
 class HostSyncAudit:
     """Records, during a block, every op that makes a GPU wait for the host (a scalar read, a
-    data-dependent shape, Tensor.tolist) and every GEMM on fp32 operands (when compute is bf16)."""
+    data-dependent shape, Tensor.tolist, a tensor made from host data such as an index list) and
+    every GEMM on fp32 operands (when compute is bf16)."""
 
     def __init__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -197,6 +198,8 @@ class HostSyncAudit:
                     audit.syncs.append(str(func))
                 if name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
                     audit.syncs.append("boolean-mask indexing")
+                if name in ("lift_fresh", "lift_fresh_copy"):  # torch.tensor(host data), x[[list]]
+                    audit.syncs.append(f"{func}: a tensor from host data (a blocking host -> device copy)")
                 if name == "repeat_interleave" and kwargs.get("output_size") is None:
                     audit.syncs.append("repeat_interleave without output_size")
                 if name in ("_to_copy", "copy_") and _device_to_host(name, args, kwargs):
@@ -251,8 +254,9 @@ def test_train_step_on_the_gpu_paths_never_waits_for_the_host(tmp_path, monkeypa
     )
     assert tr.accum_steps == 2 and tr.model.layers[0].moe.experts.kernel == "grouped"
     tr.train_step()  # AdamW creates its state in the first step
+    batches = [tr.train_loader.next_batch() for _ in range(tr.accum_steps)]  # host data, read on the host
     with HostSyncAudit() as audit:
-        result = tr.train_step()
+        result = tr.train_module(batches, tr.step)
     assert audit.syncs == [] and audit.fp32_gemms == [], (audit.syncs, audit.fp32_gemms[:5])
     assert math.isfinite(result.stats()["loss"])  # reading the results is where the host waits
 
@@ -261,8 +265,9 @@ def test_the_audit_catches_syncs_and_fp32_gemms():
     with HostSyncAudit() as audit:
         t = torch.arange(6)
         int(t.sum()), t.tolist(), torch.bincount(t), t[t > 2], torch.repeat_interleave(t, t)
+        t[[0, 2]]  # the list becomes a tensor on the host, copied to the device
         torch.randn(4, 4) @ torch.randn(4, 4)
-    assert len(audit.syncs) == 5 and len(audit.fp32_gemms) == 1, audit.syncs
+    assert len(audit.syncs) == 6 and len(audit.fp32_gemms) == 1, audit.syncs
 
 
 @pytest.mark.slow
