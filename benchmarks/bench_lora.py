@@ -9,7 +9,9 @@ a step is forward + backward + AdamW (fused) over what trains. The LoRA variants
 adapters on attention (q, k, v, o) and on every expert (gate_up and down, one pair per expert:
 peft's target_parameters), alpha = 2r, fp32. The variants alternate step by step, so a slow
 phase of a shared machine hits all of them; medians after a warm-up step are compared.
---memory: each variant alone in a fresh process (Linux), the peak RSS of two steps after a first.
+--memory: each variant alone in a fresh process (Linux), the peak RSS of two steps after a first;
+also net of the process's resident size before the model is built (interpreter and the
+variant's libraries: torch and ours, or transformers and peft too).
 """
 
 from __future__ import annotations
@@ -112,6 +114,10 @@ def _status_gib(field: str) -> float:
 
 
 def memory_child(a: argparse.Namespace) -> None:
+    if a.only == "peft_lora":  # its libraries are loaded before the baseline, as ours are
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    start = _status_gib("VmRSS")  # interpreter and libraries, no model yet
     tokens = torch.randint(
         0, FLAVORS[a.flavor].vocab_size, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(0)
     )
@@ -120,7 +126,8 @@ def memory_child(a: argparse.Namespace) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) from here
     for _ in range(2):
         step(tokens)
-    print(json.dumps({"peak_rss_gib": _status_gib("VmHWM")}))
+    peak = _status_gib("VmHWM")
+    print(json.dumps({"peak_rss_gib": peak, "net_gib": peak - start}))
 
 
 def main() -> None:
@@ -154,13 +161,14 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--only", v, *sys.argv[1:]]
             cmd = [c for c in cmd if c != "--memory"]
             r = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            out[v]["peak_rss_gib"] = json.loads(r.stdout.strip().splitlines()[-1])["peak_rss_gib"]
+            out[v].update(json.loads(r.stdout.strip().splitlines()[-1]))
     for v, row in out.items():
         print(f"{v:<10} " + "  ".join(f"{k} {x:,.4g}" for k, x in row.items()))
     o, p, f = out["ours_lora"], out["peft_lora"], out["ours_full"]
     print(f"ours vs peft LoRA: {o['tokens_per_s'] / p['tokens_per_s']:.2f}x tokens/s", end="")
     if a.memory:
         print(f", {o['peak_rss_gib'] / p['peak_rss_gib']:.2f}x peak memory", end="")
+        print(f" ({o['net_gib'] / p['net_gib']:.2f}x above each process's libraries)", end="")
     print(f"; ours LoRA vs ours full: {o['tokens_per_s'] / f['tokens_per_s']:.2f}x tokens/s", end="")
     if a.memory:
         print(f", {o['peak_rss_gib'] / f['peak_rss_gib']:.2f}x peak memory", end="")

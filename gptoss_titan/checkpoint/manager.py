@@ -181,7 +181,7 @@ class CheckpointManager:
             if self.rank == 0:
                 final = step_dir(self.folder, step)
                 if final.exists():
-                    shutil.rmtree(final)
+                    _discard(final)
                 os.replace(self.folder / f"step-{step}.tmp", final)
                 self._retain(step)
                 logger.info(f"checkpoint step {step} complete in {time.perf_counter() - t0:.2f}s: {final}")
@@ -197,14 +197,17 @@ class CheckpointManager:
         return str(step_dir(self.folder, steps[-1])) if steps else "none (no checkpoint was saved)"
 
     def _retain(self, newest: int) -> None:
-        """Keep the newest keep_latest_k complete checkpoints; drop abandoned .tmp folders."""
-        for p in self.folder.glob("step-*.tmp"):
-            shutil.rmtree(p, ignore_errors=True)
+        """Keep the newest keep_latest_k complete checkpoints; drop abandoned .tmp folders. Only
+        renames happen here (_discard): the files are deleted by a background thread, so a final
+        save does not keep rank 0 deleting a large checkpoint (minutes on network storage) while
+        the other ranks wait for it under the training timeout."""
+        for p in [*self.folder.glob("step-*.tmp"), *self.folder.glob("step-*.discarded")]:
+            _discard(p)
         k = self.cfg.keep_latest_k
         if k > 0:
             older = [s for s in complete_steps(self.folder) if s != newest]
             for s in older[: max(len(older) + 1 - k, 0)]:  # the newest always stays
-                shutil.rmtree(step_dir(self.folder, s), ignore_errors=True)
+                _discard(step_dir(self.folder, s))
 
     # ----- loading --------------------------------------------------------------------------
     @staticmethod
@@ -237,3 +240,30 @@ class CheckpointManager:
         if self._pg is not None:
             dist.destroy_process_group(self._pg)
             self._pg = None
+
+
+def _discard(path: Path) -> threading.Thread:
+    """Rename `path` out of the checkpoint listing (step-<N>.discarded: no resume sees it) and delete
+    it in a background thread (not a daemon: a process that ends finishes the deletion first; a
+    killed one leaves the folder for the next _retain). Returns the thread."""
+    gone = path if path.name.endswith(".discarded") else path.with_name(path.name + ".discarded")
+    if gone != path:
+        if gone.exists():
+            shutil.rmtree(gone, ignore_errors=True)
+        os.replace(path, gone)
+    thread = threading.Thread(
+        target=shutil.rmtree, args=(gone,), kwargs={"ignore_errors": True}, name="discard"
+    )
+    thread.start()
+    _DISCARDS.append(thread)
+    return thread
+
+
+_DISCARDS: list[threading.Thread] = []
+
+
+def finish_discards() -> None:
+    """Wait for the background deletions of old checkpoints (at the end of a run, after the
+    process group is gone: no other rank waits for this one any more)."""
+    while _DISCARDS:
+        _DISCARDS.pop().join()

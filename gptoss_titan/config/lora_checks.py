@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..model import ModelArgs
 from ..model.lora import TARGETS as LORA_TARGETS
 from ..model.lora import LoRASpec
@@ -22,14 +24,7 @@ def validate_lora(cfg: JobConfig) -> None:
 
 
 def check_lora_layout(cfg: JobConfig) -> None:
-    """What LoRA runs with so far: FSDP/HSDP, expert, pipeline and context parallelism, AC, compile."""
-    p = cfg.parallelism
-    for name, degree in (("tensor_parallel_degree", p.tensor_parallel_degree),):
-        if degree > 1:
-            raise ConfigError(
-                f"parallelism.{name} = {degree} with lora.rank = {cfg.lora.rank}: LoRA does not run with "
-                "tensor parallelism yet (its adapters are not split by heads); use data, expert, pipeline or context parallelism"
-            )
+    """What LoRA does not run with: MXFP4 QAT, compiled dropout; the base's storage format."""
     if cfg.training.mxfp4_qat:
         raise ConfigError(
             "training.mxfp4_qat with lora.rank > 0: LoRA trains adapters, not MXFP4 experts; turn one off"
@@ -78,7 +73,19 @@ def check_mxfp4_base(cfg: JobConfig) -> None:
             "checkpoint.initial_load_format = 'hf' with initial_load_path at one (a DCP base: export it with "
             "scripts/convert_dcp_to_safetensors.py --quantize mxfp4 first)"
         )
-    args = model_args(cfg)
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if version < (2, 13):  # FSDP2 gathers uint8 parameters as they are from 2.13 on (tested there)
+        raise ConfigError(
+            f"lora.base_format = 'mxfp4' needs torch >= 2.13 (this is {torch.__version__}): FSDP2 of uint8 "
+            "parameters; upgrade torch, or use lora.base_format = 'auto'"
+        )
+    args, p = model_args(cfg), cfg.parallelism
+    tp = p.tensor_parallel_degree
+    if tp > 1 and p.expert_tensor_parallel_degree in (-1, tp) and (args.moe_inter_dim // tp) % 32:
+        raise ConfigError(
+            f"lora.base_format = 'mxfp4' with tensor_parallel_degree = {tp}: each rank's {args.moe_inter_dim // tp} "
+            "expert columns must be whole MXFP4 blocks of 32; use a smaller tensor_parallel_degree"
+        )
     for name, width in (("dim", args.dim), ("moe_inter_dim", args.moe_inter_dim)):
         if width % 32:
             raise ConfigError(

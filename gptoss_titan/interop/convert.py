@@ -139,10 +139,11 @@ def load_hf_into(model: torch.nn.Module, folder: HFFolder, args: ModelArgs) -> N
     the rows and columns of each tensor it holds, and casts them to the parameter's dtype. A model
     with MXFP4-resident experts (`w_gate_up_blocks` ...) gets the folder's blocks and scales as
     stored, or a bf16/fp32 folder's experts quantized to MXFP4; a pipeline stage, its own layers."""
+    from ..model.lora import is_adapter
     from ..runtime.compat import CHECKPOINT_WRAPPED_MODULE
 
     params = {n.replace(f"{CHECKPOINT_WRAPPED_MODULE}.", ""): p for n, p in model.named_parameters()}
-    quantized = 0
+    quantized, filled = 0, set()
     for native, hf, shape in name_pairs(args):
         got = folder.shape(hf)
         if got != shape:
@@ -151,8 +152,13 @@ def load_hf_into(model: torch.nn.Module, folder: HFFolder, args: ModelArgs) -> N
             )
         if f"{native}_blocks" in params:
             quantized += _load_mxfp4_into(params[f"{native}_blocks"], params[f"{native}_scales"], folder, hf)
+            filled |= {f"{native}_blocks", f"{native}_scales"}
         elif native in params:  # (absent: a layer of another pipeline stage)
             _copy_held(params[native], lambda rows, cols, hf=hf: folder.load_part(hf, rows, cols))
+            filled.add(native)
+    unfilled = [n for n in params if n not in filled and not is_adapter(n)]
+    if unfilled:  # a parameter no Hugging Face tensor maps to would keep uninitialized memory
+        raise RuntimeError(f"load_hf_into: no Hugging Face tensor for the parameters {unfilled[:3]}")
     if quantized:
         from ..runtime.log import logger
 
@@ -170,11 +176,11 @@ def _copy_held(p: torch.Tensor, read) -> None:
     if held.numel() == 0:
         return
     idx = global_indices(p)  # dim -> global indices held here (contiguous chunks)
-    span = {d: (int(i.min()), int(i.max()) + 1) for d, i in idx.items()}
+    span = {d: (int(i.min()), int(i.max()) + 1) for d, i in idx.items() if d < 2}  # what read() cuts
     value = read(span.get(0), span.get(1))
     for d, i in idx.items():
-        if len(i) != value.shape[d]:  # not one contiguous chunk: pick the indices
-            value = value.index_select(d, (i - span[d][0]).cpu())
+        if len(i) != value.shape[d]:  # not one contiguous chunk, or a dim read whole: pick the indices
+            value = value.index_select(d, (i - span[d][0] if d in span else i).cpu())
     held.copy_(value.to(held.dtype))
 
 

@@ -24,12 +24,13 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..checkpoint.files import CheckpointError, read_model_args, resolve_step_dir
 from ..checkpoint.integrity import verify as verify_integrity
-from ..checkpoint.lora_base import read_base_record
+from ..checkpoint.lora_base import read_base_record, recorded_base
 from ..model.hf import generation_config, hf_config, name_pairs
 from ..model.lora import weight_delta
 from ..model.mxfp4 import quantize_mxfp4
 from ..model.tokens import VOCAB_SIZE
 from ..runtime.dtypes import DTYPES, dtype_of
+from .convert import HFFolder
 from .files import (
     HF_CONFIG_FILE,
     MXFP4_TENSORS,
@@ -38,7 +39,7 @@ from .files import (
     parse_size,
 )
 from .hf_tokenizer import write_tokenizer
-from .lora_export import export_adapter, merge_base, read_adapters
+from .lora_export import export_adapter, read_adapters
 from .progress import Progress
 
 # The released gpt-oss config.json's quantization_config (openai/gpt-oss-20b and -120b).
@@ -89,12 +90,12 @@ def dcp_to_hf(
     damage = verify_integrity(step_dir)
     if damage:
         raise CheckpointError(f"checkpoint {str(step_dir)!r} is damaged ({damage}); export another step")
-    adapters, scale, weights_dir = {}, 0.0, step_dir
+    adapters, scale, weights = {}, 0.0, (step_dir, "dcp")
     if lora == "adapter":
         return export_adapter(step_dir, Path(output), overwrite)
     if lora == "merge":  # the base's weights with the adapters merged in, written like any export
         adapters, scale = read_adapters(step_dir)
-        weights_dir = merge_base(step_dir)
+        weights = recorded_base(step_dir, f"--lora merge of {str(step_dir)!r}")  # DCP or Hugging Face
     elif lora != "none":
         raise ConvertError(f"--lora {lora!r} is not supported; use adapter or merge")
     elif read_base_record(step_dir) is not None:
@@ -107,20 +108,17 @@ def dcp_to_hf(
             f"MXFP4 needs hidden size and expert size multiples of 32 (got {args.dim} and {args.moe_inter_dim}); "
             "export with --quantize none"
         )
-    try:
-        meta = FileSystemReader(str(weights_dir)).read_metadata().state_dict_metadata
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {str(weights_dir)!r} is unreadable ({type(e).__name__})") from None
+    shape_of, load = _reader(*weights)
     out_dtype = dtype_of(dtype)
     plan: list[list[tuple[str, str, tuple[int, ...], bool]]] = [[]]
     size, total_bytes = 0, 0
     for native, hf, shape in name_pairs(args):
-        m = meta.get(f"model.{native}")
-        if not isinstance(m, TensorStorageMetadata):
-            raise ConvertError(f"checkpoint {str(weights_dir)!r} has no tensor model.{native}")
-        if tuple(m.size) != shape:
+        got = shape_of(native, hf)
+        if got is None:
+            raise ConvertError(f"checkpoint {str(weights[0])!r} has no tensor model.{native}")
+        if got != shape:
             raise ConvertError(
-                f"checkpoint tensor model.{native} has shape {list(m.size)}, expected {list(shape)}"
+                f"checkpoint tensor model.{native} has shape {list(got)}, expected {list(shape)}"
             )
         quantized = quantize == "mxfp4" and hf.endswith(MXFP4_TENSORS)
         nbytes = sum(b for _, b in _outputs(hf, shape, quantized, out_dtype.itemsize))
@@ -139,10 +137,7 @@ def dcp_to_hf(
             fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
             tensors = {}
             for native, hf, shape, quantized in shard:
-                m = meta[f"model.{native}"]
-                holder = {f"model.{native}": torch.empty(shape, dtype=m.properties.dtype)}
-                dcp.load(holder, storage_reader=FileSystemReader(str(weights_dir)), no_dist=True)
-                value = holder.pop(f"model.{native}")
+                value = load(native, hf, shape)
                 delta = weight_delta(native, adapters, scale)
                 if delta is not None:
                     value = value.to(delta.dtype) + delta
@@ -177,6 +172,30 @@ def dcp_to_hf(
             write_tokenizer(tmp, args.max_seq_len)
         readable(tmp)
     return out
+
+
+def _reader(path: Path, fmt: str):
+    """(shape_of(native, hf) -> shape or None, load(native, hf, shape) -> tensor) over the weights
+    of a DCP step folder (a partial load reads one tensor's bytes) or of a Hugging Face folder (a
+    LoRA run's recorded base: read in place, MXFP4 experts dequantized)."""
+    if fmt == "hf":
+        folder = HFFolder(str(path))
+        return (lambda native, hf: folder.shape(hf)), (lambda native, hf, shape: folder.load(hf))
+    try:
+        meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable ({type(e).__name__})") from None
+
+    def shape_of(native: str, hf: str) -> tuple[int, ...] | None:
+        m = meta.get(f"model.{native}")
+        return tuple(m.size) if isinstance(m, TensorStorageMetadata) else None
+
+    def load(native: str, hf: str, shape: tuple[int, ...]) -> torch.Tensor:
+        holder = {f"model.{native}": torch.empty(shape, dtype=meta[f"model.{native}"].properties.dtype)}
+        dcp.load(holder, storage_reader=FileSystemReader(str(path)), no_dist=True)
+        return holder.pop(f"model.{native}")
+
+    return shape_of, load
 
 
 def readable(folder: Path) -> None:

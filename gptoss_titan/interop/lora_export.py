@@ -10,9 +10,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from ..checkpoint.files import CONFIG_FILE, CheckpointError, read_model_args
-from ..checkpoint.integrity import verify as verify_integrity
-from ..checkpoint.lora_base import read_base_record, recorded_base
+from ..checkpoint.files import CONFIG_FILE, read_model_args
+from ..checkpoint.lora_base import read_base_record
 from ..model import ModelArgs
 from ..model.lora import is_adapter
 from .files import ConvertError, output_folder
@@ -40,30 +39,6 @@ def read_adapters(step: Path) -> tuple[dict[str, torch.Tensor], float]:
     }
     dcp.load(holder, storage_reader=FileSystemReader(str(step)), no_dist=True)
     return {k[len("model.") :]: v for k, v in holder.items()}, lora["alpha"] / lora["rank"]
-
-
-def merge_base(step: Path) -> Path:
-    """The DCP step folder of the base a LoRA checkpoint was trained on, checked against its record
-    (a Hugging Face base: the run's own import of it, checkpoint/hf-import, made from that folder)."""
-    where = f"--lora merge of {str(step)!r}"
-    path, fmt = recorded_base(step, where)
-    if fmt == "dcp":
-        return path
-    base = step.parent / "hf-import"
-    source = base / "hf_source.json"
-    if (
-        not source.is_file()
-        or json.loads(source.read_text()).get("path") != str(path)
-        or not (base / ".metadata").is_file()
-    ):
-        raise ConvertError(
-            f"{where}: the run's import of its Hugging Face base {str(path)!r} ({base}) is missing; "
-            "export --lora adapter and apply it to the base with peft, or rerun a step of the run to re-import"
-        )
-    damage = verify_integrity(base)
-    if damage:
-        raise CheckpointError(f"{where}: the run's import of its base {str(base)!r} is damaged ({damage})")
-    return base
 
 
 def export_adapter(step: Path, output: Path, overwrite: bool) -> Path:

@@ -89,7 +89,10 @@ def dequantize_experts(
     shape = (E, out_dim, nb * 32) if transposed else (E, nb * 32, out_dim)
     out = torch.empty(shape, dtype=dtype, device=blocks.device)
     for e in range(0, E, per):
-        out[e : e + per] = dequantize_mxfp4(blocks[e : e + per], scales[e : e + per], dtype, transposed)
+        part = dequantize_mxfp4(
+            blocks[e : e + per], scales[e : e + per], dtype, transposed=True
+        )  # [e, out, in]
+        out[e : e + per].copy_(part if transposed else part.transpose(1, 2))  # one copy into the result
     return out
 
 

@@ -100,10 +100,12 @@ def _rank_plan(cfg: JobConfig, plan: RunPlan, meshes, pp_rank: int, accel: bool 
             if kind != "adapters":
                 out[f"{kind}_bytes"] += local(p).numel() * p.element_size()
         for block in part.blocks()[:1]:
-            experts = unwrap(block).moe.experts
-            if experts.mxfp4_base:  # dequantized per layer, one matrix at a time (model/mxfp4.py)
-                largest = max(local(experts.w_gate_up_blocks).numel(), local(experts.w_down_blocks).numel())
-                out["dequantized"] = 2 * largest * pbytes + min(2 * largest, CHUNK_ELEMS) * (pbytes + 2)
+            if unwrap(block).moe.experts.mxfp4_base:  # one matrix of the layer at a time (model/mxfp4.py),
+                # as FSDP gathers it: this rank's experts (ep) and columns (tp), whatever FSDP's split
+                a = plan.args
+                cols = dims.tp if dims.moe_split else 1
+                largest = (a.num_experts // dims.ep) * a.dim * 2 * a.moe_inter_dim // cols  # gate-up values
+                out["dequantized"] = largest * pbytes + min(largest, CHUNK_ELEMS) * (pbytes + 2)
         out["groups"] += _fsdp_groups(part)
         n_layers = len(part.blocks())
         out["layers"] += n_layers

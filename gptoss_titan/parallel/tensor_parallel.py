@@ -43,6 +43,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from ..model.local import local
+from ..model.lora import LoRALinear
 from ..model.loss import fused_linear_cross_entropy
 from ..model.model import OutputHead
 from ..model.moe import _expert_of_row
@@ -106,6 +107,28 @@ class RowwiseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.scatter(F.linear(x, local(self.weight))) + local(self.bias)
+
+
+class ColwiseLoRALinear(ColwiseLinear, LoRALinear):
+    """ColwiseLinear with its LoRA adapter: lora_A [r, in] whole on every rank (its gradient, a
+    share of the whole on each, is summed over tp), lora_B [out, r] split by output features like
+    the weight: this rank's output features, exactly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
+        adapter = F.linear(F.linear(h, local(self.lora_A)), local(self.lora_B)) * self.lora_scale
+        return F.linear(x, local(self.weight), local(self.bias)) + adapter
+
+
+class RowwiseLoRALinear(RowwiseLinear, LoRALinear):
+    """RowwiseLinear with its LoRA adapter: lora_A [r, in] split by input features like the weight,
+    so x A^T is a partial sum like x W^T; lora_B [out, r] whole (gradient summed over tp). Both
+    partial sums are reduce-scattered together."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
+        adapter = F.linear(F.linear(h, local(self.lora_A)), local(self.lora_B)) * self.lora_scale
+        return self.tp.scatter(F.linear(x, local(self.weight)) + adapter) + local(self.bias)
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -191,24 +214,39 @@ def apply_tensor_parallel(
     lead = [Shard(0)] if ep > 1 else []  # the expert-parallel split of dim 0 comes first
     for block in model.blocks():
         attn = block.attention
-        for lin in (attn.wq, attn.wk, attn.wv):
+        names = ["attention_norm.weight", "ffn_norm.weight", "attention.wo.bias"]
+        for name in ("wq", "wk", "wv"):
+            lin, adapted = getattr(attn, name), isinstance(getattr(attn, name), LoRALinear)
             _shard(lin, "weight", tp_mesh, [Shard(0)])
             _shard(lin, "bias", tp_mesh, [Shard(0)])
-            lin.__class__ = ColwiseLinear
+            lin.__class__ = ColwiseLoRALinear if adapted else ColwiseLinear
+            if adapted:
+                _shard(lin, "lora_B", tp_mesh, [Shard(0)])
+                names.append(f"attention.{name}.lora_A")
+        adapted = isinstance(attn.wo, LoRALinear)
         _shard(attn.wo, "weight", tp_mesh, [Shard(1)])
-        _swap(attn.wo, RowwiseLinear, tp)
+        _swap(attn.wo, RowwiseLoRALinear if adapted else RowwiseLinear, tp)
+        if adapted:
+            _shard(attn.wo, "lora_A", tp_mesh, [Shard(1)])
+            names.append("attention.wo.lora_B")
         _shard(attn, "sinks", tp_mesh, [Shard(0)])
         attn.n_heads, attn.n_kv_heads = attn.n_heads // tp.size, attn.n_kv_heads // tp.size
         attn.register_forward_pre_hook(lambda m, args: (tp.gather(args[0]), *args[1:]))
         moe = block.moe
-        names = ["attention_norm.weight", "ffn_norm.weight", "attention.wo.bias"]
         names += ["moe.router.gate.weight", "moe.router.gate.bias"]
+        if isinstance(moe.router.gate, LoRALinear):  # replicated like the router
+            names += ["moe.router.gate.lora_A", "moe.router.gate.lora_B"]
         if split_experts:
             moe.register_forward_pre_hook(lambda m, args: (tp.gather(args[0]), *args[1:]))
             moe.register_forward_hook(lambda m, args, out: (tp.scatter(out[0]), *out[1:]))
             experts = moe.experts
-            for name, dim in (("w_gate_up", 2), ("b_gate_up", 1), ("w_down", 1)):
+            for name, dim in _expert_splits(experts):
                 _shard(experts, name, experts_mesh, [*lead, Shard(dim)])
+            for name in ("lora_gate_up_A", "lora_down_B"):  # whole on every tp rank: gradients summed
+                if hasattr(experts, name):
+                    if ep > 1:
+                        _shard(experts, name, experts_mesh, [Shard(0), Replicate()])
+                    names.append(f"moe.experts.{name}")
             if ep > 1:
                 _shard(experts, "b_down", experts_mesh, [Shard(0), Replicate()])
             experts.register_forward_hook(_down_bias_share(tp.size))  # before expert parallelism's combine
@@ -224,6 +262,19 @@ def apply_tensor_parallel(
     model.register_forward_pre_hook(split_if_whole_sequences, with_kwargs=True)
     model.tp = tp
     return tp
+
+
+def _expert_splits(experts: nn.Module) -> list[tuple[str, int]]:
+    """(parameter, dim) of the experts split along I: the gate-up columns (interleaved gate/up
+    pairs) and the down rows, as weights [E, in, out] or as MXFP4 blocks [E, out, in/32, 16] and
+    scales [E, out, in/32] (a LoRA base: the down split is along its 32-value blocks); the
+    adapters' B of gate-up and A of down follow their weights."""
+    if experts.mxfp4_base:
+        out = [("w_gate_up_blocks", 1), ("w_gate_up_scales", 1), ("w_down_blocks", 2), ("w_down_scales", 2)]
+    else:
+        out = [("w_gate_up", 2), ("w_down", 1)]
+    out.append(("b_gate_up", 1))
+    return out + [(n, d) for n, d in (("lora_gate_up_B", 2), ("lora_down_A", 1)) if hasattr(experts, n)]
 
 
 def _down_bias_share(tp_size: int):

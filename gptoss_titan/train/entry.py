@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from ..checkpoint.manager import finish_discards
 from ..config import ConfigError, JobConfig, help_text, parse_args
 from ..parallel.dry_run import dry_run
 from ..runtime.cli import run_cli
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None, trainer_cls: type[Trainer] = Trainer) ->
     code = run_cli(lambda: _run(argv, trainer_cls), on_error=lambda: shutdown(barrier=False))
     if code == 0:
         shutdown()
+    finish_discards()  # old checkpoints deleted in the background (checkpoint/manager.py)
     return code
 
 

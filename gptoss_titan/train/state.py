@@ -239,11 +239,15 @@ class TrainState:
         timer, error = Timer(), None
         try:
             load_hf_into(self.model.model, HFFolder(str(path)), args)
-        except UserError as e:
-            error = str(e)
+        except Exception as e:  # every rank learns of it, or the others would wait in the first collective
+            error = e
         if checkpoint.any_rank(error is not None):
+            if isinstance(error, UserError):
+                raise CheckpointError(f"checkpoint.initial_load_path: {error}") from None
+            if error is not None:
+                raise error
             raise CheckpointError(
-                f"checkpoint.initial_load_path: {error or 'another rank could not read the base'}"
+                f"checkpoint.initial_load_path: another rank could not read the base {str(path)!r}"
             )
         logger.info(f"loaded the frozen base from {path} in {timer.lap():.2f}s")
 

@@ -263,3 +263,37 @@ def test_mixture_resumes_exactly_across_data_parallel_degrees(tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "one"), ref[3:], rtol=1e-5)
     cfg = json.loads((tmp_path / "straight/config.json").read_text())
     assert cfg["data"]["sources"] == [{"path": str(a), "weight": 3.0}, {"path": str(b), "weight": 1.0}]
+
+
+def test_old_checkpoints_are_deleted_in_the_background(tmp_path, monkeypatch):
+    """Retention renames old steps out of the listing at once and deletes them in a thread: a
+    final save does not keep rank 0 deleting (minutes for a large checkpoint on network storage)
+    while the other ranks wait for it under the training timeout. Checked with a deletion that
+    cannot finish until released."""
+    import shutil
+    import threading
+    from types import SimpleNamespace
+
+    import gptoss_titan.checkpoint.manager as manager
+    from gptoss_titan.checkpoint.files import complete_steps
+
+    for s in (1, 2, 3):
+        (tmp_path / f"step-{s}").mkdir()
+        (tmp_path / f"step-{s}" / ".metadata").write_text("x")
+    (tmp_path / "step-4.tmp").mkdir()  # abandoned by a killed save
+    release, real_rmtree = threading.Event(), shutil.rmtree
+
+    def slow_rmtree(path, ignore_errors=False):
+        release.wait()
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(manager.shutil, "rmtree", slow_rmtree)
+    fake = SimpleNamespace(folder=tmp_path, cfg=SimpleNamespace(keep_latest_k=1))
+    manager.CheckpointManager._retain(fake, 3)  # returns while every deletion is still blocked
+    assert complete_steps(tmp_path) == [3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-1.discarded", "step-2.discarded", "step-3", "step-4.tmp.discarded"
+    ]  # fmt: skip
+    release.set()
+    manager.finish_discards()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3"]

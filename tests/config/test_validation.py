@@ -124,9 +124,15 @@ def test_bad_model_args(argv, match):
         (["--lora.rank=8", "--lora.alpha=0"], "lora.alpha = 0.0 must be > 0"),
         (["--lora.rank=8", "--lora.dropout=1"], r"lora.dropout = 1.0 in \[0, 1\)"),
         (
-            ["--lora.rank=8", "--parallelism.tensor_parallel_degree=2"],
-            "LoRA does not run with tensor parallelism yet",
-        ),
+            [
+                "--lora.rank=8",
+                "--lora.base_format=mxfp4",
+                "--checkpoint.initial_load_format=hf",
+                "--model.args.moe_inter_dim=96",
+                "--parallelism.tensor_parallel_degree=2",
+            ],
+            r"each rank's 48 expert columns must be whole MXFP4 blocks of 32",
+        ),  # fmt: skip
         (["--lora.rank=8", "--training.mxfp4_qat=true"], "training.mxfp4_qat with lora.rank > 0"),
     ],
 )

@@ -292,3 +292,71 @@ def test_each_rank_reads_only_its_part_of_a_hf_folder(tmp_path):
             code = f"from tests.interop.test_convert import check_rank_reads_its_part as f; f({str(folder)!r}, {rank})"
             r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
             assert r.returncode == 0, r.stderr[-3000:]
+
+
+def check_resident_rank_reads_its_part(folder_path: str, rank: int) -> None:
+    """load_hf_into on rank `rank` of a fake world of 4 into an MXFP4-resident model (a LoRA base):
+    the experts' uint8 blocks and scales split inside each expert (dim 1, the output rows, as FSDP
+    splits experts when a rank holds fewer than one), the rest by rows; every local shard equals
+    that part of the folder's blocks and scales (an MXFP4 folder) or of its experts quantized (an
+    fp32 folder)."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from gptoss_titan.interop.convert import HFFolder, args_from_hf_config, load_hf_into
+    from gptoss_titan.model.hf import name_pairs
+    from gptoss_titan.model.mxfp4 import quantize_mxfp4
+    from gptoss_titan.runtime.compat import fake_process_group
+
+    folder = HFFolder(folder_path)
+    args = args_from_hf_config(folder.config)
+    fake_process_group(4, rank)
+    mesh = init_device_mesh("cpu", (4,))
+    model = Transformer(args)
+    for block in model.blocks():
+        block.moe.experts.freeze_as_mxfp4()
+    placement = {}
+    for name, p in list(model.named_parameters()):
+        mod_name, _, pname = name.rpartition(".")
+        placement[name] = [Shard(1) if pname.endswith(("_blocks", "_scales")) else Shard(0)]
+        dt = distribute_tensor(torch.empty_like(p), mesh, placement[name], src_data_rank=None)
+        model.get_submodule(mod_name).register_parameter(pname, nn.Parameter(dt, requires_grad=False))
+    load_hf_into(model, folder, args)
+    params = dict(model.named_parameters())
+    for native, hf, _ in name_pairs(args):
+        if f"{native}_blocks" in params:
+            if f"{hf}_blocks" in folder.weight_map:
+                full = {
+                    "blocks": folder.load_raw(f"{hf}_blocks", None, None),
+                    "scales": folder.load_raw(f"{hf}_scales", None, None),
+                }
+            else:
+                full = dict(zip(("blocks", "scales"), quantize_mxfp4(folder.load(hf))))
+            for part, value in full.items():
+                want = distribute_tensor(
+                    value, mesh, placement[f"{native}_{part}"], src_data_rank=None
+                ).to_local()
+                assert torch.equal(params[f"{native}_{part}"].to_local(), want), (
+                    folder_path,
+                    rank,
+                    native,
+                    part,
+                )
+        else:
+            want = distribute_tensor(folder.load(hf), mesh, placement[native], src_data_rank=None).to_local()
+            assert torch.equal(params[native].to_local(), want), (folder_path, rank, native)
+    dist.destroy_process_group()
+
+
+def test_each_rank_reads_its_part_into_an_mxfp4_resident_model(tmp_path):
+    from ..conftest import tiny_args, write_random_hf
+
+    src = write_random_hf(tmp_path / "hf", tiny_args(dim=64, n_layers=2, num_experts=4))
+    quantize_folder(src, tmp_path / "mxfp4")
+    for folder in (src, tmp_path / "mxfp4"):
+        for rank in range(4):
+            code = f"from tests.interop.test_convert import check_resident_rank_reads_its_part as f; f({str(folder)!r}, {rank})"
+            r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-3000:]

@@ -87,10 +87,13 @@ def test_adapter_checkpoints_resume_exactly_and_refuse_another_base(base, module
         ("--parallelism.expert_parallel_degree=2",),
         ("--parallelism.pipeline_parallel_degree=2",),
         ("--parallelism.context_parallel_degree=2",),
+        ("--parallelism.tensor_parallel_degree=2",),
     ],
 )
 def test_two_processes_equal_one(base, module_tmp, layout):
-    """FSDP 2, FSDP 2 x EP 2, PP 2 and CP 2: losses and adapters equal one process (<= 1e-5). AdamW with eps = 1
+    """FSDP 2, FSDP 2 x EP 2, PP 2, CP 2 and TP 2 (adapters split with their weights: B by output
+    features for q, k, v and gate-up, A by input features for o and down, the rest whole with
+    their gradients summed over tp): losses and adapters equal one process (<= 1e-5). AdamW with eps = 1
     (far above every gradient): its update is then linear in the gradient, so the reduction
     order's rounding (~1e-7 relative) stays that small instead of being blown up to +-lr for
     gradients near zero, which the default eps = 1e-8 would do."""

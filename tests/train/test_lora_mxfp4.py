@@ -62,8 +62,9 @@ def test_a_full_precision_folder_is_quantized_at_load(hf_bases, module_tmp, capf
 
 @pytest.mark.slow
 def test_fsdp_by_ep_equals_one_process_and_resumes_bitwise(hf_bases, module_tmp):
-    """FSDP 2 x EP 2 on the resident base (blocks and scales split by expert, then sharded): the
-    losses and adapters of one process (<= 1e-5); stopped at step 2 and resumed, bit for bit."""
+    """FSDP 2 x EP 2 on the resident base (blocks and scales split by expert; the experts' FSDP
+    degree is 1 here): the losses and adapters of one process (<= 1e-5); stopped at step 2 and
+    resumed, bit for bit."""
     tmp, (mx, _) = module_tmp, hf_bases
     one = tmp / "resident"
     if not (one / "checkpoint" / "step-4").is_dir():
@@ -100,3 +101,77 @@ def test_bad_mxfp4_base_settings_are_one_line(hf_bases, module_tmp, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and want in err[0], err
         assert not (tmp / name).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tensor_parallel_degree=2", "data_parallel_shard_degree=2"])
+def test_tensor_parallel_and_fsdp_equal_one_process(hf_bases, module_tmp, layout):
+    """TP 2 on the resident base (the gate-up blocks split by output rows, the down blocks by their
+    32-value input blocks) and FSDP 2 (the uint8 blocks and scales sharded by expert and gathered
+    per layer): the losses and adapters of one process (<= 1e-5)."""
+    tmp, (mx, _) = module_tmp, hf_bases
+    one = tmp / "resident"
+    if not (one / "checkpoint" / "step-4").is_dir():
+        assert main(lora_argv(tmp, str(mx), one.name, *MXFP4, *SGD_LIKE)) == 0
+    name = "mx_" + layout.split("_")[0]
+    argv = lora_argv(tmp, str(mx), name, *MXFP4, *SGD_LIKE, f"--parallelism.{layout}")
+    run_ok(python_cmd(2, "-m", "gptoss_titan.train", *argv))
+    assert losses(tmp / name) == pytest.approx(losses(one), rel=1e-5)
+    a, b = weights(one / "checkpoint" / "step-4"), weights(tmp / name / "checkpoint" / "step-4")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_merge_export_reads_the_hugging_face_base_in_place(hf_bases, module_tmp):
+    """--lora merge of a run on a Hugging Face MXFP4 base (no converted copy anywhere): the merged
+    weights are the base's (MXFP4 experts dequantized) plus the adapters' update; the others as
+    stored. The base's record names the folder."""
+    import json
+
+    from gptoss_titan.checkpoint.files import read_model_args
+    from gptoss_titan.interop.convert import HFFolder
+    from gptoss_titan.model.hf import name_pairs
+    from gptoss_titan.model.lora import weight_delta
+
+    tmp, (mx, _) = module_tmp, hf_bases
+    if not (tmp / "resident" / "checkpoint" / "step-4").is_dir():
+        assert main(lora_argv(tmp, str(mx), "resident", *MXFP4, *SGD_LIKE)) == 0
+    step = tmp / "resident" / "checkpoint" / "step-4"
+    assert json.loads((step / "lora_base.json").read_text())["path"] == str(mx.resolve())
+    r = convert(
+        "--checkpoint", str(step), "--output", str(tmp / "merged"), "--lora", "merge", "--dtype", "float32"
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    adapters = weights(step)
+    base, merged = HFFolder(str(mx)), HFFolder(str(tmp / "merged"))
+    args = read_model_args(step)
+    changed = 0
+    for native, hf, _ in name_pairs(args):
+        delta = weight_delta(native, adapters, 8 / 4)  # alpha / rank of ADAPTERS
+        want = base.load(hf).float()
+        if delta is not None:
+            want, changed = want + delta, changed + 1
+        torch.testing.assert_close(merged.load(hf), want, rtol=1e-6, atol=1e-7, msg=hf)
+    assert changed == 2 * args.n_layers + 5 * args.n_layers  # experts (2) + q, k, v, o, router per layer
+
+
+@pytest.mark.slow
+def test_a_damaged_base_is_one_line_on_every_rank_through_run_train_sh(hf_bases, module_tmp):
+    """A safetensors shard of the base cut short: both ranks stop at the load with one line and
+    exit 2 through the launcher, none waits for the other."""
+    import shutil
+
+    from ..conftest import one_line_error, run_train_sh
+
+    tmp, (mx, _) = module_tmp, hf_bases
+    broken = tmp / "hf_broken"
+    shutil.copytree(mx, broken)
+    shard = max(broken.glob("*.safetensors"), key=lambda f: f.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    argv = lora_argv(tmp, str(broken), "on_broken", *MXFP4, "--training.steps=2", "--metrics.sample_freq=0")
+    r = run_train_sh({"NGPU": "2"}, *argv, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = one_line_error(r.stderr)
+    assert "is damaged or unreadable" in err and shard.name in err, err
