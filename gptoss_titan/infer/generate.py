@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ..model import Transformer
 from ..model.kv_cache import KVCache
+from ..model.moe import compile_ready_kernel
 
 
 def _decode(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -89,7 +90,14 @@ def generate(
     seq = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     logits = model(prompt, cache=cache, start_pos=0)[:, -1] if use_cache else model(prompt)[:, -1]
-    step = _compiled_decode() if compile and not _is_sharded(model) else _decode
+    step = _decode
+    if compile and not _is_sharded(model):
+        dtype = next(model.parameters()).dtype
+        for block in model.blocks():
+            block.moe.experts.kernel = compile_ready_kernel(
+                block.moe.experts.kernel, prompt.device.type, dtype
+            )
+        step = _compiled_decode()
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, gen)  # [B]
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -17,6 +17,7 @@ Kernels, by device:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from .attention import (
     sink_grad,
     unblock_queries,
 )
+from .local import to_device
 from .sink_op import register_sink_op
 from .tokens import EOT_ID
 
@@ -68,7 +70,7 @@ def find_documents(
     stops = torch.cat([starts[1:], starts.new_tensor([T])])
     stops = torch.where(torch.cat([rows[1:] != rows[:-1], torch.ones(1, dtype=torch.bool)]), T, stops)
     segments = torch.stack([rows, starts, stops], 1)
-    return Documents(segments, ids.to(device=device, dtype=torch.int32), (pos - start_of).to(device))
+    return Documents(segments, to_device(ids.to(torch.int32), device), to_device(pos - start_of, device))
 
 
 def _segment_forward(q, k, v, window: int, scale: float):
@@ -171,10 +173,19 @@ doc_flash_sink_op, doc_flash_sink_backward_op = register_sink_op(
 )
 
 
-def flex_document_mask(docs: Documents, window: int | None, device: str):
-    """The flex BlockMask of a packed batch: causal, same document, within the window."""
+@functools.cache
+def _block_mask_builder(compiled: bool):
+    """create_block_mask, compiled (once: the document ids are an input, not a guard): eager, it
+    evaluates the mask on all [B, T, T] positions, a few GB at 128k tokens, every step."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    return torch.compile(create_block_mask, dynamic=False) if compiled else create_block_mask
+
+
+def flex_document_mask(docs: Documents, window: int | None, device: str, compiled: bool | None = None):
+    """The flex BlockMask of a packed batch: causal, same document, within the window; built by
+    compiled code on CUDA (compiled None), eagerly elsewhere unless asked."""
+    create_block_mask = _block_mask_builder(device.startswith("cuda") if compiled is None else compiled)
     ids = docs.ids
     B, T = ids.shape
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime.compat import grouped_mm, has_grouped_mm
+from ..runtime.errors import UserError
 from . import blas_batch
 from .args import ModelArgs
 from .expert_mm import expert_linear
@@ -134,6 +135,21 @@ def resolve_expert_kernel(
     if dtype == torch.bfloat16 and grouped_mm_works(device_type, dtype):
         return "grouped", f"torch._grouped_mm in {dtype}"
     return "loop", f"one GEMM per expert ({dtype}: no fast grouped GEMM here)"
+
+
+def compile_ready_kernel(kernel: str, device_type: str, dtype: torch.dtype) -> str:
+    """The expert kernel for a fullgraph-compiled forward (the sampler's decode step): off the CPU
+    the "loop" kernel reads the per-expert counts on the host (a graph break), so it becomes
+    "grouped" (in fp32 _grouped_mm's own per-expert fallback, slower but inside the graph); the
+    CPU kernels are custom ops and stay. A UserError (one line) where no compilable kernel exists."""
+    if device_type == "cpu" or kernel != "loop":
+        return kernel
+    if not grouped_mm_works(device_type, dtype):
+        raise UserError(
+            f"--compile: the experts need torch._grouped_mm for {dtype} on {device_type}, which this torch lacks; "
+            "sample without --compile, or in bfloat16"
+        )
+    return "grouped"
 
 
 def _grouped_linear(

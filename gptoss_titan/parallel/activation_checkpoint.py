@@ -4,8 +4,8 @@ Where it sits: after expert parallelism, before compile and FSDP (parallel/__ini
 Modes: "none"; "full" (every block); "selective" with option N (every N-th block, full) or "op".
 
 "op" is per-op selective checkpointing of every block's attention (norm, projections, RoPE,
-attention kernel): matmul and attention outputs are kept, the cheap element-wise ops are
-recomputed. The MoE half keeps its activations: its big tensors are matmul outputs that a per-op
+attention kernel): matmul, attention and collective outputs are kept, the cheap element-wise ops
+are recomputed (no collective runs again in backward). The MoE half keeps its activations: its big tensors are matmul outputs that a per-op
 policy would keep anyway, and recomputing it would re-run the expert all-to-alls and the experts'
 own FSDP hooks inside the recomputation (which per-op replay cannot match).
 """
@@ -44,6 +44,15 @@ def save_list(compiled: bool) -> set:
         torch.ops.gptoss_titan.ring_sink.default,
         *attention_save_ops(traced=compiled),
     }
+    # The collectives inside a checkpointed region (tensor parallelism's sequence all-gather and
+    # reduce-scatter, context parallelism's halo all-to-all): kept, so backward does not run them
+    # again (TorchTitan keeps reduce-scatter and all-to-all; the gathered input is what the q/k/v
+    # weight gradients need anyway).
+    for namespace in ("_c10d_functional", "_c10d_functional_autograd"):
+        for name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single"):
+            op = getattr(getattr(torch.ops, namespace, None), name, None)
+            if op is not None:
+                ops.add(op.default)
     for name in (
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_flash_attention",

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..model.attention import flash_sink_op, key_blocks, query_blocks, unblock_queries
 from ..model.documents import Documents
+from ..model.local import to_device
 from . import ring_attention
 from .ring_attention import _offsets, halo_keys, halo_plan, ring_sink_op
 
@@ -140,9 +141,9 @@ def split_batch(
     group: the cp process group's name."""
     idx = layout.index(rank)
     B = x.shape[0]
-    if docs is not None:
-        positions = docs.positions[:, idx.to(docs.positions.device)].to(device)
-        ids = docs.ids.to(device=device, dtype=torch.long)
+    if docs is not None:  # (found on the host: indexed there, copied once, asynchronously on CUDA)
+        positions = to_device(docs.positions.cpu()[:, idx], device)
+        ids = to_device(docs.ids.cpu().long(), device)
     else:
-        positions, ids = idx.to(device).expand(B, -1), None
+        positions, ids = to_device(idx, device).expand(B, -1), None
     return x[:, idx].contiguous(), y[:, idx].contiguous(), CPBatch(positions, ids, layout, rank, group)

@@ -12,13 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..model.documents import Documents, find_documents
+from ..model.local import to_device
 from ..parallel.context_parallel import CPBatch, CPLayout, split_batch
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class ModelInputs:
@@ -38,7 +33,8 @@ class ModelInputs:
     ) -> tuple[torch.Tensor, torch.Tensor, Documents | CPBatch | None]:
         """x, y int64 [B, T] on the host -> (tokens, targets, layout) for `model(tokens, targets,
         documents=layout)`; with cp, tokens and targets are this rank's [B, T / cp]."""
-        docs = find_documents(x, self.device) if self.document_mask else None
+        host = torch.device("cpu")  # context parallelism splits the documents on the host first
+        docs = find_documents(x, host if self.cp_layout else self.device) if self.document_mask else None
         layout = docs
         if self.cp_layout is not None:
             x, y, layout = split_batch(x, y, docs, self.cp_layout, self.cp_rank, self.cp_group, self.device)

@@ -133,3 +133,25 @@ def test_flex_document_mask_forward_equals_definition(window):
     sinks = torch.randn(4)
     out = flex_sink_attention(q, k, v, sinks, window, flex_document_mask(docs, window, "cpu"))
     torch.testing.assert_close(out, reference(q, k, v, sinks, window, docs.ids.long()), rtol=1e-5, atol=1e-5)
+
+
+def test_document_block_mask_is_built_by_compiled_code_once_per_window():
+    """The CUDA path's document BlockMask comes from a compiled create_block_mask (eager, it
+    evaluates the mask on all [B, T, T] positions every step): run here on the CPU, it equals the
+    eager mask for new document layouts without compiling again (one graph per window kind)."""
+    from torch._dynamo.utils import counters
+
+    from gptoss_titan.model.documents import flex_document_mask
+
+    g = torch.Generator().manual_seed(0)
+    before = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        x = torch.randint(0, 50, (2, 256), generator=g)
+        x[x < 3] = EOT_ID
+        docs = find_documents(x, torch.device("cpu"))
+        for window in (None, 32):
+            compiled = flex_document_mask(docs, window, "cpu", compiled=True)
+            assert torch.equal(
+                compiled.to_dense(), flex_document_mask(docs, window, "cpu", compiled=False).to_dense()
+            )
+    assert counters["stats"]["unique_graphs"] - before == 2

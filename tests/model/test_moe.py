@@ -285,3 +285,20 @@ def test_grouped_kernel_needs_16_byte_rows(monkeypatch):
     assert kernel == "loop" and "2 x moe_inter_dim / tp = 36" in why
     even = {"dim": 64, "2 x moe_inter_dim / tp": 64, "moe_inter_dim / tp": 32}
     assert resolve_expert_kernel("auto", "cuda", torch.bfloat16, 32, 4096, even)[0] == "grouped"
+
+
+def test_compiled_decode_gets_an_expert_kernel_without_host_reads(monkeypatch):
+    """`sample --compile` (fullgraph) on a GPU in fp32: the "loop" kernel reads per-expert counts on
+    the host, a graph break, so the decode step takes _grouped_mm (its fp32 fallback runs inside
+    the op); the CPU kernels (custom ops) stay; no _grouped_mm at all is one line."""
+    import gptoss_titan.model.moe as moe_module
+    from gptoss_titan.model.moe import compile_ready_kernel
+    from gptoss_titan.runtime.errors import UserError
+
+    assert compile_ready_kernel("loop", "cpu", torch.float32) == "loop"
+    assert compile_ready_kernel("batched", "cpu", torch.float32) == "batched"
+    monkeypatch.setattr(moe_module, "grouped_mm_works", lambda device, dtype: True)
+    assert compile_ready_kernel("loop", "cuda", torch.float32) == "grouped"
+    monkeypatch.setattr(moe_module, "grouped_mm_works", lambda device, dtype: False)
+    with pytest.raises(UserError, match="sample without --compile"):
+        compile_ready_kernel("loop", "cuda", torch.float32)

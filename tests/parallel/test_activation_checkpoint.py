@@ -61,3 +61,28 @@ def test_per_op_checkpointing_keeps_the_attention_output(monkeypatch, mode, comp
         ce, _, _ = m(tok, tok)
         ce.backward()
     assert len(calls) == kernel_calls
+
+
+@pytest.mark.slow
+def test_per_op_checkpointing_runs_no_collective_again_in_backward(tmp_path):
+    """TP 2 (the sequence all-gather before attention, the reduce-scatter after its output
+    projection, both inside the checkpointed attention): a training step with per-op
+    checkpointing dispatches as many collectives as one without checkpointing; full
+    checkpointing, which recomputes them, dispatches more (what the count would catch)."""
+    import json
+
+    from ..conftest import python_cmd, run_ok
+    from ..helpers.training import argv_for
+
+    counts = {}
+    for mode, ac in {
+        "none": ["--activation_checkpoint.mode=none"],
+        "op": ["--activation_checkpoint.mode=selective", "--activation_checkpoint.selective_ac_option=op"],
+        "full": ["--activation_checkpoint.mode=full"],
+    }.items():
+        out = tmp_path / f"{mode}.json"
+        argv = argv_for(tmp_path, "--parallelism.tensor_parallel_degree=2", "--validation.enable=false",
+                        f"--job.dump_folder={tmp_path / mode}", *ac)  # fmt: skip
+        run_ok(python_cmd(2, "tests/parallel/sac_collectives_job.py", str(out), *argv))
+        counts[mode] = json.loads(out.read_text())
+    assert counts["op"] == counts["none"] > 0 and counts["full"] > counts["none"], counts
