@@ -326,4 +326,5 @@ def validate(cfg: JobConfig) -> None:
             f"data.dataset_path = {cfg.data.dataset_path!r} and data.sources are both set; "
             "list every folder in data.sources (with its weight) and leave dataset_path empty"
         )
+    _choice("model.load_balance_bias_update", cfg.model.load_balance_bias_update, ("sign", "proportional"))
     # the [lora] section: lora_checks.validate_lora (loading.py runs it next)

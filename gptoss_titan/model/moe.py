@@ -380,11 +380,16 @@ class MoE(nn.Module):
 
 
 @torch.no_grad()
-def update_expert_bias(routers: list[Router], counts: torch.Tensor, rate: float) -> None:
+def update_expert_bias(routers: list[Router], counts: torch.Tensor, rate: float, rule: str = "sign") -> None:
     """Auxiliary-loss-free balancing, after an optimizer step: raise the bias of under-loaded
-    experts, lower over-loaded ones (counts [L, E]: the whole global batch's assignments)."""
+    experts, lower over-loaded ones (counts [L, E]: the whole global batch's assignments).
+    rule "sign": each bias moves by +-rate (DeepSeek-V3's update: the same step however far off);
+    "proportional": by rate x (mean - load) / mean, large for a collapsed expert (load E / K
+    times the mean: a step of (E / K - 1) x rate) and small near balance (less jitter)."""
     for router, c in zip(routers, counts.float()):
-        router.expert_bias += rate * torch.sign(c.mean() - c)
+        mean = c.mean()
+        error = torch.sign(mean - c) if rule == "sign" else (mean - c) / mean.clamp(min=1.0)
+        router.expert_bias += rate * error
 
 
 def load_balancing_loss(

@@ -171,9 +171,14 @@ def lost_peer(error: BaseException) -> CollectiveFailed | None:
     )
 
 
-def init_distributed(timeout_seconds: int = 300) -> tuple[int, int]:
-    """Start the process group when launched with several processes; return (rank, world size)."""
+def init_distributed(timeout_seconds: int = 300, one_process_group: bool = False) -> tuple[int, int]:
+    """Start the process group when launched with several processes (or, one_process_group, a group
+    of this one process); return (rank, world size)."""
     world = world_size()
+    if world == 1 and one_process_group:
+        backend = "nccl" if device_type() == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return 0, 1
     if world == 1:
         return 0, 1
     if device_type() == "cuda":

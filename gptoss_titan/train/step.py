@@ -109,7 +109,10 @@ class TrainStep:
                 self._held_layers = torch.tensor([b.layer_id for b in blocks], device=counts_total.device)
             rows = counts_total.index_select(0, self._held_layers)
             update_expert_bias(
-                [b.moe.router for b in blocks], rows, cfg.model.load_balance_bias_rate * (1 - skip)
+                [b.moe.router for b in blocks],
+                rows,
+                cfg.model.load_balance_bias_rate * (1 - skip),
+                cfg.model.load_balance_bias_update,
             )
         if coef > 0:
             self.all_reduce(aux_total)

@@ -65,9 +65,10 @@ class Trainer:
         self.plan = plan_run(cfg, world_size())
         self.model_args, self.dims = self.plan.args, self.plan.dims
         self.global_bs, self.accum_steps = self.plan.global_batch, self.plan.accum_steps
-        self.rank, self.world_size = init_distributed(cfg.comm.init_timeout_seconds)
+        one = cfg.parallelism.fsdp_one_process  # FSDP2, DTensor and DCP with a group on one process
+        self.rank, self.world_size = init_distributed(cfg.comm.init_timeout_seconds, one)
         self.device = local_device()
-        self.meshes = self.dims.build_meshes(self.device.type) if self.world_size > 1 else None
+        self.meshes = self.dims.build_meshes(self.device.type) if self.world_size > 1 or one else None
         self.dp_rank, self.dp_degree = self.dims.dp_rank(self.rank), self.dims.dp_degree
         init_logging(self.rank)
         if cfg.job.description:

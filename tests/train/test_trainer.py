@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptoss_titan.config import parse_args
-from gptoss_titan.runtime.distributed import apply_process_settings
+from gptoss_titan.runtime.distributed import apply_process_settings, shutdown
 from gptoss_titan.train import Trainer, main
 
 from ..conftest import read_metrics, synthetic_data
@@ -354,3 +354,24 @@ def test_deterministic_mode_on_cuda_is_bitwise_repeatable(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append([x["loss"] for x in read_metrics(tmp_path / name) if "loss" in x])
     assert runs[0] == runs[1]
+
+
+def test_fsdp_on_one_process_trains_as_without(tmp_path):
+    """parallelism.fsdp_one_process (the GPU smoke check's one-GPU path through FSDP2, DTensor
+    parameters and DCP with a process group): the same losses as a plain one-process run, and its
+    checkpoint resumes."""
+    from torch.distributed.tensor import DTensor
+
+    from ..conftest import losses
+
+    base = argv_for(tmp_path, "--checkpoint.enable=true", "--checkpoint.interval=2", "--validation.enable=false",
+                    "--lr_scheduler.decay_steps=3")  # (the schedule of 4 steps also in the first half)  # fmt: skip
+    one = [*base, "--parallelism.fsdp_one_process=true", f"--job.dump_folder={tmp_path / 'fsdp'}"]
+    assert main([*one, "--training.steps=2"]) == 0
+    assert main(one) == 0  # resumed at step 2 through the process group
+    tr = Trainer(parse_args([*one, f"--job.dump_folder={tmp_path / 'look'}"]))
+    assert all(isinstance(p, DTensor) for p in tr.model.parameters())
+    tr.run_lock.release()
+    shutdown()
+    assert main([*base, f"--job.dump_folder={tmp_path / 'plain'}"]) == 0
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
