@@ -41,9 +41,7 @@ class Model:
     aux_loss_type: str = "per_layer"  # per_layer (Switch/GShard: mean of layers) or hf (pooled)
     load_balance_bias: bool = False  # auxiliary-loss-free balancing: per-expert router bias
     load_balance_bias_rate: float = 1e-3  # step of the expert-bias update toward uniform load
-    load_balance_bias_update: str = (
-        "sign"  # sign: rate x sign(mean - load); proportional: rate x (mean - load) / mean
-    )
+    load_balance_bias_update: str = "sign"  # sign (rate x sign of the load error) or proportional
     expert_kernel: str = "auto"  # expert GEMMs: auto, loop, batched (CPU MKL batch), grouped (_grouped_mm)
     args: dict = field(default_factory=dict)  # ModelArgs fields over the flavor's: [model.args] n_layers = 4
 
@@ -134,9 +132,7 @@ class Parallelism:
     pipeline_parallel_layers: list[int] = field(default_factory=list)  # layers per stage (empty: even)
     context_parallel_degree: int = 1  # each sequence split over this many ranks (long contexts)
     fsdp_reshard_after_forward: str = "default"  # default, always or never
-    fsdp_one_process: bool = (
-        False  # one process too gets a process group, FSDP2 and DCP through it (checks on one GPU)
-    )
+    fsdp_one_process: bool = False  # one process too: a process group, FSDP2, DCP through it (GPU checks)
 
 
 @dataclass

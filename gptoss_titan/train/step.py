@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import JobConfig
+from ..model.balance import load_balancing_loss, update_expert_bias
 from ..model.loss import IGNORE_INDEX
-from ..model.moe import load_balancing_loss, update_expert_bias
 from ..parallel import Meshes, sync_replicated_grads
 from ..parallel.build import RankModel, RunPlan
 from ..parallel.context_parallel import CPLayout

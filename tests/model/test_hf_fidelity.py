@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 
+from gptoss_titan.model.balance import load_balancing_loss
 from gptoss_titan.model.hf import from_hf, hf_config, to_hf
-from gptoss_titan.model.moe import load_balancing_loss
 
 from ..conftest import build, tiny_args
 

@@ -102,3 +102,20 @@ def test_no_gradient_work_under_no_grad(path):
         counts.append(c.mm)
     assert counts == [3, 9]  # 3 chunks of 4 rows
     assert torch.equal(losses[0], losses[1].detach())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_loss_weight_gradient_accumulates_in_place_on_cuda():
+    """The lm_head gradient accumulates with addmm(out_dtype=fp32) into itself: no fp32 [V, H]
+    product per chunk (2.3 GB at 20b). The probe that picks it must say yes on a GPU, and the
+    in-place result equal the copying one."""
+    from gptoss_titan.runtime.compat import addmm_fp32_, inplace_addmm_fp32_works
+
+    assert inplace_addmm_fp32_works(torch.device("cuda"), torch.bfloat16)
+    a = torch.randn(512, 300, device="cuda").bfloat16()
+    b = torch.randn(300, 256, device="cuda").bfloat16()
+    acc = torch.randn(512, 256, device="cuda")
+    want = acc + torch.mm(a, b, out_dtype=torch.float32)
+    addmm_fp32_(acc, a, b)
+    torch.testing.assert_close(acc, want, rtol=1e-5, atol=1e-4)

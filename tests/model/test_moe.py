@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from gptoss_titan.model import blas_batch
+from gptoss_titan.model.balance import load_balancing_loss
 from gptoss_titan.model.moe import (
     MoE,
     _grouped_linear,
     _loop_linear,
     clamped_swiglu,
     grouped_mm_works,
-    load_balancing_loss,
     resolve_expert_kernel,
 )
 
