@@ -5,7 +5,8 @@
 #   ./scripts/gpu_smoke.sh --cpu      # the same steps, small, on 2 CPU processes, no compile (CI runs this)
 #
 # Output: ${SMOKE_DIR:-${OUT:-outputs}/gpu_smoke} (one log per step). summary.txt there gets each
-# step's line as soon as the step ends, so a run cut off by its slot still leaves what it measured.
+# step's line as soon as the step ends, so a run cut off by its slot still leaves what it measured;
+# the final table is also written as summary.json.
 # Steps run in order of value, each under its own time limit and all within SMOKE_BUDGET seconds
 # (default 480; --cpu: 1800, and 4x the caps): a step that would start with less than 30 s left is
 # SKIP (budget), a step that needs more GPUs than there are is SKIP (needs N), never PASS. Exit
@@ -18,9 +19,11 @@
 #   train        (cap 150 s) bf16, torch.compile, full AC, async checkpoints with pinned memory,
 #                FSDP2 + DTensor + DCP through a process group (parallelism.fsdp_one_process on one
 #                GPU; EP 2 on 2 or more); then resumed to more steps from its last checkpoint
-#   throughput   (cap 120 s) a 20b-shaped stack (20b's widths and 32 experts, 3 layers, a 32,768-token
-#                vocabulary so the lm_head is ~20% of the FLOPs, not 70% as with 201,088 on 2
-#                layers), seq 4,096, full AC, compiled: tokens/s per GPU, MFU, peak memory
+#   sync_debug   (cap 90 s) a bf16 training step (FSDP2, grouped experts, document masks, balancing)
+#                under torch.cuda.set_sync_debug_mode("error"): any call that waits for the GPU fails
+#   throughput   (cap 120 s) a 20b-shaped stack (20b's widths and 32 experts, 4 layers, a 32,768-token
+#                vocabulary so the lm_head is ~16% of the FLOPs, not 70% as with 201,088 on 2
+#                layers), seq 4,096, full AC, compiled, bf16: tokens/s per GPU, MFU, peak memory
 #   lora_mxfp4   (cap 90 s) the train step's checkpoint exported as MXFP4, then LoRA on it as an
 #                MXFP4-resident base (experts dequantized per layer on the GPU)
 #   sample       (cap 60 s) greedy tokens from the train step's checkpoint (scripts/generate.sh)
@@ -52,7 +55,7 @@ if [ "${MODE}" = "gpu" ]; then
   fi
   export NGPU=${NGPU:-${GPUS}}
   DTYPE=bfloat16 SEQ=1024 BATCH=4 STEPS1=20 STEPS2=30 INTERVAL=10 COMPILE=true
-  THROUGHPUT=(--model.flavor=20b --model.args.n_layers=3 --model.args.vocab_size=32768 --training.seq_len=4096
+  THROUGHPUT=(--model.flavor=20b --model.args.n_layers=4 --model.args.vocab_size=32768 --training.seq_len=4096
               --training.local_batch_size=1 --training.steps=12 --metrics.log_freq=4)
   THROUGHPUT_EP=$(python -c "n=${NGPU}; print(max(e for e in (1, 2, 4, 8) if n % e == 0 and 32 % e == 0))")
   MEM=mem_max_reserved_gib
@@ -90,6 +93,7 @@ NAMES=() STATUS=() SECONDS_TAKEN=() DETAILS=()
 record() {  # name status seconds detail
   NAMES+=("$1"); STATUS+=("$2"); SECONDS_TAKEN+=("$3"); DETAILS+=("$4")
   echo "[gpu_smoke] $1: $2 ($3 s) $4" | tee -a "${SMOKE}/summary.txt"
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "${SMOKE}/summary.tsv"
 }
 last_metric() {  # metrics.jsonl key -> the last logged value
   python -c "import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; \
@@ -138,7 +142,40 @@ if step train 150 1; then
   record train "${st}" $((SECONDS - T0)) "FSDP2 over ${NGPU}, ep ${EP}; steps 1-${STEPS1}, resumed ${STEPS1}-${STEPS2}; loss $(last_metric "${SMOKE}/train/metrics.jsonl" loss), val $(last_metric "${SMOKE}/train/metrics.jsonl" val_loss)"
 fi
 
-# 3. Throughput of a 20b-shaped stack
+# 3. A training step that must not wait for the GPU anywhere (CUDA's sync debug mode)
+if step sync_debug 90 1; then
+  if [ "${MODE}" = gpu ]; then
+    cat > "${SMOKE}/sync_debug.py" <<'EOF'
+import sys
+import torch
+from gptoss_titan.config import parse_args
+from gptoss_titan.runtime.distributed import apply_process_settings
+from gptoss_titan.train import Trainer
+
+cfg = parse_args(sys.argv[1:])
+apply_process_settings(cfg)
+tr = Trainer(cfg)
+tr.train_step()  # warm-up: AdamW state, compiled kernels
+batches = [tr.train_loader.next_batch() for _ in range(tr.accum_steps)]  # host data
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("error")
+tr.train_module(batches, tr.step)
+torch.cuda.set_sync_debug_mode("default")
+torch.cuda.synchronize()
+print("a training step with no synchronizing CUDA call")
+EOF
+    run sync_debug.log python "${SMOKE}/sync_debug.py" --model.flavor=debug "--data.dataset_path=${SMOKE}/data" \
+      "--job.dump_folder=${SMOKE}/sync_debug" --training.mixed_precision_param=bfloat16 "--training.seq_len=${SEQ}" \
+      --training.local_batch_size=2 --training.global_batch_size=4 --training.document_mask=true \
+      --model.load_balance_bias=true --parallelism.fsdp_one_process=true --validation.enable=false \
+      --metrics.sample_freq=0; st=$(verdict $?)
+    record sync_debug "${st}" $((SECONDS - T0)) "$(tail -1 "${SMOKE}/sync_debug.log")"
+  else
+    record sync_debug SKIP 0 "(no GPU: the host-sync audit covers it on CPU, tests/train/test_trainer.py)"
+  fi
+fi
+
+# 4. Throughput of a 20b-shaped stack
 if step throughput 120 1; then
   run throughput.log ./scripts/run_train.sh "${THROUGHPUT[@]}" "--data.dataset_path=${SMOKE}/data32k" \
     "--job.dump_folder=${SMOKE}/throughput" "--training.mixed_precision_param=${DTYPE}" "--compile.enable=${COMPILE}" \
@@ -150,7 +187,7 @@ print(f\"{600 * a['dim'] * a['vocab_size'] / r[0]['flops_per_token']:.0f}\")" "$
   record throughput "${st}" $((SECONDS - T0)) "$(last_metric "${M}" tokens_per_s_per_device) tokens/s per device, MFU $(last_metric "${M}" mfu_pct)%, peak memory $(last_metric "${M}" "${MEM}") GiB (lm_head ${SHARE:-?}% of the FLOPs)"
 fi
 
-# 4. LoRA on an MXFP4-resident base (the train step's model, exported as MXFP4)
+# 5. LoRA on an MXFP4-resident base (the train step's model, exported as MXFP4)
 if step lora_mxfp4 90 1; then
   run lora_mxfp4.log python scripts/convert_dcp_to_safetensors.py --checkpoint "${SMOKE}/train" \
       --output "${SMOKE}/hf_mxfp4" --quantize mxfp4 \
@@ -163,14 +200,14 @@ if step lora_mxfp4 90 1; then
   record lora_mxfp4 "${st}" $((SECONDS - T0)) "rank 8, MXFP4 base; loss $(last_metric "${SMOKE}/lora/metrics.jsonl" loss), peak memory $(last_metric "${SMOKE}/lora/metrics.jsonl" "${MEM}") GiB"
 fi
 
-# 5. Sample from the checkpoint
+# 6. Sample from the checkpoint
 if step sample 60 1; then
   NGPU=1 run sample.log ./scripts/generate.sh --checkpoint "${SMOKE}/train" --prompt "In the beginning" \
     --max_new_tokens 16 --output_json "${SMOKE}/sample.json"; st=$(verdict $?)
   record sample "${st}" $((SECONDS - T0)) "$(python -c "import json; print(len(json.load(open('${SMOKE}/sample.json'))['tokens'][0]), 'tokens')" 2>/dev/null)"
 fi
 
-# 6. Export as a Hugging Face folder; transformers loads it and generates
+# 7. Export as a Hugging Face folder; transformers loads it and generates
 if step export 90 1; then
   cat > "${SMOKE}/hf_check.py" <<'EOF'
 import sys, torch
@@ -186,7 +223,7 @@ EOF
   record export "${st}" $((SECONDS - T0)) "$(tail -1 "${SMOKE}/export.log")"
 fi
 
-# 7-8. Long packed sequences: document masking on one GPU, then with context parallelism 2
+# 8-9. Long packed sequences: document masking on one GPU, then with context parallelism 2
 for CP in 1 2; do
   name=$([ "${CP}" -eq 1 ] && echo long_packed || echo cp)
   if step "${name}" 90 "${CP}"; then
@@ -199,7 +236,7 @@ for CP in 1 2; do
   fi
 done
 
-# 9. Tensor parallelism 2 (even counts), with pipeline parallelism 2 on a multiple of 4
+# 10. Tensor parallelism 2 (even counts), with pipeline parallelism 2 on a multiple of 4
 if step tp_pp 90 2; then
   TP=$([ $((NGPU % 2)) -eq 0 ] && echo 2 || echo 1)
   PPD=$([ $((NGPU % 4)) -eq 0 ] && echo 2 || echo 1)
@@ -213,11 +250,18 @@ if step tp_pp 90 2; then
 fi
 
 echo
-echo "gpu_smoke (${MODE}, ${NGPU} processes, $((SECONDS - START)) s, $(python -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")'))"
+echo "gpu_smoke (${MODE}, ${NGPU} processes, $((SECONDS - START)) s, table also in ${SMOKE}/summary.json, $(python -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")'))"
 printf '%-12s %-6s %7s  %s\n' step status seconds detail
 failed=0
 for i in "${!NAMES[@]}"; do
   printf '%-12s %-6s %7s  %s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${SECONDS_TAKEN[$i]}" "${DETAILS[$i]}"
   case "${STATUS[$i]}" in FAIL*) failed=1;; esac
 done
+python - "${SMOKE}" <<'EOF'
+import json, sys
+from pathlib import Path
+d = Path(sys.argv[1])
+rows = [dict(zip(("step", "status", "seconds", "detail"), l.split("\t"))) for l in (d / "summary.tsv").read_text().splitlines()]
+(d / "summary.json").write_text(json.dumps([{**r, "seconds": int(r["seconds"])} for r in rows], indent=1) + "\n")
+EOF
 exit ${failed}
