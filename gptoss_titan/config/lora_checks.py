@@ -8,6 +8,7 @@ import torch
 from ..model import ModelArgs
 from ..model.lora import TARGETS as LORA_TARGETS
 from ..model.lora import LoRASpec
+from ..runtime.compat import torch_version
 from .job_config import ConfigError, JobConfig
 from .validation import _choice, model_args
 
@@ -73,8 +74,7 @@ def check_mxfp4_base(cfg: JobConfig) -> None:
             "checkpoint.initial_load_format = 'hf' with initial_load_path at one (a DCP base: export it with "
             "scripts/convert_dcp_to_safetensors.py --quantize mxfp4 first)"
         )
-    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-    if version < (2, 13):  # FSDP2 gathers uint8 parameters as they are from 2.13 on (tested there)
+    if torch_version() < (2, 13):  # FSDP2 gathers uint8 parameters as they are from 2.13 on (tested there)
         raise ConfigError(
             f"lora.base_format = 'mxfp4' needs torch >= 2.13 (this is {torch.__version__}): FSDP2 of uint8 "
             "parameters; upgrade torch, or use lora.base_format = 'auto'"

@@ -246,6 +246,21 @@ def test_export_streams_under_memory_budget(tmp_path):
     assert len(list((tmp_path / "out").glob("*.safetensors"))) >= 8
 
 
+def every_rank_of_4(check: str, tmp_path) -> None:
+    """Run this module's `check`(folder, rank) for each rank of a fake world of 4, one process each
+    (DTensor caches assume a process's rank never changes), on a random fp32 folder and its MXFP4
+    version."""
+    from ..conftest import tiny_args, write_random_hf
+
+    src = write_random_hf(tmp_path / "hf", tiny_args(dim=64, n_layers=2, num_experts=4))
+    quantize_folder(src, tmp_path / "mxfp4")
+    for folder in (src, tmp_path / "mxfp4"):
+        for rank in range(4):
+            code = f"from tests.interop.test_convert import {check} as f; f({str(folder)!r}, {rank})"
+            r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-3000:]
+
+
 def check_rank_reads_its_part(folder_path: str, rank: int) -> None:
     """load_hf_into on rank `rank` of a fake world of 4 (one rank per process: DTensor caches assume
     a process's rank never changes): every local shard equals that part of the whole tensor."""
@@ -283,15 +298,7 @@ def check_rank_reads_its_part(folder_path: str, rank: int) -> None:
 def test_each_rank_reads_only_its_part_of_a_hf_folder(tmp_path):
     """The sampler's loader (load_hf_into) on each rank of a fake world of 4: plain tensors split by
     rows, MXFP4 experts split inside (dim 1, 16 columns per rank: half a 32-value block)."""
-    from ..conftest import tiny_args, write_random_hf
-
-    src = write_random_hf(tmp_path / "hf", tiny_args(dim=64, n_layers=2, num_experts=4))
-    quantize_folder(src, tmp_path / "mxfp4")
-    for folder in (src, tmp_path / "mxfp4"):
-        for rank in range(4):
-            code = f"from tests.interop.test_convert import check_rank_reads_its_part as f; f({str(folder)!r}, {rank})"
-            r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-            assert r.returncode == 0, r.stderr[-3000:]
+    every_rank_of_4("check_rank_reads_its_part", tmp_path)
 
 
 def check_resident_rank_reads_its_part(folder_path: str, rank: int) -> None:
@@ -351,12 +358,4 @@ def check_resident_rank_reads_its_part(folder_path: str, rank: int) -> None:
 
 
 def test_each_rank_reads_its_part_into_an_mxfp4_resident_model(tmp_path):
-    from ..conftest import tiny_args, write_random_hf
-
-    src = write_random_hf(tmp_path / "hf", tiny_args(dim=64, n_layers=2, num_experts=4))
-    quantize_folder(src, tmp_path / "mxfp4")
-    for folder in (src, tmp_path / "mxfp4"):
-        for rank in range(4):
-            code = f"from tests.interop.test_convert import check_resident_rank_reads_its_part as f; f({str(folder)!r}, {rank})"
-            r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-            assert r.returncode == 0, r.stderr[-3000:]
+    every_rank_of_4("check_resident_rank_reads_its_part", tmp_path)

@@ -71,6 +71,20 @@ def test_targets_and_layers_choose_what_gets_adapters():
     assert m.layers[1].moe.experts.lora_down_B.shape == (4, 4, 64)  # [E, r, H]
 
 
+def bf16_expert_adapters(rank: int, device: str) -> Transformer:
+    """The tiny model with rank-r adapters on every expert, all of them nonzero, in bf16 on device."""
+    with torch.device("meta"):
+        m = Transformer(tiny_args())
+    add_lora(m, LoRASpec(rank, 2.0 * rank, 0.0, ("experts",)))
+    m.to_empty(device=device)
+    m.init_weights(seed=0)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if is_adapter(n):
+                p.normal_(0, 0.1, generator=torch.Generator(device).manual_seed(1))
+    return m.to(torch.bfloat16)
+
+
 @pytest.mark.parametrize("rank", [4, 8])
 def test_expert_adapters_on_the_grouped_kernel_at_any_rank(rank):
     """torch._grouped_mm needs 16-byte row strides: a bf16 rank-4 adapter (8 bytes) is padded with
@@ -80,16 +94,7 @@ def test_expert_adapters_on_the_grouped_kernel_at_any_rank(rank):
 
     if not grouped_mm_works("cpu", torch.bfloat16):
         pytest.skip("torch._grouped_mm does not run in bf16 on this CPU build")
-    with torch.device("meta"):
-        m = Transformer(tiny_args())
-    add_lora(m, LoRASpec(rank, 2.0 * rank, 0.0, ("experts",)))
-    m.to_empty(device="cpu")
-    m.init_weights(seed=0)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if is_adapter(n):
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-    m = m.to(torch.bfloat16)
+    m = bf16_expert_adapters(rank, "cpu")
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     out = {}
     for kernel in ("loop", "grouped"):
@@ -105,16 +110,7 @@ def test_expert_adapters_on_the_grouped_kernel_at_any_rank(rank):
 def test_expert_adapters_on_cuda_grouped_kernel(rank):
     """bf16 on CUDA ("auto" picks grouped_mm): forward and backward run at a rank whose rows are
     not 16 bytes, and equal the loop kernel to bf16 precision."""
-    with torch.device("meta"):
-        m = Transformer(tiny_args())
-    add_lora(m, LoRASpec(rank, 2.0 * rank, 0.0, ("experts",)))
-    m.to_empty(device="cuda")
-    m.init_weights(seed=0)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if is_adapter(n):
-                p.normal_(0, 0.1)
-    m = m.to(torch.bfloat16)
+    m = bf16_expert_adapters(rank, "cuda")
     tokens = torch.randint(0, 256, (2, 64), device="cuda")
     out = {}
     for kernel in ("loop", "grouped"):
