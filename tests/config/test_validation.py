@@ -104,6 +104,10 @@ def test_bad_config(tmp_path, toml, argv, match):
         ),
         (["--model.aux_loss_type=pooled"], "model.aux_loss_type = 'pooled' is not one of per_layer, hf"),
         (["--model.args.load_balance_bias=true"], "set model.load_balance_bias instead"),
+        (
+            ["--model.load_balance_bias_update=pid"],
+            "model.load_balance_bias_update = 'pid' is not one of sign, proportional",
+        ),
     ],
 )
 def test_bad_model_args(argv, match):

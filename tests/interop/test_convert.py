@@ -359,3 +359,25 @@ def check_resident_rank_reads_its_part(folder_path: str, rank: int) -> None:
 
 def test_each_rank_reads_its_part_into_an_mxfp4_resident_model(tmp_path):
     every_rank_of_4("check_resident_rank_reads_its_part", tmp_path)
+
+
+def test_load_hf_into_refuses_a_parameter_no_tensor_fills(tmp_path):
+    """The model is built with uninitialized memory when a base loads: a parameter that no Hugging
+    Face tensor maps to is an error, not garbage weights (LoRA adapters are left alone)."""
+    from torch import nn
+
+    from gptoss_titan.interop.convert import HFFolder, load_hf_into
+    from gptoss_titan.model.lora import LoRASpec, add_lora
+
+    from ..conftest import tiny_args, write_random_hf
+
+    args = tiny_args(dim=64, n_layers=2, num_experts=4)
+    folder = HFFolder(str(write_random_hf(tmp_path / "hf", args)))
+    model = Transformer(args)
+    add_lora(model, LoRASpec(4, 8.0, 0.0, ("attention",)))
+    load_hf_into(model, folder, args)  # every base weight filled; the adapters are not the folder's
+    model.layers[0].attention.register_parameter("extra", nn.Parameter(torch.empty(3)))
+    with pytest.raises(
+        RuntimeError, match=r"no Hugging Face tensor for the parameters \['layers.0.attention.extra'\]"
+    ):
+        load_hf_into(model, folder, args)

@@ -302,3 +302,22 @@ def test_compiled_decode_gets_an_expert_kernel_without_host_reads(monkeypatch):
     monkeypatch.setattr(moe_module, "grouped_mm_works", lambda device, dtype: False)
     with pytest.raises(UserError, match="sample without --compile"):
         compile_ready_kernel("loop", "cuda", torch.float32)
+
+
+def test_expert_bias_updates_sign_and_proportional():
+    """The balancing update after a step (counts [L, E] of the global batch): sign moves every bias
+    by +-rate; proportional by rate x (mean - load) / mean, so a collapsed expert (E / K x the mean
+    with K = 2 of E = 4) moves (E / K - 1) = 1 rate down and idle ones 1 rate up."""
+    from gptoss_titan.model.balance import update_expert_bias
+    from gptoss_titan.model.moe import Router
+
+    routers = [Router(tiny_args(load_balance_bias=True)) for _ in range(2)]
+    counts = torch.tensor([[8, 8, 0, 0], [5, 3, 4, 4]])  # [L, E], mean 4
+    update_expert_bias(routers, counts, 0.1, "sign")
+    assert routers[0].expert_bias.tolist() == pytest.approx([-0.1, -0.1, 0.1, 0.1])
+    assert routers[1].expert_bias.tolist() == pytest.approx([-0.1, 0.1, 0.0, 0.0])
+    for r in routers:
+        r.expert_bias.zero_()
+    update_expert_bias(routers, counts, 0.1, "proportional")
+    assert routers[0].expert_bias.tolist() == pytest.approx([-0.1, -0.1, 0.1, 0.1])
+    assert routers[1].expert_bias.tolist() == pytest.approx([-0.025, 0.025, 0.0, 0.0])
