@@ -49,6 +49,7 @@ LAYERS = (
     "parallel",
     "interop",
     "infer",
+    "rl",
     "train",
     "sample",
 )

@@ -215,6 +215,27 @@ class LoRA:
 
 
 @dataclass
+class RL:
+    enable: bool = False  # reinforcement learning (GRPO/GSPO) instead of next-token training (docs/rl.md)
+    prompts: str = "arithmetic"  # .jsonl of chats ending with the user's turn, or arithmetic (toy task)
+    reward: str = "exact_match + 0.1*format"  # [WEIGHT*]NAME +...: exact_match, format, length, mod:fn
+    reward_default: float = 0.0  # the value of a reward term that raised or returned a non-finite number
+    prompts_per_step: int = 4  # prompts per step over all data-parallel ranks (each sampled group_size times)
+    group_size: int = 8  # completions per prompt (G); advantages are normalized within each group
+    max_new_tokens: int = 64  # longest completion; sampling stops at <|return|> or <|call|>
+    temperature: float = 1.0  # sampling temperature (> 0); log-probs are of softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling (1 = off)
+    loss: str = "grpo"  # grpo (token-level ratio) or gspo (sequence-level ratio)
+    clip_low: float = 0.2  # ratio clipped below at 1 - clip_low (GSPO: ~3e-4)
+    clip_high: float = 0.28  # ratio clipped above at 1 + clip_high (DAPO clip-higher; GSPO: ~4e-4)
+    advantage_scale: str = "group"  # group (divide by the group's std) or none (Dr. GRPO)
+    kl_coef: float = 0.0  # KL penalty to the reference (LoRA: the base, adapters off); 0 = off
+    log_kl: bool = False  # compute and log the KL to the reference even when kl_coef is 0
+    updates_per_batch: int = 1  # optimizer updates per rollout batch (>1: old log-probs recorded first)
+    generation_batch: int = 64  # most completions decoded at once (prompts of one length share a batch)
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -231,6 +252,7 @@ class JobConfig:
     validation: Validation = field(default_factory=Validation)
     comm: Comm = field(default_factory=Comm)
     lora: LoRA = field(default_factory=LoRA)
+    rl: RL = field(default_factory=RL)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

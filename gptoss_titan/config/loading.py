@@ -16,6 +16,7 @@ from pathlib import Path
 from ..model.args import ModelArgs
 from .job_config import ConfigError, JobConfig
 from .lora_checks import validate_lora
+from .rl_checks import validate_rl
 from .validation import closest, validate
 
 if sys.version_info >= (3, 11):
@@ -191,4 +192,5 @@ def parse_args(argv: list[str]) -> JobConfig:
         _apply(cfg, section, key, value, from_cli=True, origin="command line")
     validate(cfg)
     validate_lora(cfg)
+    validate_rl(cfg)
     return cfg

@@ -34,7 +34,7 @@ from .shards import FORMAT, SPLITS, write_shard
 from .sources import JsonLine, document_tokens, file_documents, hf_documents, kjv_documents
 from .tokenizer import get_tokenizer
 
-BUNDLED = ("kjv", "kjv_chat")  # kjv_chat: the demo chat set (data/chat.py), loss-masked
+BUNDLED = ("kjv", "kjv_chat", "arithmetic_chat")  # chat sets (loss-masked): data/chat.py, data/arithmetic.py
 DEFAULT_SHARD_TOKENS = 1 << 28  # 268M tokens, 1 GiB per train shard
 CHUNK_DOCS = 256  # documents per task handed to a worker
 PROGRESS = "progress.json"
@@ -272,15 +272,17 @@ def _prepare(
             bar.close()
 
 
-def _prepare_kjv_chat(out: Path) -> None:
+def _prepare_chat_set(name: str, out: Path) -> None:
     import tempfile
 
+    from .arithmetic import arithmetic_rows
     from .chat import kjv_chat_conversations, prepare_chat
 
+    convs = kjv_chat_conversations() if name == "kjv_chat" else arithmetic_rows(1000, seed=1, answered=True)
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kjv_chat.jsonl"
-        src.write_text("".join(json.dumps(c) + "\n" for c in kjv_chat_conversations()))
-        prepare_chat(str(src), out, strict=True, source="kjv_chat (bundled)")
+        src = Path(tmp) / f"{name}.jsonl"
+        src.write_text("".join(json.dumps(c) + "\n" for c in convs))
+        prepare_chat(str(src), out, strict=True, source=f"{name} (bundled)")
 
 
 def default_cache_dir() -> Path:
@@ -298,8 +300,8 @@ def bundled_dataset(name: str, tokenizer: str = "o200k_harmony", cache_dir: str 
     out = Path(cache_dir or default_cache_dir()) / f"{name}-{tokenizer}"
     if not (out / "meta.json").exists():
         try:
-            if name == "kjv_chat":
-                _prepare_kjv_chat(out)
+            if name.endswith("_chat"):
+                _prepare_chat_set(name, out)
             else:
                 prepare(kjv_documents(), out, source=name, tokenizer=tokenizer, val_every=50, progress=False)
         except DataError:

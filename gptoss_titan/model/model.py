@@ -21,6 +21,7 @@ from .documents import Documents, document_attention, flex_document_mask
 from .init import init_params
 from .kv_cache import KVCache, LayerCache
 from .local import local
+from .logprobs import token_logprobs
 from .loss import fused_linear_cross_entropy
 from .moe import EXPERT_KERNELS, MoE
 
@@ -184,10 +185,31 @@ class OutputHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, dim))  # [V, H]
 
-    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        temperature: float | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """logits; with targets the summed cross-entropy; with targets and a temperature the
+        targets' log-probabilities and the entropies [B, T] (model/logprobs.py), computed for the
+        flat positions `rows` [K] only when given (0 elsewhere)."""
         if targets is None:
             return h @ self.weight.to(h.dtype).T  # [B, T, V]
-        return fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, targets.reshape(-1))
+        flat, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        if temperature is not None:
+            if rows is None:
+                logp, ent = token_logprobs(flat, self.weight, t, temperature)
+                return logp.view(targets.shape), ent.view(targets.shape)
+            logp, ent = token_logprobs(
+                flat.index_select(0, rows), self.weight, t.index_select(0, rows), temperature
+            )
+            out = torch.zeros(t.shape[0], dtype=logp.dtype, device=logp.device)
+            return out.index_add(0, rows, logp).view(targets.shape), out.index_add(0, rows, ent).view(
+                targets.shape
+            )
+        return fused_linear_cross_entropy(flat, self.weight, t)
 
 
 class Transformer(nn.Module):
@@ -279,6 +301,8 @@ class Transformer(nn.Module):
         documents: Documents | None = None,
         hidden_states: bool = False,
         seq_len: int | None = None,
+        logprob_temperature: float | None = None,
+        logprob_rows: torch.Tensor | None = None,
     ):
         """tokens [B, T] -> logits [B, T, V].
 
@@ -295,6 +319,11 @@ class Transformer(nn.Module):
         (summed cross-entropy, router prob sums [L, E] or None, expert counts [L, E]) without
         materializing logits. The prob sums (asked for with router_probs=True) and counts feed
         `load_balancing_loss`; the caller pools the counts over ranks first when data-parallel.
+
+        With targets and logprob_temperature, the tuple's first two are instead the targets'
+        log-probabilities under softmax(logits / temperature) and the entropies, [B, T] each
+        (0 where ignored; reinforcement learning, model/logprobs.py); logprob_rows [K], indices
+        into the flattened [B * T] targets, limits the lm_head's work to those positions.
 
         hidden_states=True returns the final normed hidden states [B, T, H] instead (the caller
         applies `output` itself). A model cut for a pipeline stage (modules set to None) runs what
@@ -337,8 +366,11 @@ class Transformer(nn.Module):
             return h
         if targets is None:
             return self.output(h)
-        ce_sum = self.output(h, targets)
         counts_t = torch.stack(counts)  # [L, E]
+        if logprob_temperature is not None:
+            logp, ent = self.output(h, targets, logprob_temperature, logprob_rows)
+            return logp, ent, counts_t
+        ce_sum = self.output(h, targets)
         probs_t = torch.stack(prob_sums) if router_probs else None  # [L, E]
         return ce_sum, probs_t, counts_t
 

@@ -12,6 +12,7 @@ from ..parallel.dry_run import dry_run
 from ..runtime.cli import run_cli
 from ..runtime.distributed import apply_process_settings, lost_peer, shutdown, world_size
 from ..runtime.log import logger
+from .rl_trainer import RLTrainer
 from .trainer import Trainer
 
 
@@ -60,6 +61,8 @@ def _run(argv: list[str], trainer_cls: type[Trainer]) -> None:
             raise ConfigError("checkpoint.create_seed_checkpoint runs on one process; use NGPU=1")
         cfg = seed_checkpoint_config(cfg)
     settings = apply_process_settings(cfg)
+    if cfg.rl.enable and trainer_cls is Trainer:  # reinforcement learning: the same loop, another step
+        trainer_cls = RLTrainer
     trainer = trainer_cls(cfg)
     for line in settings:
         logger.info(f"process: {line}")

@@ -74,9 +74,7 @@ class Trainer:
         if cfg.job.description:
             logger.info(f"job: {cfg.job.description}")
         # Data (all checks happen before anything is written to the run folder).
-        self.train_loader, self.val_tokens = open_data(
-            cfg, self.model_args.vocab_size, self.dp_rank, self.dp_degree
-        )
+        self.train_loader, self.val_tokens = self.open_data()
 
         # What to resume from (reads metadata only; errors here still leave nothing written).
         self.dump = Path(cfg.job.dump_folder)
@@ -168,6 +166,14 @@ class Trainer:
             f"model {model_name(cfg)}: {n:,} parameters, {a:,} active; {self.world_size} x {self.device}; "
             f"global batch {self.global_bs} x {t.seq_len} ({self.accum_steps} accumulation steps)"
         )
+
+    def open_data(self):
+        """(this rank's training loader, validation data or None); RL runs hand out prompts instead."""
+        return open_data(self.cfg, self.model_args.vocab_size, self.dp_rank, self.dp_degree)
+
+    def step_tokens(self, result: StepResult) -> int:
+        """Tokens one step trained on, for tokens/s and MFU (a pretraining step: every position)."""
+        return self.global_bs * self.cfg.training.seq_len
 
     # What the step owns, by the names tools and tests use.
     @property
@@ -267,7 +273,7 @@ class Trainer:
             profiler.step()
             if self.step == first_step:
                 self._set_train_timeout()  # start-up (compile, loading) is over
-            step_tokens = self.global_bs * t.seq_len
+            step_tokens = self.step_tokens(result)
             progress.tokens_seen += step_tokens
             tokens_since += step_tokens
             steps_since += 1

@@ -1,0 +1,119 @@
+"""RLTrainer: reinforcement learning (GRPO/GSPO, [rl] with rl.enable) in the Trainer's loop.
+
+Everything but the step is the Trainer's (trainer.py): the model and its parallel passes, LoRA,
+checkpoints and resume, signals, metrics.jsonl. A step here:
+  1. this rank's prompts (rl/prompts.py; the position is the checkpoint's 'dataloader');
+  2. rollouts: rl.group_size completions each from the current weights (rl/rollout.py), with a
+     generator seeded by (seed, step, data-parallel rank);
+  3. rewards (rl/rewards.py) on the parsed harmony replies, group-normalized advantages;
+  4. the policy update (rl_step.py).
+Metrics per step: reward_mean, reward_std, reward/<term>, response_len_mean/max, truncated_frac,
+reward_errors, clip_frac, kl, entropy, logprob_diff_max, old_logprob_diff_max, gen_tokens_per_s,
+train_tokens_per_s (and loss = the policy loss, grad_norm, lr as in training).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+from ..rl.loss import group_advantages
+from ..rl.prompts import PromptLoader, load_prompts
+from ..rl.rewards import RewardModel, exact_match, parse_reply
+from ..rl.rollout import rollout, sampling_seed
+from ..runtime.log import logger
+from .metrics import StepResult
+from .rl_step import RLStep
+from .trainer import Trainer
+
+
+class RLTrainer(Trainer):
+    step_class = RLStep
+
+    def open_data(self):
+        rl, d = self.cfg.rl, self.dims
+        if rl.prompts_per_step % d.dp_degree:
+            raise ConfigError(
+                f"rl.prompts_per_step = {rl.prompts_per_step} is not a multiple of the {d.dp_degree} "
+                "data-parallel ranks; each samples its own share"
+            )
+        local = rl.prompts_per_step // d.dp_degree * rl.group_size
+        if local % self.cfg.training.local_batch_size:
+            raise ConfigError(
+                f"training.local_batch_size = {self.cfg.training.local_batch_size} does not divide the {local} "
+                "completions of a rank (rl.prompts_per_step / data-parallel ranks x rl.group_size)"
+            )
+        self.reward = RewardModel(rl.reward, rl.reward_default)
+        needs_answer = any(t.fn is exact_match for t in self.reward.terms)
+        room = self.model_args.max_seq_len - rl.max_new_tokens
+        prompts = load_prompts(rl.prompts, room, needs_answer)
+        logger.info(f"rl: {len(prompts)} prompts from {rl.prompts}; reward = {rl.reward}")
+        loader = PromptLoader(prompts, rl.prompts_per_step, self.dp_rank, d.dp_degree, self.cfg.training.seed)
+        return loader, None
+
+    def step_tokens(self, result: StepResult) -> int:
+        return int(result.target_tokens)
+
+    def train_step(self) -> StepResult:
+        rl, step = self.cfg.rl, self.train_module
+        t0 = time.perf_counter()
+        prompts = self.train_loader.next_prompts()
+        seed = sampling_seed(self.cfg.training.seed, self.step, self.dp_rank)
+        ro = rollout(step.model, prompts, rl.group_size, rl.max_new_tokens, rl.temperature, rl.top_p, seed,
+                     self.device, step.autocast(), rl.generation_batch)  # fmt: skip
+        self.reward.errors = 0
+        rewards, parts = [], []
+        for i in range(len(ro.prompt_lens)):
+            p = prompts[i // rl.group_size]
+            reply = parse_reply(ro.completion(i), rl.max_new_tokens)
+            total, comp = self.reward(p.conversation, reply, p.metadata)
+            rewards.append(total)
+            parts.append(comp)
+        r = torch.tensor(rewards, dtype=torch.float64)
+        adv = group_advantages(r, rl.group_size, rl.advantage_scale).float()
+        t1 = time.perf_counter()
+        result = step.rl_update(ro, adv, self.step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        result.extra.update(self._rollout_stats(ro, rewards, parts, t1 - t0, t2 - t1, result))
+        return result
+
+    def _rollout_stats(self, ro, rewards, parts, gen_s: float, train_s: float, result) -> dict:
+        """Global (every data-parallel rank's completions) reward and length statistics."""
+        local = {
+            "rewards": rewards,
+            "parts": parts,
+            "lens": ro.completion_lens,
+            "trunc": ro.truncated,
+            "errors": self.reward.errors,
+            "gen_s": gen_s,
+            "train_s": train_s,
+        }
+        every = [local]
+        if self.meshes is not None and dist.get_world_size() > 1:
+            every = [None] * self.dims.dp_degree
+            dist.all_gather_object(every, local, group=self.meshes.loss.get_group())
+        rs = torch.tensor([x for e in every for x in e["rewards"]], dtype=torch.float64)
+        lens = [n for e in every for n in e["lens"]]
+        out = {
+            "reward_mean": float(rs.mean()),
+            "reward_std": float(rs.std()) if len(rs) > 1 else 0.0,
+            "response_len_mean": sum(lens) / len(lens),
+            "response_len_max": max(lens),
+            "truncated_frac": sum(t for e in every for t in e["trunc"]) / len(lens),
+            "reward_errors": sum(e["errors"] for e in every),
+        }
+        names = sorted({k for e in every for p in e["parts"] for k in p})
+        for k in names:
+            vals = [p[k] for e in every for p in e["parts"] if k in p]
+            out[f"reward/{k}"] = sum(vals) / len(vals)
+        gen_s = max(e["gen_s"] for e in every)
+        train_s = max(e["train_s"] for e in every)
+        out["gen_tokens_per_s"] = sum(lens) / gen_s
+        out["train_tokens_per_s"] = int(result.target_tokens) * self.cfg.rl.updates_per_batch / train_s
+        out["gen_time_s"], out["train_time_s"] = gen_s, train_s
+        return out

@@ -1,0 +1,87 @@
+"""Per-token log-probabilities through the lm_head (model/logprobs.py) against the direct definition
+(log_softmax of full logits), in fp64: values, entropies and gradients, chunked or not, on both
+paths, with ignored rows; and through Transformer.forward."""
+
+import pytest
+import torch
+
+from gptoss_titan.model.logprobs import token_logprobs
+from gptoss_titan.model.loss import IGNORE_INDEX
+
+from ..conftest import build, tiny_args
+
+
+def direct(h, w, t, temperature):
+    z = (h @ w.T) / temperature
+    lp = torch.log_softmax(z, -1)
+    valid = t != IGNORE_INDEX
+    picked = lp.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1) * valid
+    ent = -(lp.exp() * lp).sum(-1) * valid
+    return picked, ent
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [None, 40])  # 40 elements over V = 13: 3 rows per chunk
+@pytest.mark.parametrize("path", ["cpu", "accel"])
+def test_token_logprobs_match_log_softmax_fp64(temperature, chunk, path):
+    g = torch.Generator().manual_seed(0)
+    M, H, V = 11, 6, 13
+    h = torch.randn(M, H, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, V, (M,), generator=g)
+    t[[2, 7]] = IGNORE_INDEX
+    weights = torch.randn(M, dtype=torch.float64, generator=g)  # what a loss would bring back
+
+    # both paths hold logits in fp32 (a few ulps of values of order 10 after the chunk's sums)
+    hh, ww = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    lp, ent = token_logprobs(hh, ww, t, temperature, chunk, path)
+    ref_lp, ref_ent = direct(h, w, t, temperature)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp.double(), ref_lp, **tol)
+    torch.testing.assert_close(ent.double(), ref_ent, **tol)
+    assert not ent.requires_grad and lp[2] == 0 and lp[7] == 0
+
+    gh, gw = torch.autograd.grad((lp.double() * weights).sum(), (hh, ww))
+    rh, rw = torch.autograd.grad((ref_lp * weights).sum(), (h, w))
+    torch.testing.assert_close(gh.double(), rh, **tol)
+    torch.testing.assert_close(gw.double(), rw, **tol)
+
+
+def test_temperature_must_be_positive():
+    with pytest.raises(ValueError, match="temperature 0"):
+        token_logprobs(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, dtype=torch.long), 0.0)
+
+
+def test_transformer_forward_returns_the_targets_logprobs():
+    torch.manual_seed(0)
+    model = build(tiny_args()).double()
+    x = torch.randint(0, 256, (2, 9))
+    y = torch.randint(0, 256, (2, 9))
+    y[0, :3] = IGNORE_INDEX
+    lp, ent, counts = model(x, y, logprob_temperature=0.9)
+    logits = model(x).double() / 0.9
+    ref = torch.log_softmax(logits, -1).gather(2, y.clamp(min=0).unsqueeze(2)).squeeze(2) * (
+        y != IGNORE_INDEX
+    )
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-5)
+    assert lp.shape == ent.shape == (2, 9) and counts.shape == (2, 4)
+    lp.sum().backward()
+    assert model.layers[0].attention.wq.weight.grad is not None
+
+
+def test_logprob_rows_limit_the_head_to_those_positions():
+    """logprob_rows: the same values and gradients at those positions, 0 elsewhere."""
+    torch.manual_seed(0)
+    model = build(tiny_args())
+    x = torch.randint(0, 256, (2, 9))
+    y = torch.randint(0, 256, (2, 9))
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 4:7], mask[1, 2:9] = True, True
+    y = torch.where(mask, y, IGNORE_INDEX)
+    full, ent_full, _ = model(x, y, logprob_temperature=1.0)
+    g_full = torch.autograd.grad(full.sum(), model.output.weight)[0]
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    part, ent, _ = model(x, y, logprob_temperature=1.0, logprob_rows=rows)
+    g_part = torch.autograd.grad(part.sum(), model.output.weight)[0]
+    assert torch.equal(part, full) and torch.equal(ent, ent_full) and bool((part[~mask] == 0).all())
+    torch.testing.assert_close(g_part, g_full, rtol=1e-5, atol=1e-7)
