@@ -97,7 +97,9 @@ def generate(
     cache = model.new_cache(prompt.shape[0], total) if use_cache else None
     seq = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    logits = model(prompt, cache=cache, start_pos=0)[:, -1] if use_cache else model(prompt)[:, -1]
+    logits = (
+        model(prompt, cache=cache, start_pos=0, last_only=True)[:, -1] if use_cache else model(prompt)[:, -1]
+    )
     step = _decode
     if compile and not _is_sharded(model):
         dtype = next(model.parameters()).dtype

@@ -191,11 +191,14 @@ class OutputHead(nn.Module):
         targets: torch.Tensor | None = None,
         temperature: float | None = None,
         rows: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """logits; with targets the summed cross-entropy; with targets and a temperature the
-        targets' log-probabilities and the entropies [B, T] (model/logprobs.py), computed for the
-        flat positions `rows` [K] only when given (0 elsewhere)."""
+        """logits (of the last position alone with last_only); with targets the summed
+        cross-entropy; with targets and a temperature the targets' log-probabilities and the
+        entropies [B, T] (model/logprobs.py), computed for the flat positions `rows` [K] only when
+        given (0 elsewhere)."""
         if targets is None:
+            h = h[:, -1:] if last_only else h
             return h @ self.weight.to(h.dtype).T  # [B, T, V]
         flat, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         if temperature is not None:
@@ -303,6 +306,7 @@ class Transformer(nn.Module):
         seq_len: int | None = None,
         logprob_temperature: float | None = None,
         logprob_rows: torch.Tensor | None = None,
+        last_only: bool = False,
     ):
         """tokens [B, T] -> logits [B, T, V].
 
@@ -324,6 +328,9 @@ class Transformer(nn.Module):
         log-probabilities under softmax(logits / temperature) and the entropies, [B, T] each
         (0 where ignored; reinforcement learning, model/logprobs.py); logprob_rows [K], indices
         into the flattened [B * T] targets, limits the lm_head's work to those positions.
+
+        last_only=True (without targets) returns the last position's logits [B, 1, V] alone: a
+        prompt's prefill needs no [B, T, V] (64 prompts of 500 tokens: 13 GB in bf16).
 
         hidden_states=True returns the final normed hidden states [B, T, H] instead (the caller
         applies `output` itself). A model cut for a pipeline stage (modules set to None) runs what
@@ -365,7 +372,7 @@ class Transformer(nn.Module):
         if hidden_states:
             return h
         if targets is None:
-            return self.output(h)
+            return self.output(h, last_only=last_only)
         counts_t = torch.stack(counts)  # [L, E]
         if logprob_temperature is not None:
             logp, ent = self.output(h, targets, logprob_temperature, logprob_rows)

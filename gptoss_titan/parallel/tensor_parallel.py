@@ -167,10 +167,13 @@ class VocabParallelHead(OutputHead):
 
     tp: TPContext
 
-    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, targets: torch.Tensor | None = None, last_only: bool = False
+    ) -> torch.Tensor:
         h = self.tp.gather(h)  # [B, T, H]
         w = local(self.weight)  # [V/tp, H]
         if targets is None:
+            h = h[:, -1:] if last_only else h  # the whole sequence's last position (after the gather)
             logits = h @ w.to(h.dtype).T  # [B, T, V/tp]
             return _waited(funcol.all_gather_single(logits.contiguous(), gather_dim=2, group=self.tp.group))
         return fused_linear_cross_entropy(

@@ -78,7 +78,7 @@ def sample_rows(
     x = torch.tensor(rows, device=device)  # [R, T0]
     R, T0 = x.shape
     cache = model.new_cache(R, T0 + max_new_tokens)
-    logits = model(x, cache=cache, start_pos=0)[:, -1]  # [R, V]
+    logits = model(x, cache=cache, start_pos=0, last_only=True)[:, -1]  # [R, V]
     stops = torch.tensor(STOPS, device=device)
     done = torch.zeros(R, dtype=torch.bool, device=device)
     lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=device)
