@@ -229,7 +229,7 @@ class RL:
     clip_low: float = 0.2  # ratio clipped below at 1 - clip_low (GSPO: ~3e-4)
     clip_high: float = 0.28  # ratio clipped above at 1 + clip_high (DAPO clip-higher; GSPO: ~4e-4)
     advantage_scale: str = "group"  # group (divide by the group's std) or none (Dr. GRPO)
-    kl_coef: float = 0.0  # KL penalty to the reference (LoRA: the base, adapters off); 0 = off
+    kl_coef: float = 0.0  # KL penalty to the reference (LoRA: the base; full: a frozen copy); 0 = off
     log_kl: bool = False  # compute and log the KL to the reference even when kl_coef is 0
     updates_per_batch: int = 1  # optimizer updates per rollout batch (>1: old log-probs recorded first)
     generation_batch: int = 64  # most completions decoded at once (prompts of one length share a batch)

@@ -41,11 +41,6 @@ def validate_rl(cfg: JobConfig) -> None:
         raise ConfigError(
             f"rl.max_new_tokens = {rl.max_new_tokens} must be in [1, {context - 1}] (the model's context)"
         )
-    if (rl.kl_coef > 0 or rl.log_kl) and not cfg.lora.rank:
-        raise ConfigError(
-            "rl.kl_coef > 0 (or rl.log_kl) needs lora.rank > 0: the reference is the LoRA base with the "
-            "adapters off; a frozen full copy for full fine-tuning is not built yet"
-        )
     p = cfg.parallelism
     others = {
         "tensor_parallel_degree": p.tensor_parallel_degree,

@@ -9,7 +9,8 @@ Old log-probs: with one update per batch (rl.updates_per_batch = 1) they are the
 forward, detached: the ratio is exactly 1. With more, a no-gradient pass of the same micro-batches
 through the same forward records them first; `old_logprob_diff_max` (the largest |old - new| of
 the first update) is then 0 exactly: training and recording run the same code on the same
-batches. The reference for the KL term (LoRA runs): the same model with its adapters off.
+batches. The reference for the KL term: with LoRA the same model with its adapters off; with full
+fine-tuning a frozen copy sharded like the policy (rl_trainer.py).
 Later updates of the same batch skip an update whose loss or gradient norm is not finite; the
 last goes through the step guard (guard.py) like any training step.
 """
@@ -55,6 +56,8 @@ def adapters_off(model):
 
 
 class RLStep(TrainStep):
+    reference = None  # full fine-tuning's frozen KL reference (rl_trainer.py); LoRA: adapters off
+
     def rl_update(self, ro: Rollout, advantages: torch.Tensor, step: int) -> RLResult:
         cfg, rl = self.cfg, self.cfg.rl
         obj = Objective(rl.loss, rl.clip_low, rl.clip_high, rl.kl_coef)
@@ -79,7 +82,9 @@ class RLStep(TrainStep):
                 for i, (x, y, _, _, _, rows) in enumerate(batches):
                     if rl.updates_per_batch > 1:
                         old[i] = self.model(x, y, logprob_temperature=temp, logprob_rows=rows)[0]
-                    if use_ref:
+                    if use_ref and self.reference is not None:
+                        ref[i] = self.reference(x, y, logprob_temperature=temp, logprob_rows=rows)[0]
+                    elif use_ref:
                         with adapters_off(self.model):
                             ref[i] = self.model(x, y, logprob_temperature=temp, logprob_rows=rows)[0]
         zero = torch.zeros((), dtype=torch.float64, device=dev)

@@ -14,24 +14,63 @@ train_tokens_per_s (and loss = the policy loss, grad_norm, lr as in training).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..interop.convert import HFFolder, load_hf_into
+from ..parallel.build import build_model
 from ..rl.loss import group_advantages
 from ..rl.prompts import PromptLoader, load_prompts
 from ..rl.rewards import RewardModel, exact_match, parse_reply
 from ..rl.rollout import rollout, sampling_seed
 from ..runtime.log import logger
 from .metrics import StepResult
+from .resume import choose_resume
 from .rl_step import RLStep
+from .state import ModelState, drop_absent
 from .trainer import Trainer
 
 
 class RLTrainer(Trainer):
     step_class = RLStep
+
+    def __init__(self, cfg, checkpoint_writer=None, checkpoint_stager=None):
+        super().__init__(cfg, checkpoint_writer, checkpoint_stager)
+        rl = cfg.rl
+        if (rl.kl_coef > 0 or rl.log_kl) and not cfg.lora.rank:  # LoRA: the base, adapters off (rl_step.py)
+            try:
+                self.train_module.reference = self._reference()
+            except BaseException:
+                self.stop_request.close()
+                self.run_lock.release()
+                raise
+
+    def _reference(self):
+        """Full fine-tuning's KL reference: a frozen copy of the policy as the run started, sharded
+        like it - the seeded initialization (the same values at any layout), or
+        checkpoint.initial_load_path's model; rebuilt so on every resume (never saved)."""
+        cfg = self.cfg
+        ref = build_model(cfg, self.plan, self.meshes, self.device, init=True).model
+        ref.requires_grad_(False)
+        ref.eval()
+        start = choose_resume(dataclasses.replace(cfg.checkpoint, enable=False), self.dump, self.model_args)
+        if start is None:
+            logger.info(f"rl: KL reference = the initialization (seed {cfg.training.seed})")
+        elif start.format == "hf":
+            load_hf_into(ref, HFFolder(str(start.path)), self.model_args)
+            logger.info(f"rl: KL reference = {start.path}")
+        else:
+            ms = ModelState(ref)
+            state = {"model": ms.state_dict()}
+            drop_absent(state["model"], start.path)
+            self.checkpoint.load(start.path, state)
+            ms.load_state_dict(state["model"])
+            logger.info(f"rl: KL reference = {start.path}")
+        return ref
 
     def open_data(self):
         rl, d = self.cfg.rl, self.dims

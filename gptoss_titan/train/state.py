@@ -210,7 +210,7 @@ class TrainState:
             )
         state = {k: m.state_dict() for k, m in members.items()}
         if "model" in state:
-            _drop_absent(state["model"], path)
+            drop_absent(state["model"], path)
         fqns = checkpoint_fqns(path)
         for k in [k for k in state if k.startswith("rng_rank")]:  # saved on a CPU: no CUDA generator state
             state[k] = {name: v for name, v in state[k].items() if f"{k}.{name}" in fqns}
@@ -225,7 +225,7 @@ class TrainState:
         """A LoRA run's frozen base: every parameter but the adapters, from a model checkpoint."""
         full = ModelState(self.model.model)
         state = {"model": {k: v for k, v in full.state_dict().items() if not is_adapter(k)}}
-        _drop_absent(state["model"], path)
+        drop_absent(state["model"], path)
         seconds = checkpoint.load(path, state)
         full.load_state_dict(state["model"])
         logger.info(f"loaded the frozen base from {path} in {seconds:.2f}s")
@@ -258,7 +258,7 @@ class TrainState:
         )
 
 
-def _drop_absent(model_state: dict, path: Path) -> None:
+def drop_absent(model_state: dict, path: Path) -> None:
     """Leave out what a checkpoint may lack: the balancing biases are ours alone (an HF import or a
     run without balancing has none: they start at zero); a base has no adapters (they start fresh)."""
     saved = checkpoint_fqns(path)

@@ -124,3 +124,24 @@ def test_reward_rises_on_the_toy_task(tmp_path):
     rewards = [row["reward_mean"] for row in read_metrics(tmp_path / "rl")]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.1, rewards
+
+
+def test_full_finetuning_kl_to_a_frozen_copy_resumes_bitwise(tmp_path):
+    """Full fine-tuning: the reference is a frozen copy of the starting weights (here a seed
+    checkpoint), rebuilt on resume: KL 0.0 at step 1, > 0 after, and a resumed run's KL equals the
+    uninterrupted run's."""
+    base = tmp_path / "base"
+    r = run_train_sh({**CFG, "NGPU": "1"}, f"--job.dump_folder={base}", "--checkpoint.create_seed_checkpoint=true",
+                     "--checkpoint.initial_load_path=")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = (
+        f"--checkpoint.initial_load_path={base / 'checkpoint'}",
+        "--rl.kl_coef=0.05",
+        "--checkpoint.interval=2",
+    )
+    full = run(tmp_path / "full", "--training.steps=3", *args)
+    assert full[0]["kl"] == 0.0 and full[1]["kl"] > 0 and full[2]["kl"] > 0
+    cut = tmp_path / "cut"
+    run(cut, "--training.steps=2", *args)
+    resumed = run(cut, "--training.steps=3", *args)
+    assert {k: full[2][k] for k in (*KEYS, "kl")} == {k: resumed[2][k] for k in (*KEYS, "kl")}
