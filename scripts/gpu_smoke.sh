@@ -28,6 +28,9 @@
 #                MXFP4-resident base (experts dequantized per layer on the GPU)
 #   sample       (cap 60 s) greedy tokens from the train step's checkpoint (scripts/generate.sh)
 #   export       (cap 90 s) that checkpoint as a Hugging Face folder that transformers loads and runs
+#   grpo         (cap 60 s) GRPO from that checkpoint (rollouts, rewards, 2 updates per batch): the old
+#                log-probs must equal the trained ones (old_logprob_diff_max 0); reports the decode
+#                path's difference in the compute dtype and generation / training tokens/s
 #   long_packed  (cap 90 s) document masking (flex document block masks, compiled), seq 4 x 1,024
 #   cp           (cap 90 s, needs 2) the same with context parallelism 2 (ring and halo on NCCL)
 #   tp_pp        (cap 90 s, needs 2) tensor parallelism 2, with pipeline parallelism 2 on 4 or more
@@ -223,7 +226,20 @@ EOF
   record export "${st}" $((SECONDS - T0)) "$(tail -1 "${SMOKE}/export.log")"
 fi
 
-# 8-9. Long packed sequences: document masking on one GPU, then with context parallelism 2
+# 8. GRPO (reinforcement learning) from the train step's checkpoint: rollouts with the KV cache,
+# the old log-probs equal to the trained ones, the decode path's difference in the compute dtype
+if step grpo 60 1; then
+  CONFIG_FILE=train_configs/grpo_debug.toml run grpo.log ./scripts/run_train.sh "--job.dump_folder=${SMOKE}/grpo" \
+    "--checkpoint.initial_load_path=${SMOKE}/train/checkpoint" "--training.mixed_precision_param=${DTYPE}" \
+    --training.steps=2 --rl.prompts_per_step=2 --rl.group_size=4 --rl.max_new_tokens=8 --rl.updates_per_batch=2 \
+    --training.local_batch_size=4 --checkpoint.enable=false "--parallelism.expert_parallel_degree=${EP}" \
+    "--parallelism.fsdp_one_process=${ONE}" --model.load_balance_bias=true; st=$(verdict $?)
+  G="${SMOKE}/grpo/metrics.jsonl"
+  [ "$(last_metric "${G}" old_logprob_diff_max)" = "0" ] || st=FAIL
+  record grpo "${st}" $((SECONDS - T0)) "old_logprob_diff_max $(last_metric "${G}" old_logprob_diff_max), decode vs forward $(last_metric "${G}" logprob_diff_max) (${DTYPE}), $(last_metric "${G}" gen_tokens_per_s) generated and $(last_metric "${G}" train_tokens_per_s) trained tokens/s"
+fi
+
+# 9-10. Long packed sequences: document masking on one GPU, then with context parallelism 2
 for CP in 1 2; do
   name=$([ "${CP}" -eq 1 ] && echo long_packed || echo cp)
   if step "${name}" 90 "${CP}"; then

@@ -16,6 +16,7 @@ STEPS = (
     "lora_mxfp4",
     "sample",
     "export",
+    "grpo",
     "long_packed",
     "cp",
     "tp_pp",
@@ -47,6 +48,7 @@ def test_gpu_smoke_cpu_version_passes(tmp_path):
         and "rank 8, MXFP4 base" in r.stdout
         and "cp 2, seq 512" in r.stdout
         and "tp 2, pp 1 (pp needs 4)" in r.stdout
+        and "old_logprob_diff_max 0," in r.stdout
     )
     # the resumed half loaded the first half's last checkpoint (not a fresh start)
     assert "loaded" in (tmp_path / "smoke" / "resume.log").read_text()

@@ -222,7 +222,7 @@ class RL:
     reward_default: float = 0.0  # the value of a reward term that raised or returned a non-finite number
     prompts_per_step: int = 4  # prompts per step over all data-parallel ranks (each sampled group_size times)
     group_size: int = 8  # completions per prompt (G); advantages are normalized within each group
-    max_new_tokens: int = 64  # longest completion; sampling stops at <|return|> or <|call|>
+    max_new_tokens: int = 64  # longest completion; sampling stops at <|return|>, <|call|> or <|endoftext|>
     temperature: float = 1.0  # sampling temperature (> 0); log-probs are of softmax(logits / temperature)
     top_p: float = 1.0  # nucleus sampling (1 = off)
     loss: str = "grpo"  # grpo (token-level ratio) or gspo (sequence-level ratio)

@@ -4,6 +4,8 @@ data-parallel split of rl.prompts_per_step is checked against the world size the
 
 from __future__ import annotations
 
+import math
+
 from .job_config import ConfigError, JobConfig
 from .validation import _choice, model_args
 
@@ -53,5 +55,22 @@ def validate_rl(cfg: JobConfig) -> None:
                 f"parallelism.{name} = {degree} with rl.enable: RL runs on data parallelism (FSDP, HSDP) "
                 "and expert parallelism for now; set it to 1"
             )
+    if not rl.generation_batch >= rl.group_size:
+        raise ConfigError(
+            f"rl.generation_batch = {rl.generation_batch} is below rl.group_size = {rl.group_size}: a prompt's "
+            "completions decode together; raise it"
+        )
+    if not math.isfinite(rl.reward_default):
+        raise ConfigError(f"rl.reward_default = {rl.reward_default} must be a finite number")
+    if cfg.training.loss_spike_sigma > 0:
+        raise ConfigError(
+            f"training.loss_spike_sigma = {cfg.training.loss_spike_sigma} with rl.enable: the policy loss has no "
+            "spikes to detect (its sign swings with the advantages); set it to 0"
+        )
+    if cfg.lora.rank and cfg.lora.dropout > 0:
+        raise ConfigError(
+            f"lora.dropout = {cfg.lora.dropout} with rl.enable: dropout would make the recorded and the trained "
+            "log-probs differ; set lora.dropout = 0"
+        )
     if cfg.training.mxfp4_qat:
         raise ConfigError("training.mxfp4_qat with rl.enable is not supported; turn one off")

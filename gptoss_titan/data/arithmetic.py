@@ -18,7 +18,7 @@ INSTRUCTIONS = "Answer with the number only."
 
 
 def arithmetic_rows(n: int = 2000, seed: int = 0, answered: bool = False) -> list[dict]:
-    """n rows of the task (the 400 distinct questions in a seeded order, repeated as needed);
+    """n rows of the task (the MAX_TERM**2 = 100 distinct questions in a seeded order, repeated as needed);
     answered=True adds the assistant's reply (supervised warm start)."""
     pairs = [(a, b) for a in range(MAX_TERM) for b in range(MAX_TERM)]
     random.Random(seed).shuffle(pairs)

@@ -61,7 +61,8 @@ class _TokenLogprobs(torch.autograd.Function):
                 out[s : s + c] = (picked - lse) * valid
                 lse_all[s : s + c] = lse
         ctx.save_for_backward(h, w, targets, lse_all)
-        ctx.temperature, ctx.chunk_elems, ctx.path = temperature, chunk_elems, path
+        # backward runs outside autocast: it reuses forward's compute dtype (same logits, same lse)
+        ctx.temperature, ctx.chunk_elems, ctx.path, ctx.dt = temperature, chunk_elems, path, dt
         ctx.mark_non_differentiable(ent)
         return out, ent
 
@@ -69,13 +70,12 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_ent):
         """d logp / d z = (onehot - softmax) / temperature, times each row's incoming weight."""
         h, w, targets, lse = ctx.saved_tensors
-        path, temp = ctx.path, ctx.temperature
-        dt = _compute_dtype(h, path)
+        temp, dt = ctx.temperature, ctx.dt
         need_h, need_w = ctx.needs_input_grad[:2]
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dt), w.to(dt)
             M, V = h.shape[0], w.shape[0]
-            rows = _chunk_rows(V, path, ctx.chunk_elems)
+            rows = _chunk_rows(V, ctx.path, ctx.chunk_elems)
             grad_h = torch.empty_like(h) if need_h else None
             grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
             buf = torch.empty(min(rows, M), V, dtype=torch.float32, device=h.device)

@@ -15,7 +15,7 @@ the completion `rl.reward_default` for that term and is counted (`reward_errors`
 
 Built-ins:
   exact_match  1 if the final channel's text equals str(metadata["answer"]) (both stripped of
-               surrounding whitespace and a trailing period), else 0
+               surrounding whitespace and a trailing period) in a reply that was not cut off, else 0
   format       1 if the reply is well-formed harmony ending in <|return|> with a final message,
                or in <|call|> after a tool call; else 0
   length       DAPO's soft overlong penalty: 0 up to 3/4 of rl.max_new_tokens, then falling
@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..model.tokens import CALL_ID, RETURN_ID
+from ..model.tokens import CALL_ID, EOT_ID, RETURN_ID
 from ..runtime.errors import UserError
 from ..runtime.log import logger
 
@@ -55,15 +55,17 @@ class Reply:
     max_new_tokens: int = 0
 
 
-def parse_reply(tokens: list[int], max_new_tokens: int) -> Reply:
-    """Sampled tokens (after the prompt's `<|start|>assistant`) -> Reply, by openai-harmony."""
+def parse_reply(tokens: list[int], max_new_tokens: int, truncated: bool | None = None) -> Reply:
+    """Sampled tokens (after the prompt's `<|start|>assistant`) -> Reply, by openai-harmony.
+    truncated: whether sampling ran out of rl.max_new_tokens before a stop token (the rollout knows;
+    by default: the reply does not end in a stop token)."""
     from openai_harmony import Role
 
     from ..data.chat import harmony
 
     enc = harmony()
-    ended = bool(tokens) and tokens[-1] in (RETURN_ID, CALL_ID)
-    reply = Reply(list(tokens), enc.decode(tokens), "", None, truncated=not ended,
+    ended = bool(tokens) and tokens[-1] in (RETURN_ID, CALL_ID, EOT_ID)
+    reply = Reply(list(tokens), enc.decode(tokens), "", None, truncated=not ended if truncated is None else truncated,
                   max_new_tokens=max_new_tokens)  # fmt: skip
     try:
         msgs = enc.parse_messages_from_completion_tokens(tokens, Role.ASSISTANT)
@@ -91,7 +93,7 @@ def _norm(s: str) -> str:
 
 
 def exact_match(prompt: dict, reply: Reply, metadata: dict) -> float:
-    if reply.final is None or "answer" not in metadata:
+    if reply.final is None or reply.truncated or "answer" not in metadata:
         return 0.0
     return float(_norm(reply.final) == _norm(str(metadata["answer"])))
 

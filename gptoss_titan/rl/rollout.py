@@ -13,7 +13,7 @@ of them are done (one all-reduce of a flag) and run the same number of forwards.
 The log-probabilities decoding saw are kept only to measure how far they are from the trainer's
 forward on the same tokens (`logprob_diff_max`): a one-row decode step runs differently shaped
 kernels (other summation orders) than the batched training forward. The ratio's old log-probs
-come from the trainer's forward itself (rl/step.py), so they equal the trained ones exactly.
+come from the trainer's forward itself (train/rl_step.py), so they equal the trained ones exactly.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ through the same forward records them first; `old_logprob_diff_max` (the largest
 the first update) is then 0 exactly: training and recording run the same code on the same
 batches. The reference for the KL term: with LoRA the same model with its adapters off; with full
 fine-tuning a frozen copy sharded like the policy (rl_trainer.py).
-Later updates of the same batch skip an update whose loss or gradient norm is not finite; the
-last goes through the step guard (guard.py) like any training step.
+Every update but the last of a batch skips itself when its loss or gradient norm is not finite; the
+last goes through the step guard (guard.py) like any training step (a skip there leaves the
+earlier updates of the batch applied). All updates of a step use the step's learning rate.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class RLStep(TrainStep):
 
     def rl_update(self, ro: Rollout, advantages: torch.Tensor, step: int) -> RLResult:
         cfg, rl = self.cfg, self.cfg.rl
+        self.settle()  # the previous step's skip decision: the LR schedule, before any update here
         obj = Objective(rl.loss, rl.clip_low, rl.clip_high, rl.kl_coef)
         dev, temp = self.device, rl.temperature
         x_all = ro.tokens[:, :-1]
@@ -133,7 +135,6 @@ class RLStep(TrainStep):
         loss = self.all_reduce(loss_total.clone())
         lr = self.optimizer.param_groups[0]["lr"]
         if last:
-            self.settle()
             skip = self.guard.check(loss, grad_norm, step)
         else:
             skip = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()

@@ -107,7 +107,7 @@ class RLTrainer(Trainer):
         rewards, parts = [], []
         for i in range(len(ro.prompt_lens)):
             p = prompts[i // rl.group_size]
-            reply = parse_reply(ro.completion(i), rl.max_new_tokens)
+            reply = parse_reply(ro.completion(i), rl.max_new_tokens, ro.truncated[i])
             total, comp = self.reward(p.conversation, reply, p.metadata)
             rewards.append(total)
             parts.append(comp)
