@@ -113,7 +113,7 @@ def test_reward_rises_on_the_toy_task(tmp_path):
     first 4's by a margin (measured: 0.25 -> 0.53; with one update per batch the rise is within
     the noise of 14 steps, 0.20 -> 0.26)."""
     warm = tmp_path / "warm"
-    r = run_train_sh({**CFG, "NGPU": "1"}, f"--job.dump_folder={warm}", *WARM)
+    r = run_train_sh({**CFG, "NGPU": "1"}, f"--job.dump_folder={warm}", *WARM, timeout=1800)  # ~3 min alone
     assert r.returncode == 0, r.stderr[-3000:]
     prompts = tmp_path / "two.jsonl"
     prompts.write_text("".join(json.dumps(row) + "\n" for row in arithmetic_rows(2, seed=7)))
