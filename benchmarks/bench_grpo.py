@@ -3,7 +3,9 @@
 and settings, on CPU: the reward after N steps and the time per step (generation + training).
 
   python benchmarks/bench_grpo.py [--steps 6] [--warm CHECKPOINT] [--work DIR] [--lr 1e-4] [--threads 2]
-                                  [--json FILE]
+                                  [--last 3] [--only ours|trl] [--json FILE]
+
+Defaults take ~8 minutes on 2 idle cores: the warm start ~3.5, ours ~2 s a step, TRL ~20 s a step.
 
 Both sides start from the same supervised warm start (the debug flavor after the command in
 train_configs/grpo_debug.toml's header; --warm reuses a checkpoint or step folder, otherwise it is
@@ -17,13 +19,17 @@ reward functions weighted 1 and 0.1, summed then normalized per group, as ours);
 no KL, one update per batch, micro-batches of 8 completions (TRL: 8 per device x 4 accumulation
 steps, one generation per optimizer step), grad-norm clip 1.0; AdamW (0.9, 0.95), eps 1e-8, no
 weight decay, fused, our LR schedule (2 warmup steps, then constant: TRL gets the same LambdaLR);
-no MoE auxiliary loss (TRL's default would take the exported config's 0.9); seed 0; fp32.
+no MoE auxiliary loss (TRL's default would take the exported config's 0.9) and no gradient
+checkpointing (TRL's default; ours has none); seed 0; fp32. Both sides are deterministic run to run,
+but they draw different samples (each its own random numbers): compare rewards over many steps.
 
 Each side runs in its own process with the same number of torch threads (OMP_NUM_THREADS and
 torch.set_num_threads), ours through `python -m gptoss_titan.train`, TRL through this script.
 Step time: ours gen_time_s + train_time_s from metrics.jsonl (prompts, rollout, rewards and
 advantages; then the update); TRL from on_step_begin to on_step_end of a TrainerCallback (its
 generation and scoring measured inside). The median is taken after the first step (warm-up).
+Also printed: the cores other processes kept busy during each side; on 2 cores any such contention
+distorts the timings (ours more than TRL's), so compare only runs that report ~0.
 """
 
 from __future__ import annotations
