@@ -162,7 +162,7 @@ class ActivationCheckpoint:
 @dataclass
 class Compile:
     enable: bool = False  # torch.compile each transformer block
-    components: list[str] = field(default_factory=lambda: ["model"])  # what to compile: "model" (blocks)
+    components: list[str] = field(default_factory=lambda: ["model", "decode"])  # "model" blocks, "decode" RL
 
 
 @dataclass
@@ -233,6 +233,7 @@ class RL:
     log_kl: bool = False  # compute and log the KL to the reference even when kl_coef is 0
     updates_per_batch: int = 1  # optimizer updates per rollout batch (>1: old log-probs recorded first)
     generation_batch: int = 64  # most completions decoded at once (prompts of one length share a batch)
+    gather_weights: bool = True  # FSDP: weights gathered once per rollout, not per token (costs their memory)
 
 
 @dataclass

@@ -284,7 +284,7 @@ def validate(cfg: JobConfig) -> None:
     check_degrees(p, args.num_experts)  # the world-size checks follow in ParallelDims.from_config
     _choice("model.expert_kernel", cfg.model.expert_kernel, EXPERT_KERNELS)
     for item in cfg.compile.components:
-        _choice("compile.components", item, ("model",))
+        _choice("compile.components", item, ("model", "decode"))
     for item in c.exclude_from_loading:
         _choice("checkpoint.exclude_from_loading", item, SAVED_STATES)
     _choice("comm.mode", cfg.comm.mode, ("default", "fake_backend"))

@@ -7,7 +7,8 @@ exactly as in training. The trainer's periodic samples use this code.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -17,21 +18,35 @@ from ..model.kv_cache import KVCache
 from ..model.moe import compile_ready_kernel
 
 
-def _decode(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def decode_step(model: Transformer, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One decode step through the model's own forward: tokens [B, 1] at position pos (0-d) -> [B, V]."""
     return model(tokens, cache=cache, start_pos=pos)[:, -1]
 
 
 @functools.cache
-def _compiled_decode():
-    """`_decode` under torch.compile, built once per process (it recompiles per model and shape)."""
-    return torch.compile(_decode, fullgraph=True, dynamic=False)
+def compiled_decode_step():
+    """`decode_step` under torch.compile, built once per process (it recompiles per model and shape)."""
+    return torch.compile(decode_step, fullgraph=True, dynamic=False)
 
 
-def _is_sharded(model: Transformer) -> bool:
+def is_sharded(model: Transformer) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@contextmanager
+def compile_ready(model: Transformer, device_type: str, dtype: torch.dtype) -> Iterator[None]:
+    """Within the block, every expert kernel is one a fullgraph compile can trace (moe.py's
+    compile_ready_kernel); the model's own kernels come back on exit."""
+    kept = [block.moe.experts.kernel for block in model.blocks()]
+    try:
+        for block in model.blocks():
+            block.moe.experts.kernel = compile_ready_kernel(block.moe.experts.kernel, device_type, dtype)
+        yield
+    finally:
+        for block, kernel in zip(model.blocks(), kept):
+            block.moe.experts.kernel = kernel
 
 
 def sample_next(
@@ -96,34 +111,30 @@ def generate(
         )
     cache = model.new_cache(prompt.shape[0], total) if use_cache else None
     seq = prompt
-    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     logits = (
         model(prompt, cache=cache, start_pos=0, last_only=True)[:, -1] if use_cache else model(prompt)[:, -1]
     )
-    step = _decode
-    if compile and not _is_sharded(model):
-        dtype = next(model.parameters()).dtype
-        for block in model.blocks():
-            block.moe.experts.kernel = compile_ready_kernel(
-                block.moe.experts.kernel, prompt.device.type, dtype
-            )
-        step = _compiled_decode()
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, gen)  # [B]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast(nxt, src=0)
-        if on_token is not None:
-            on_token(nxt)
-        seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
-        if stop_ids:
-            done |= torch.isin(nxt, torch.tensor(stop_ids, device=nxt.device))
-            if bool(done.all()):
+    compiled = compile and not is_sharded(model)
+    step = compiled_decode_step() if compiled else decode_step
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    ready = compile_ready(model, prompt.device.type, next(model.parameters()).dtype)
+    with ready if compiled else nullcontext():
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, gen)  # [B]
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.broadcast(nxt, src=0)
+            if on_token is not None:
+                on_token(nxt)
+            seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+            if stop_ids:
+                done |= torch.isin(nxt, torch.tensor(stop_ids, device=nxt.device))
+                if bool(done.all()):
+                    break
+            if seq.shape[1] == total:
                 break
-        if seq.shape[1] == total:
-            break
-        if use_cache:  # the new token at its position, on the cache the prefill filled
-            pos = torch.tensor(seq.shape[1] - 1, device=seq.device)
-            logits = step(model, nxt.unsqueeze(1), pos, cache)
-        else:
-            logits = model(seq)[:, -1]
+            if use_cache:  # the new token at its position, on the cache the prefill filled
+                pos = torch.tensor(seq.shape[1] - 1, device=seq.device)
+                logits = step(model, nxt.unsqueeze(1), pos, cache)
+            else:
+                logits = model(seq)[:, -1]
     return seq

@@ -9,6 +9,9 @@ gradient of the whole global batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -71,3 +74,27 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, cfg: JobConfig) -> None:
         f"{meshes.efsdp.mesh_dim_names} {tuple(meshes.efsdp.shape)} (expert dim {expert_dim}); params {t.mixed_precision_param}, "
         f"reduce {t.mixed_precision_reduce}; reshard_after_forward={policy}"
     )
+
+
+@contextmanager
+def gathered_weights(model: nn.Module) -> Iterator[None]:
+    """Within the block, each FSDP group keeps its parameters from the first forward's all-gather
+    on (no reshard after forward), so decoding n tokens gathers once instead of n times; on exit
+    every group is resharded (the gathered copies freed) and its reshard-after-forward restored.
+    No-op without FSDP. Costs the unsharded weights' memory (expert-parallel shards stay split)."""
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # FSDP2 has no public getter for the setting, so the groups' own values are saved and restored
+    states = [m._get_fsdp_state() for m in mods]
+    auto = [st._auto_reshard_after_forward for st in states]
+    saved = [(g, g.post_forward_mesh_info) for st in states for g in st._fsdp_param_groups]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for st, a in zip(states, auto):
+            st._auto_reshard_after_forward = a
+        for g, info in saved:
+            g.post_forward_mesh_info = info
+        for m in mods:
+            m.reshard()

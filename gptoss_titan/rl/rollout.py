@@ -18,6 +18,7 @@ come from the trainer's forward itself (train/rl_step.py), so they equal the tra
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..infer.generate import sample_next
+from ..infer.generate import compile_ready, compiled_decode_step, decode_step, is_sharded, sample_next
+from ..model.local import to_device
 from ..model.tokens import CALL_ID, EOT_ID, RETURN_ID
 from .prompts import Prompt
 
@@ -70,14 +72,21 @@ def _all_done(done: torch.Tensor, world: bool) -> bool:
 @torch.no_grad()
 def sample_rows(
     model, rows: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-    generator: torch.Generator, device: torch.device,
+    generator: torch.Generator, device: torch.device, compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Prompts of one length [R, T0] -> (tokens [R, n], decode log-probs [R, n], lengths [R]);
-    lengths count up to the first stop token, inclusive (n: the longest, or max_new_tokens)."""
+    lengths count up to the first stop token, inclusive (n: the longest, or max_new_tokens).
+    compiled: decode steps through torch.compile (static shapes: the cache's capacity is rounded
+    up to a power of two, so prompts of nearby lengths share one graph)."""
     world = dist.is_initialized() and dist.get_world_size() > 1
-    x = torch.tensor(rows, device=device)  # [R, T0]
+    x = to_device(torch.tensor(rows), device)  # [R, T0]
     R, T0 = x.shape
-    cache = model.new_cache(R, T0 + max_new_tokens)
+    positions = torch.arange(T0, T0 + max_new_tokens, device=device)  # each decode step's, made once
+    capacity = T0 + max_new_tokens
+    if compiled:
+        capacity = min(1 << (capacity - 1).bit_length(), model.args.max_seq_len)
+    step = compiled_decode_step() if compiled else decode_step
+    cache = model.new_cache(R, capacity)
     logits = model(x, cache=cache, start_pos=0, last_only=True)[:, -1]  # [R, V]
     stops = torch.tensor(STOPS, device=device)
     done = torch.zeros(R, dtype=torch.bool, device=device)
@@ -94,8 +103,7 @@ def sample_rows(
         done |= hit
         if i + 1 == max_new_tokens or _all_done(done, world):
             break
-        pos = torch.tensor(T0 + i, device=device)
-        logits = model(nxt.unsqueeze(1), cache=cache, start_pos=pos)[:, -1]
+        logits = step(model, nxt.unsqueeze(1), positions[i], cache)
     return torch.stack(out, 1), torch.stack(logps, 1), lengths
 
 
@@ -111,11 +119,12 @@ def _batches(prompts: list[Prompt], group_size: int, max_rows: int) -> list[list
 
 def rollout(
     model, prompts: list[Prompt], group_size: int, max_new_tokens: int, temperature: float, top_p: float,
-    seed: int, device: torch.device, autocast, max_rows: int = 64,
+    seed: int, device: torch.device, autocast, max_rows: int = 64, compile_dtype: torch.dtype | None = None,
 ) -> Rollout:  # fmt: skip
     """Every prompt's G completions (prompt order, completions of a prompt in a row). Under
     torch.distributed every rank runs as many batches as the rank with the most (extra ones: a
-    one-row batch whose output is dropped), since each forward is collective."""
+    one-row batch whose output is dropped), since each forward is collective. compile_dtype (the
+    compute dtype) given: decode steps are compiled, on an unsharded model; a sharded one runs eagerly."""
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(seed)
     batches = _batches(prompts, group_size, max_rows)
@@ -127,13 +136,15 @@ def rollout(
     was_training = model.training
     model.eval()
     got: dict[int, tuple] = {}
+    compiled = compile_dtype is not None and not is_sharded(model)
+    ready = compile_ready(model, device.type, compile_dtype) if compiled else contextlib.nullcontext()
     try:
-        with autocast:
+        with autocast, ready:
             for b in range(n_batches):
                 idx = batches[b] if b < len(batches) else []
                 rows = [prompts[i].tokens for i in idx for _ in range(group_size)] or [prompts[0].tokens]
                 toks, logp, lengths = sample_rows(
-                    model, rows, max_new_tokens, temperature, top_p, gen, device
+                    model, rows, max_new_tokens, temperature, top_p, gen, device, compiled
                 )
                 toks, logp, lengths = toks.cpu(), logp.float().cpu(), lengths.cpu()
                 for k, i in enumerate(idx):

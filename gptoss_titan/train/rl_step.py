@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..model.local import to_device
 from ..model.loss import IGNORE_INDEX
 from ..parallel import sync_replicated_grads
 from ..rl.loss import Objective, policy_loss
@@ -74,7 +75,7 @@ class RLStep(TrainStep):
         for s in slices:
             rows = mask_all[s].reshape(-1).nonzero().squeeze(1)
             parts = (x_all[s], y_all[s], mask_all[s], advantages[s], ro.decode_logprobs[s], rows)
-            batches.append(tuple(t.to(dev) for t in parts))
+            batches.append(tuple(to_device(t, dev) for t in parts))  # asynchronous on CUDA
         counts = torch.tensor([mask_all.sum(), mask_all.any(1).sum()], dtype=torch.float64, device=dev)
         token_count, seq_count = self.all_reduce(counts)
         use_ref = rl.kl_coef > 0 or rl.log_kl

@@ -14,6 +14,7 @@ train_tokens_per_s (and loss = the policy loss, grad_norm, lr as in training).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -21,8 +22,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..infer.generate import is_sharded
 from ..interop.convert import HFFolder, load_hf_into
 from ..parallel.build import build_model
+from ..parallel.fsdp import gathered_weights
 from ..rl.loss import group_advantages
 from ..rl.prompts import PromptLoader, load_prompts
 from ..rl.rewards import RewardModel, exact_match, parse_reply
@@ -48,6 +51,13 @@ class RLTrainer(Trainer):
                 self.stop_request.close()
                 self.run_lock.release()
                 raise
+        sharded = is_sharded(self.train_module.model)
+        c = cfg.compile
+        compiled = c.enable and "decode" in c.components and not sharded
+        logger.info(
+            f"rl: decode steps {'compiled (torch.compile, static shapes)' if compiled else 'eager'}"
+            + (f"; FSDP weights gathered once per rollout: {rl.gather_weights}" if sharded else "")
+        )
 
     def _reference(self):
         """Full fine-tuning's KL reference: a frozen copy of the policy as the run started, sharded
@@ -101,8 +111,12 @@ class RLTrainer(Trainer):
         t0 = time.perf_counter()
         prompts = self.train_loader.next_prompts()
         seed = sampling_seed(self.cfg.training.seed, self.step, self.dp_rank)
-        ro = rollout(step.model, prompts, rl.group_size, rl.max_new_tokens, rl.temperature, rl.top_p, seed,
-                     self.device, step.autocast(), rl.generation_batch)  # fmt: skip
+        c = self.cfg.compile
+        dtype = step.autocast_dtype or next(step.model.parameters()).dtype
+        compile_dtype = dtype if c.enable and "decode" in c.components else None
+        with gathered_weights(step.model) if rl.gather_weights else contextlib.nullcontext():
+            ro = rollout(step.model, prompts, rl.group_size, rl.max_new_tokens, rl.temperature, rl.top_p, seed,
+                         self.device, step.autocast(), rl.generation_batch, compile_dtype)  # fmt: skip
         self.reward.errors = 0
         rewards, parts = [], []
         for i in range(len(ro.prompt_lens)):

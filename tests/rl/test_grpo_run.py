@@ -66,6 +66,18 @@ def test_two_processes_fsdp_and_expert_parallel(tmp_path):
         assert r["target_tokens"] == 8 * 6  # both ranks' completions (one prompt each)
 
 
+def test_compiled_blocks_and_decode_with_activation_checkpointing(tmp_path):
+    """compile.enable (each block's attention and norms, and the rollout's decode step) with full
+    activation checkpointing: the old log-probs are still the trained ones bitwise, and the compiled
+    decode's difference from the training forward is rounding."""
+    rows = run(
+        tmp_path / "c", "--training.steps=2", "--compile.enable=true", "--activation_checkpoint.mode=full"
+    )
+    for r in rows:
+        assert r["old_logprob_diff_max"] == 0.0 and 0 <= r["logprob_diff_max"] < 1e-3
+        assert r["target_tokens"] == 8 * 6
+
+
 def test_bad_reward_is_one_line_and_a_raising_reward_is_counted(tmp_path):
     folder = tmp_path / "bad"
     r = run_train_sh(
@@ -73,6 +85,11 @@ def test_bad_reward_is_one_line_and_a_raising_reward_is_counted(tmp_path):
     )
     assert r.returncode == 2 and "module 'no_such_rewards' cannot be imported" in one_line_error(r.stderr)
     assert not folder.exists()  # nothing written
+    r = run_train_sh(
+        {**CFG, "NGPU": "1"}, f"--job.dump_folder={folder}", *SMALL, "--rl.prompts=no/such.jsonl"
+    )
+    assert r.returncode == 2 and "rl.prompts 'no/such.jsonl' not found" in one_line_error(r.stderr)
+    assert not folder.exists()
     r = run_train_sh({**CFG, "NGPU": "1"}, f"--job.dump_folder={folder}", *SMALL, "--rl.loss=ppo")
     assert r.returncode == 2 and "rl.loss = 'ppo' is not one of grpo, gspo" in one_line_error(r.stderr)
     mods = tmp_path / "mods"
