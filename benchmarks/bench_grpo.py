@@ -25,8 +25,8 @@ but they draw different samples (each its own random numbers): compare rewards o
 
 Each side runs in its own process with the same number of torch threads (OMP_NUM_THREADS and
 torch.set_num_threads), ours through `python -m gptoss_titan.train`, TRL through this script.
-Step time: ours gen_time_s + train_time_s from metrics.jsonl (prompts, rollout, rewards and
-advantages; then the update); TRL from on_step_begin to on_step_end of a TrainerCallback (its
+Step time: ours gen_time_s + reward_time_s + train_time_s from metrics.jsonl (the rollout;
+prompts, rewards and advantages; then the update); TRL from on_step_begin to on_step_end of a TrainerCallback (its
 generation and scoring measured inside). The median is taken after the first step (warm-up).
 Also printed: the cores other processes kept busy during each side; on 2 cores any such contention
 distorts the timings (ours more than TRL's), so compare only runs that report ~0.
@@ -127,7 +127,7 @@ def run_ours(a: argparse.Namespace, warm: str, work: Path) -> dict:
         "exact_match": [r["reward/exact_match"] for r in rows],
         "gen_s": [r["gen_time_s"] for r in rows],
         "train_s": [r["train_time_s"] for r in rows],
-        "step_s": [r["gen_time_s"] + r["train_time_s"] for r in rows],
+        "step_s": [r["gen_time_s"] + r["reward_time_s"] + r["train_time_s"] for r in rows],
         "response_len": [r["response_len_mean"] for r in rows],
         "process_wall_s": wall,
         "other_cores": others,

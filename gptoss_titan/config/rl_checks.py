@@ -45,15 +45,14 @@ def validate_rl(cfg: JobConfig) -> None:
         )
     p = cfg.parallelism
     others = {
-        "tensor_parallel_degree": p.tensor_parallel_degree,
         "pipeline_parallel_degree": p.pipeline_parallel_degree,
         "context_parallel_degree": p.context_parallel_degree,
     }
     for name, degree in others.items():
         if degree != 1:
             raise ConfigError(
-                f"parallelism.{name} = {degree} with rl.enable: RL runs on data parallelism (FSDP, HSDP) "
-                "and expert parallelism for now; set it to 1"
+                f"parallelism.{name} = {degree} with rl.enable: RL runs on data, tensor and expert "
+                "parallelism (FSDP, HSDP, TP, EP) for now; set it to 1"
             )
     if not rl.generation_batch >= rl.group_size:
         raise ConfigError(

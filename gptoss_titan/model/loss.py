@@ -122,6 +122,9 @@ class RowCombine(Protocol):
         """[C, 1] sums of exp(logit - max) and [C] target logits (0 where the part lacks the
         target) of one part -> their sums over all parts."""
 
+    def sum_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """[k, C] per-row partial sums of one part -> their sums over all parts (in place)."""
+
 
 def fused_linear_cross_entropy(
     h: torch.Tensor,

@@ -21,7 +21,7 @@ from .documents import Documents, document_attention, flex_document_mask
 from .init import init_params
 from .kv_cache import KVCache, LayerCache
 from .local import local
-from .logprobs import token_logprobs
+from .logprobs import head_logits, logprobs_at
 from .loss import fused_linear_cross_entropy
 from .moe import EXPERT_KERNELS, MoE
 
@@ -197,22 +197,23 @@ class OutputHead(nn.Module):
         cross-entropy; with targets and a temperature the targets' log-probabilities and the
         entropies [B, T] (model/logprobs.py), computed for the flat positions `rows` [K] only when
         given (0 elsewhere)."""
+        h, w, split = self.parts(h)
         if targets is None:
             h = h[:, -1:] if last_only else h
-            return h @ self.weight.to(h.dtype).T  # [B, T, V]
-        flat, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+            if h.shape[1] == 1:  # sampling's logits (a decode step, a prompt's last position): fp32
+                return self.whole_logits(head_logits(h, w))
+            return self.whole_logits(h @ w.to(h.dtype).T)  # [B, T, V]
         if temperature is not None:
-            if rows is None:
-                logp, ent = token_logprobs(flat, self.weight, t, temperature)
-                return logp.view(targets.shape), ent.view(targets.shape)
-            logp, ent = token_logprobs(
-                flat.index_select(0, rows), self.weight, t.index_select(0, rows), temperature
-            )
-            out = torch.zeros(t.shape[0], dtype=logp.dtype, device=logp.device)
-            return out.index_add(0, rows, logp).view(targets.shape), out.index_add(0, rows, ent).view(
-                targets.shape
-            )
-        return fused_linear_cross_entropy(flat, self.weight, t)
+            return logprobs_at(h, w, targets, temperature, rows, **split)
+        return fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), **split)
+
+    def parts(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(hidden states, this process's weight rows, how its vocabulary part combines): here all
+        of it (a vocabulary-parallel head overrides this and `whole_logits`)."""
+        return h, self.weight, {}
+
+    def whole_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
 
 
 class Transformer(nn.Module):

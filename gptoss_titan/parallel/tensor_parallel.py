@@ -44,7 +44,6 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from ..model.local import local
 from ..model.lora import LoRALinear
-from ..model.loss import fused_linear_cross_entropy
 from ..model.model import OutputHead
 from ..model.moe import _expert_of_row
 from ..runtime.compat import CHECKPOINT_WRAPPED_MODULE
@@ -156,9 +155,12 @@ class _VocabCombine:
         return mx
 
     def sum(self, sumexp: torch.Tensor, picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        both = torch.stack([sumexp.squeeze(1), picked])  # [2, C]: one collective for both
-        dist.all_reduce(both, group=self.group)
+        both = self.sum_rows(torch.stack([sumexp.squeeze(1), picked]))  # [2, C]: one collective for both
         return both[0].unsqueeze(1), both[1]
+
+    def sum_rows(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.group)
+        return x
 
 
 class VocabParallelHead(OutputHead):
@@ -167,22 +169,14 @@ class VocabParallelHead(OutputHead):
 
     tp: TPContext
 
-    def forward(
-        self, h: torch.Tensor, targets: torch.Tensor | None = None, last_only: bool = False
-    ) -> torch.Tensor:
-        h = self.tp.gather(h)  # [B, T, H]
+    def parts(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         w = local(self.weight)  # [V/tp, H]
-        if targets is None:
-            h = h[:, -1:] if last_only else h  # the whole sequence's last position (after the gather)
-            logits = h @ w.to(h.dtype).T  # [B, T, V/tp]
-            return _waited(funcol.all_gather_single(logits.contiguous(), gather_dim=2, group=self.tp.group))
-        return fused_linear_cross_entropy(
-            h.reshape(-1, h.shape[-1]),
-            w,
-            targets.reshape(-1),
-            vocab_start=self.tp.rank * w.shape[0],
-            combine=_VocabCombine(self.tp.group),
-        )
+        split = {"vocab_start": self.tp.rank * w.shape[0], "combine": _VocabCombine(self.tp.group)}
+        return self.tp.gather(h), w, split  # [B, T, H]: the whole sequence, then its last position
+
+    def whole_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, T, V/tp] -> [B, T, V]"""
+        return _waited(funcol.all_gather_single(logits.contiguous(), gather_dim=2, group=self.tp.group))
 
 
 def _shard(module: nn.Module, name: str, mesh: DeviceMesh, placements: list) -> None:

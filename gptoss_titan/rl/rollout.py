@@ -44,7 +44,7 @@ class Rollout:
     completion_lens: list[int]  # [N] sampled tokens, the stop token included
     decode_logprobs: torch.Tensor  # [N, L - 1] fp32, aligned with the targets (0 outside completions)
     truncated: list[bool]  # [N] no stop token within rl.max_new_tokens
-    seconds: float  # wall time of the sampling
+    seconds: float  # wall time of the sampling (the host copies of its results included)
 
     def completion(self, i: int) -> list[int]:
         p = self.prompt_lens[i]
@@ -72,7 +72,7 @@ def _all_done(done: torch.Tensor, world: bool) -> bool:
 @torch.no_grad()
 def sample_rows(
     model, rows: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-    generator: torch.Generator, device: torch.device, compiled: bool = False,
+    generator: torch.Generator, device: torch.device, dtype: torch.dtype | None = None, compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Prompts of one length [R, T0] -> (tokens [R, n], decode log-probs [R, n], lengths [R]);
     lengths count up to the first stop token, inclusive (n: the longest, or max_new_tokens).
@@ -86,7 +86,7 @@ def sample_rows(
     if compiled:
         capacity = min(1 << (capacity - 1).bit_length(), model.args.max_seq_len)
     step = compiled_decode_step() if compiled else decode_step
-    cache = model.new_cache(R, capacity)
+    cache = model.new_cache(R, capacity, dtype)
     logits = model(x, cache=cache, start_pos=0, last_only=True)[:, -1]  # [R, V]
     stops = torch.tensor(STOPS, device=device)
     done = torch.zeros(R, dtype=torch.bool, device=device)
@@ -119,12 +119,14 @@ def _batches(prompts: list[Prompt], group_size: int, max_rows: int) -> list[list
 
 def rollout(
     model, prompts: list[Prompt], group_size: int, max_new_tokens: int, temperature: float, top_p: float,
-    seed: int, device: torch.device, autocast, max_rows: int = 64, compile_dtype: torch.dtype | None = None,
+    seed: int, device: torch.device, autocast, max_rows: int = 64, dtype: torch.dtype | None = None,
+    compiled: bool = False,
 ) -> Rollout:  # fmt: skip
     """Every prompt's G completions (prompt order, completions of a prompt in a row). Under
     torch.distributed every rank runs as many batches as the rank with the most (extra ones: a
-    one-row batch whose output is dropped), since each forward is collective. compile_dtype (the
-    compute dtype) given: decode steps are compiled, on an unsharded model; a sharded one runs eagerly."""
+    one-row batch whose output is dropped), since each forward is collective. dtype: the compute
+    dtype, the KV cache's (None: the parameters'). compiled: decode steps through torch.compile, on
+    an unsharded model (a sharded one decodes eagerly)."""
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(seed)
     batches = _batches(prompts, group_size, max_rows)
@@ -136,15 +138,16 @@ def rollout(
     was_training = model.training
     model.eval()
     got: dict[int, tuple] = {}
-    compiled = compile_dtype is not None and not is_sharded(model)
-    ready = compile_ready(model, device.type, compile_dtype) if compiled else contextlib.nullcontext()
+    compiled = compiled and not is_sharded(model)
+    kernel_dtype = dtype or next(model.parameters()).dtype
+    ready = compile_ready(model, device.type, kernel_dtype) if compiled else contextlib.nullcontext()
     try:
         with autocast, ready:
             for b in range(n_batches):
                 idx = batches[b] if b < len(batches) else []
                 rows = [prompts[i].tokens for i in idx for _ in range(group_size)] or [prompts[0].tokens]
                 toks, logp, lengths = sample_rows(
-                    model, rows, max_new_tokens, temperature, top_p, gen, device, compiled
+                    model, rows, max_new_tokens, temperature, top_p, gen, device, dtype, compiled
                 )
                 toks, logp, lengths = toks.cpu(), logp.float().cpu(), lengths.cpu()
                 for k, i in enumerate(idx):

@@ -4,10 +4,12 @@ Every config field falls in one class (docs/checkpoints.md has the table):
 - must match: the model's shape (checked from model_args.json), training.seq_len and
   data.tokenizer (the data position counts sequences of those tokens), optimizer.implementation
   (the saved optimizer state follows it), lora.rank, targets and layers (the saved adapters;
-  checkpoints from before [lora] existed count as rank 0) - refused in one line, exit 2, before the run writes
+  checkpoints from before [lora] existed count as rank 0), rl.enable (a supervised run's
+  checkpoint starts RL through checkpoint.initial_load_path) - refused in one line, exit 2, before the run writes
   anything;
 - may change with a warning: the global batch (through NGPU, local_batch_size or
-  global_batch_size), the data (dataset, dataset_path, sources, stream) and training.seed - the
+  global_batch_size), the data (dataset, dataset_path, sources, stream; rl.prompts and
+  rl.prompts_per_step) and training.seed - the
   data position (a count of samples) is kept and mapped onto the new batch or data, and the sample
   order keeps the checkpoint's seed;
 - may change and takes effect, logged one line each ("resume: optimizer.lr 0.001 -> 0.03 from
@@ -33,6 +35,8 @@ MUST_MATCH = {
     "lora.rank": "the saved adapters have this rank (0: a full fine-tuning run)",
     "lora.targets": "the saved adapters sit on these targets",
     "lora.layers": "the saved adapters sit on these layers",
+    "rl.enable": "a supervised run's data position and steps are not an RL run's; start RL from its checkpoint "
+    "with checkpoint.initial_load_path in a new run folder",
 }
 WARN = {
     "training.local_batch_size": "the data position (samples consumed) is kept: the new batches follow it",
@@ -42,6 +46,8 @@ WARN = {
     "data.sources": "the data position is kept and mapped onto the new mixture",
     "data.stream": "the stream restarts unless the layout matches",
     "training.seed": "the sample order keeps the checkpoint's seed (packing chat data takes the new one)",
+    "rl.prompts": "the prompt position (prompts consumed) is kept and mapped onto the new prompts",
+    "rl.prompts_per_step": "the prompt position (prompts consumed) is kept: the next steps take the new count",
 }
 NOT_COMPARED = ("job.", "comm.", "checkpoint.", "profiling.", "model.args")
 
@@ -61,13 +67,9 @@ def resume_lines(path: Path, cfg: JobConfig, global_batch: int, saved_global_bat
     CheckpointError for a field that must match or a training.steps below the checkpoint's."""
     m = STEP_DIR.match(path.name)
     step = int(m.group(1)) if m else None
-    if step is not None and cfg.training.steps < step:
-        raise CheckpointError(
-            f"training.steps = {cfg.training.steps} is below the checkpoint's step {step} ({str(path)!r}); "
-            f"set training.steps above {step} to train on, or resume from an earlier step"
-        )
     saved_file = path / CONFIG_FILE
     if not saved_file.is_file():  # checkpoints from converters carry no run config
+        _check_steps(path, step, cfg)
         return []
     saved = _flat(json.loads(saved_file.read_text()))
     now = _flat(cfg.to_dict())
@@ -76,7 +78,10 @@ def resume_lines(path: Path, cfg: JobConfig, global_batch: int, saved_global_bat
         a, b = saved.get(key), now.get(key)
         if a == b or key.startswith(NOT_COMPARED):
             continue
-        if key in MUST_MATCH and not (a is None and key.startswith("lora.") and not now["lora.rank"]):
+        if a is None and key.startswith("rl.") and not now["rl.enable"]:
+            continue  # a checkpoint from before [rl] existed: a supervised run, as this one
+        absent = a is None and key.startswith("lora.") and not now["lora.rank"]  # from before [lora]: rank 0
+        if key in MUST_MATCH and not absent:
             raise CheckpointError(
                 f"{key} = {b!r} but the checkpoint {str(path)!r} was trained with {a!r} ({MUST_MATCH[key]}); "
                 f"use {key}={a!r} to resume, or start a new run folder"
@@ -85,6 +90,7 @@ def resume_lines(path: Path, cfg: JobConfig, global_batch: int, saved_global_bat
             warnings.append(f"warning: resume: {key} {a!r} -> {b!r}: {WARN[key]}")
         else:
             lines.append(f"resume: {key} {a!r} -> {b!r} from step {step}")
+    _check_steps(path, step, cfg)  # after the must-match fields: they say more about a wrong folder
     if saved_global_batch is not None and saved_global_batch != global_batch:
         warnings.append(
             f"warning: resume: the global batch {saved_global_batch} -> {global_batch} sequences: "
@@ -95,3 +101,11 @@ def resume_lines(path: Path, cfg: JobConfig, global_batch: int, saved_global_bat
             f"resume: the run is complete at step {step} (training.steps = {step}); raise it to train on"
         )
     return warnings + lines
+
+
+def _check_steps(path: Path, step: int | None, cfg: JobConfig) -> None:
+    if step is not None and cfg.training.steps < step:
+        raise CheckpointError(
+            f"training.steps = {cfg.training.steps} is below the checkpoint's step {step} ({str(path)!r}); "
+            f"set training.steps above {step} to train on, or resume from an earlier step"
+        )

@@ -9,7 +9,7 @@ checkpoints and resume, signals, metrics.jsonl. A step here:
   4. the policy update (rl_step.py).
 Metrics per step: reward_mean, reward_std, reward/<term>, response_len_mean/max, truncated_frac,
 reward_errors, clip_frac, kl, entropy, logprob_diff_max, old_logprob_diff_max, gen_tokens_per_s,
-train_tokens_per_s (and loss = the policy loss, grad_norm, lr as in training).
+train_tokens_per_s, gen_time_s, reward_time_s, train_time_s (and loss = the policy loss, grad_norm, lr as in training).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ..rl.loss import group_advantages
 from ..rl.prompts import PromptLoader, load_prompts
 from ..rl.rewards import RewardModel, exact_match, parse_reply
 from ..rl.rollout import rollout, sampling_seed
+from ..runtime.dtypes import dtype_of
 from ..runtime.log import logger
 from .metrics import StepResult
 from .resume import choose_resume
@@ -112,11 +113,11 @@ class RLTrainer(Trainer):
         prompts = self.train_loader.next_prompts()
         seed = sampling_seed(self.cfg.training.seed, self.step, self.dp_rank)
         c = self.cfg.compile
-        dtype = step.autocast_dtype or next(step.model.parameters()).dtype
-        compile_dtype = dtype if c.enable and "decode" in c.components else None
+        compiled = c.enable and "decode" in c.components
+        dtype = dtype_of(self.cfg.training.mixed_precision_param)  # the compute dtype: K and V come in it
         with gathered_weights(step.model) if rl.gather_weights else contextlib.nullcontext():
             ro = rollout(step.model, prompts, rl.group_size, rl.max_new_tokens, rl.temperature, rl.top_p, seed,
-                         self.device, step.autocast(), rl.generation_batch, compile_dtype)  # fmt: skip
+                         self.device, step.autocast(), rl.generation_batch, dtype, compiled)  # fmt: skip
         self.reward.errors = 0
         rewards, parts = [], []
         for i in range(len(ro.prompt_lens)):
@@ -132,10 +133,11 @@ class RLTrainer(Trainer):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        result.extra.update(self._rollout_stats(ro, rewards, parts, t1 - t0, t2 - t1, result))
+        times = {"gen": ro.seconds, "reward": t1 - t0 - ro.seconds, "train": t2 - t1}
+        result.extra.update(self._rollout_stats(ro, rewards, parts, times, result))
         return result
 
-    def _rollout_stats(self, ro, rewards, parts, gen_s: float, train_s: float, result) -> dict:
+    def _rollout_stats(self, ro, rewards, parts, times: dict[str, float], result) -> dict:
         """Global (every data-parallel rank's completions) reward and length statistics."""
         local = {
             "rewards": rewards,
@@ -143,8 +145,7 @@ class RLTrainer(Trainer):
             "lens": ro.completion_lens,
             "trunc": ro.truncated,
             "errors": self.reward.errors,
-            "gen_s": gen_s,
-            "train_s": train_s,
+            "times": times,
         }
         every = [local]
         if self.meshes is not None and dist.get_world_size() > 1:
@@ -164,9 +165,8 @@ class RLTrainer(Trainer):
         for k in names:
             vals = [p[k] for e in every for p in e["parts"] if k in p]
             out[f"reward/{k}"] = sum(vals) / len(vals)
-        gen_s = max(e["gen_s"] for e in every)
-        train_s = max(e["train_s"] for e in every)
+        gen_s, reward_s, train_s = (max(e["times"][k] for e in every) for k in ("gen", "reward", "train"))
         out["gen_tokens_per_s"] = sum(lens) / gen_s
         out["train_tokens_per_s"] = int(result.target_tokens) * self.cfg.rl.updates_per_batch / train_s
-        out["gen_time_s"], out["train_time_s"] = gen_s, train_s
+        out["gen_time_s"], out["reward_time_s"], out["train_time_s"] = gen_s, reward_s, train_s
         return out

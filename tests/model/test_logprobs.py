@@ -107,3 +107,23 @@ def test_backward_uses_the_forward_compute_dtype():
     torch.testing.assert_close(lp, lpb)
     torch.testing.assert_close(gh, ghb.float(), rtol=2e-2, atol=2e-2)  # bf16 outputs of the same GEMMs
     torch.testing.assert_close(gw, gwb.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_sampling_logits_are_fp32_from_the_log_prob_paths_gemm():
+    """Under bf16 autocast, the last position's logits (what sampling reads) come in fp32 from the
+    GEMM the log-prob path uses, so their log-softmax at a token is the trained log-prob up to the
+    summation order of the softmax (fp32: a few ulps), not a bf16 rounding (~4e-2 at |z| ~ 10)."""
+    from gptoss_titan.model.logprobs import head_logits
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 1, 32).bfloat16()
+    w = torch.randn(500, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = head_logits(h, w)  # [3, 1, 500]
+        t = torch.tensor([7, 123, 499])
+        logp, _ = token_logprobs(h.reshape(3, 32), w, t, temperature=0.7)
+    assert z.dtype == torch.float32 and z.shape == (3, 1, 500)
+    picked = torch.log_softmax(z[:, 0] / 0.7, -1).gather(1, t.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(picked, logp, rtol=0, atol=1e-5)
+    bf16 = torch.log_softmax((h.reshape(3, 32) @ w.bfloat16().T).float() / 0.7, -1).gather(1, t.unsqueeze(1))
+    assert (bf16.squeeze(1) - logp).abs().max() > 1e-3  # what bf16 logits would have given

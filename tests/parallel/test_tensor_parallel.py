@@ -33,7 +33,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ..conftest import ROOT, run_ok
+from ..conftest import ROOT, python_cmd, run_ok
 from ..helpers.equivalence import assert_same, doc_data, drop_outputs, logged, run
 
 pytestmark = pytest.mark.slow
@@ -163,3 +163,9 @@ def test_tensor_parallel_checkpoints_resume_at_one_process_and_back(reference, t
         assert rel <= 1e-5, (k, rel)
     for src in ("tp2_fsdp2_ep2", "reference"):
         shutil.rmtree(tpdir / f"hf_{src}")
+
+
+def test_vocab_parallel_logprobs_equal_one_process():
+    """RL's token log-probs through the vocabulary-parallel lm_head (vocab_logprobs_job.py)."""
+    r = run_ok(python_cmd(2, str(Path(__file__).parent / "vocab_logprobs_job.py")), timeout=600)
+    assert "log-probs, entropies and gradients equal one process" in r.stdout

@@ -19,7 +19,10 @@ RL = ["--config", "train_configs/grpo_debug.toml"]
         (["--rl.reward_default=nan"], "rl.reward_default = nan must be a finite number"),
         (["--training.loss_spike_sigma=3"], "training.loss_spike_sigma = 3.0 with rl.enable"),
         (["--lora.rank=4", "--lora.dropout=0.1"], "lora.dropout = 0.1 with rl.enable"),
-        (["--parallelism.tensor_parallel_degree=2"], "parallelism.tensor_parallel_degree = 2 with rl.enable"),
+        (
+            ["--parallelism.pipeline_parallel_degree=2", "--training.document_mask=false"],
+            "parallelism.pipeline_parallel_degree = 2 with rl.enable",
+        ),
         (["--rl.advantage_scale=batch"], "rl.advantage_scale = 'batch' is not one of group, none"),
     ],
 )

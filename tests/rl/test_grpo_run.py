@@ -66,6 +66,20 @@ def test_two_processes_fsdp_and_expert_parallel(tmp_path):
         assert r["target_tokens"] == 8 * 6  # both ranks' completions (one prompt each)
 
 
+def test_tensor_parallel_equals_one_process(tmp_path):
+    """Tensor parallelism 2 (one data-parallel rank: the same prompts and sampling seed as one
+    process): decoding gathers the vocabulary-split logits, so both draw the same completions; the
+    log-probs come through the vocabulary-parallel head (model/logprobs.py). The updates agree to
+    fp32 rounding of other summation orders, the old log-probs are the trained ones bitwise."""
+    one = run(tmp_path / "one", "--training.steps=2")
+    tp = run(tmp_path / "tp", "--training.steps=2", "--parallelism.tensor_parallel_degree=2", ngpu=2)
+    for a, b in zip(one, tp):
+        assert b["old_logprob_diff_max"] == 0.0 and b["logprob_diff_max"] < 1e-3
+        assert (a["reward_mean"], a["response_len_mean"]) == (b["reward_mean"], b["response_len_mean"])
+        for k in ("loss", "grad_norm", "entropy"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+
+
 def test_compiled_blocks_and_decode_with_activation_checkpointing(tmp_path):
     """compile.enable (each block's attention and norms, and the rollout's decode step) with full
     activation checkpointing: the old log-probs are still the trained ones bitwise, and the compiled
@@ -132,6 +146,11 @@ def test_reward_rises_on_the_toy_task(tmp_path):
     warm = tmp_path / "warm"
     r = run_train_sh({**CFG, "NGPU": "1"}, f"--job.dump_folder={warm}", *WARM, timeout=1800)  # ~3 min alone
     assert r.returncode == 0, r.stderr[-3000:]
+    config = (warm / "config.json").read_bytes()
+    r = run_train_sh({**CFG, "NGPU": "1"}, f"--job.dump_folder={warm}")  # RL in the supervised run's folder
+    assert r.returncode == 2 and "rl.enable = True but the checkpoint" in one_line_error(r.stderr)
+    assert "checkpoint.initial_load_path" in one_line_error(r.stderr)
+    assert (warm / "config.json").read_bytes() == config  # nothing written
     prompts = tmp_path / "two.jsonl"
     prompts.write_text("".join(json.dumps(row) + "\n" for row in arithmetic_rows(2, seed=7)))
     r = run_train_sh({**CFG, "NGPU": "1"}, f"--job.dump_folder={tmp_path / 'rl'}", f"--checkpoint.initial_load_path={warm / 'checkpoint'}",

@@ -53,7 +53,7 @@ def test_prompts_of_one_length_decode_together():
 
 @pytest.mark.slow
 def test_compiled_decode_samples_as_eager_with_one_graph_per_batch_shape():
-    """compile_dtype given: the decode steps run through torch.compile (fp64 here, so the samples
+    """compiled: the decode steps run through torch.compile (fp64 here, so the samples
     are the eager ones); the cache's capacity is rounded up (10 and 9 -> 16), so the two batches
     (6 and 3 rows) compile two graphs, not one per position or prompt length."""
     from torch._dynamo.utils import counters
@@ -64,7 +64,7 @@ def test_compiled_decode_samples_as_eager_with_one_graph_per_batch_shape():
     before = counters["stats"]["unique_graphs"]
     compiled = rollout(
         model, prompts(), 3, 6, 0.8, 1.0, 1, torch.device("cpu"), torch.autocast("cpu", enabled=False),
-        compile_dtype=torch.float64,
+        dtype=torch.float64, compiled=True,
     )  # fmt: skip
     assert counters["stats"]["unique_graphs"] - before == 2
     assert torch.equal(compiled.tokens, eager.tokens)

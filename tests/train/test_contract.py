@@ -73,3 +73,27 @@ def test_through_the_launcher(tmp_path):
     assert [lrs[3], lrs[4]] == pytest.approx([3e-2 * lr_factor(s, 4, sched) for s in (3, 4)], rel=1e-6)
     r = run_train_sh({"NGPU": "1"}, *argv_for(tmp_path, "--training.steps=4", "--optimizer.lr=3e-2", *ckpt))
     assert r.returncode == 0 and "the run is complete at step 4" in r.stdout
+
+
+def test_rl_keys(tmp_path):
+    """A supervised checkpoint does not resume as RL (its data position and steps mean other
+    things); a checkpoint from before [rl] existed resumes as a supervised run; a changed prompt
+    set or count keeps the prompt position, with a warning."""
+    step = saved(tmp_path, "--training.steps=10")
+    rl = parse_args(argv_for(tmp_path, "--training.steps=10", "--rl.enable=true"))
+    with pytest.raises(
+        CheckpointError, match=r"rl.enable = True but the checkpoint .* was trained with False"
+    ):
+        resume_lines(step, rl, 2, 2)
+    saved_cfg = json.loads((step / "config.json").read_text())
+    del saved_cfg["rl"]
+    (step / "config.json").write_text(json.dumps(saved_cfg))
+    assert resume_lines(step, parse_args(argv_for(tmp_path, "--training.steps=10")), 2, 2) == []
+    step.joinpath("config.json").write_text(json.dumps(rl.to_dict()))
+    more = parse_args(
+        argv_for(tmp_path, "--training.steps=10", "--rl.enable=true", "--rl.prompts_per_step=8")
+    )
+    assert resume_lines(step, more, 2, 2) == [
+        "warning: resume: rl.prompts_per_step 4 -> 8: the prompt position (prompts consumed) is kept: "
+        "the next steps take the new count"
+    ]
