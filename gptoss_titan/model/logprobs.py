@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..runtime.compat import addmm_fp32_, mm_fp32_out
+from ..runtime.dtypes import autocast_off
 from .loss import CPU_CHUNK_ELEMS, IGNORE_INDEX, RowCombine, _compute_dtype, loss_path
 
 ACCEL_CHUNK_ELEMS = 1 << 27  # 512 MiB of fp32 logits per chunk on accelerators
@@ -40,7 +41,7 @@ class _TokenLogprobs(torch.autograd.Function):
         """h [M, H], w [V, H], targets [M] (IGNORE_INDEX: 0 out) -> (logprobs [M], entropy [M]),
         both fp32. No host synchronization: ignored rows are zeroed by arithmetic."""
         dt = _compute_dtype(h, path)
-        with torch.autocast(h.device.type, enabled=False):
+        with autocast_off(h.device.type):
             hc, wc = h.to(dt), w.to(dt)
             M, V = h.shape[0], w.shape[0]
             rows = _chunk_rows(V, path, chunk_elems)
@@ -85,7 +86,7 @@ class _TokenLogprobs(torch.autograd.Function):
         h, w, targets, lse = ctx.saved_tensors
         temp, dt = ctx.temperature, ctx.dt
         need_h, need_w = ctx.needs_input_grad[:2]
-        with torch.autocast(h.device.type, enabled=False):
+        with autocast_off(h.device.type):
             hc, wc = h.to(dt), w.to(dt)
             M, V = h.shape[0], w.shape[0]
             rows = _chunk_rows(V, ctx.path, ctx.chunk_elems)
@@ -159,6 +160,6 @@ def head_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     path = loss_path(h.device)
     dt = _compute_dtype(h, path)
     out = torch.empty(*h.shape[:-1], w.shape[0], dtype=torch.float32, device=h.device)
-    with torch.autocast(h.device.type, enabled=False):
+    with autocast_off(h.device.type):
         mm_fp32_out(h.reshape(-1, h.shape[-1]).to(dt), w.to(dt).T, out.view(-1, w.shape[0]))
     return out

@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from ..runtime.compat import addmm_fp32_, mm_fp32_out
+from ..runtime.dtypes import autocast_off, compute_dtype
 
 IGNORE_INDEX = -100
 CPU_CHUNK_ELEMS = 1 << 25  # 128 MiB of fp32 logits: ~166 rows at V = 201088
@@ -39,8 +40,7 @@ def _compute_dtype(t: torch.Tensor, path: str) -> torch.dtype:
     """fp32 on the CPU path; elsewhere autocast's dtype, or the inputs' (bf16 under FSDP)."""
     if path == "cpu":
         return torch.float32
-    dev = t.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+    return compute_dtype(t)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -66,7 +66,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         dt = _compute_dtype(h, path)
         grad_h_needed, grad_w_needed = (grad_enabled and n for n in ctx.needs_input_grad[:2])
         need_grad = grad_h_needed or grad_w_needed
-        with torch.autocast(h.device.type, enabled=False):
+        with autocast_off(h.device.type):
             hc, wc = h.to(dt), w.to(dt)
             M, V = h.shape[0], w.shape[0]
             rows = max(1, (chunk_elems or (CPU_CHUNK_ELEMS if path == "cpu" else ACCEL_CHUNK_ELEMS)) // V)

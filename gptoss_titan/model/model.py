@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from ..runtime.dtypes import compute_dtype
 from .args import ModelArgs
 from .attention import attention_mask, decode_attention, position_mask, sink_attention, training_attention
 from .documents import Documents, document_attention, flex_document_mask
@@ -386,8 +387,7 @@ class Transformer(nn.Module):
         """window (None for full layers) -> the attention mask of a [B, T] batch, built here, once
         per forward and outside compiled regions, in the dtype the attention will run in. With
         documents: the Documents themselves (CPU), or a flex document block mask (CUDA)."""
-        dev = h.device
-        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
+        dev, dtype = h.device, compute_dtype(h)
         windows = {
             self.args.sliding_window if self.args.is_sliding(i) else None for i in range(self.args.n_layers)
         }

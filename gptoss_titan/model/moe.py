@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime.compat import grouped_mm, has_grouped_mm
+from ..runtime.dtypes import compute_dtype
 from ..runtime.errors import UserError
 from . import blas_batch
 from .args import ModelArgs
@@ -250,8 +251,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [R, H] rows sorted by expert; counts [E] rows per expert (sum R) -> [R, H]."""
-        if torch.is_autocast_enabled(x.device.type):  # grouped_mm and the CPU op are not autocast-aware
-            x = x.to(torch.get_autocast_dtype(x.device.type))  # (the weights follow x's dtype)
+        x = x.to(compute_dtype(x))  # grouped_mm and the CPU op are not autocast-aware (the weights follow x)
         rows = _expert_of_row(counts, x.shape[0]) if self.kernel == "grouped" else None  # once for both GEMMs
         u = self._base("gate_up", x, counts, rows)  # [R, 2I]
         if self.lora_scale and hasattr(self, "lora_gate_up_A"):
