@@ -75,6 +75,8 @@ def main() -> None:
         model(torch.tensor([[1, 2, 3]]))
     assert calls[0] == 2 * (GROUPS - 1) + 1, f"rank {rank}: reshard after forward not restored ({calls[0]})"
     assert all(isinstance(m, FSDPModule) for m in model.blocks())
+    dist.all_gather_single = gather
+    dist.barrier()  # both ranks done before either tears its group down
     if rank == 0:
         print(
             f"gathered once: {n_once} all-gathers for {forwards} forwards (per forward: {n_per}); same samples"

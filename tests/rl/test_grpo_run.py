@@ -155,7 +155,7 @@ def test_reward_rises_on_the_toy_task(tmp_path):
     prompts.write_text("".join(json.dumps(row) + "\n" for row in arithmetic_rows(2, seed=7)))
     r = run_train_sh({**CFG, "NGPU": "1"}, f"--job.dump_folder={tmp_path / 'rl'}", f"--checkpoint.initial_load_path={warm / 'checkpoint'}",
                      f"--rl.prompts={prompts}", "--rl.prompts_per_step=2", "--training.steps=12", "--optimizer.lr=5e-4", "--rl.updates_per_batch=4",
-                     "--checkpoint.enable=false")  # fmt: skip
+                     "--checkpoint.enable=false", timeout=1800)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     rewards = [row["reward_mean"] for row in read_metrics(tmp_path / "rl")]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
