@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from .job_config import ConfigError, JobConfig
-from .validation import _choice, model_args
+from .validation import _choice
 
 LOSSES = ("grpo", "gspo")
 ADVANTAGE_SCALES = ("group", "none")
@@ -38,10 +38,11 @@ def validate_rl(cfg: JobConfig) -> None:
             f"rl.clip_low = {rl.clip_low} must be in [0, 1), rl.clip_high = {rl.clip_high} and "
             f"rl.kl_coef = {rl.kl_coef} >= 0"
         )
-    context = model_args(cfg).max_seq_len
-    if not 1 <= rl.max_new_tokens < context:
+    seq = cfg.training.seq_len  # in RL the longest prompt + completion (the KV cache and the updates)
+    if not 1 <= rl.max_new_tokens < seq:
         raise ConfigError(
-            f"rl.max_new_tokens = {rl.max_new_tokens} must be in [1, {context - 1}] (the model's context)"
+            f"rl.max_new_tokens = {rl.max_new_tokens} must be in [1, {seq - 1}]: a prompt and its completion "
+            f"fit in training.seq_len = {seq}; raise training.seq_len or lower rl.max_new_tokens"
         )
     p = cfg.parallelism
     others = {

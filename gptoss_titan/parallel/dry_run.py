@@ -120,6 +120,25 @@ def _rank_plan(cfg: JobConfig, plan: RunPlan, meshes, pp_rank: int, accel: bool 
             out["loss"] = activation_bytes(
                 args, tokens, cfg.activation_checkpoint, pbytes, accel, tp=dims.tp
             )["loss"]
+    out["rollout"] = _rollout_bytes(cfg, plan, out["groups"])
+    return out
+
+
+def _rollout_bytes(cfg: JobConfig, plan: RunPlan, groups: list[tuple[str, int, int]]) -> dict[str, float]:
+    """What an RL rank holds on top while it samples (empty without rl.enable): the KV cache of its
+    largest decode batch (rl.generation_batch rows at most, whole groups; every sequence up to
+    training.seq_len tokens, sliding layers a window's worth; K and V in the compute dtype) and,
+    with rl.gather_weights, the unsharded copy of every sharded FSDP group's weights."""
+    rl, t, a, dims = cfg.rl, cfg.training, plan.args, plan.dims
+    if not rl.enable:
+        return {}
+    cbytes = dtype_of(t.mixed_precision_param).itemsize
+    prompts = max(rl.prompts_per_step // dims.dp_degree, 1)
+    rows = min(max(rl.generation_batch // rl.group_size, 1), prompts) * rl.group_size
+    slots = sum(min(a.sliding_window, t.seq_len) if a.is_sliding(i) else t.seq_len for i in range(a.n_layers))
+    out = {"rollout KV cache": rows * slots * 2 * (a.n_kv_heads // dims.tp) * a.head_dim * cbytes}
+    if rl.gather_weights:
+        out["rollout weights gathered"] = sum(n * mesh * cbytes for _, mesh, n in groups if mesh > 1)
     return out
 
 
@@ -129,11 +148,12 @@ def _state_rows(cfg: JobConfig) -> list[tuple[str, int, str]]:
     stored (its dtype; MXFP4 experts in their uint8 blocks and scales; no gradient, no optimizer
     state) and its adapters' fp32 weights, gradients and AdamW."""
     if not cfg.lora.rank:
+        reference = cfg.rl.enable and (cfg.rl.kl_coef > 0 or cfg.rl.log_kl)  # RL's frozen copy (full FT)
         return [
             ("parameters (fp32)", 4, "model"),
             ("gradients (fp32)", 4, "model"),
             ("AdamW state (2 x fp32)", 8, "model"),
-        ]
+        ] + ([("RL KL reference (fp32)", 4, "model")] if reference else [])
     base = lora_base_dtype(cfg)
     if cfg.lora.base_format == "mxfp4":  # (the label fits the table's first column)
         base = "MXFP4+" + {"bfloat16": "bf16", "float32": "fp32"}.get(base, base)
@@ -156,7 +176,7 @@ def _row_bytes(plan: dict, b: int, which: str) -> tuple[float, float]:
 
 def _total_gib(plan: dict, rows: list[tuple[str, int, str]]) -> float:
     held = sum(sum(_row_bytes(plan, b, which)) for _, b, which in rows)
-    return (held + plan["blocks"] + plan["loss"] + plan["dequantized"]) / GIB
+    return (held + plan["blocks"] + plan["loss"] + plan["dequantized"] + sum(plan["rollout"].values())) / GIB
 
 
 def _plans(cfg: JobConfig, world_size: int, accel: bool) -> tuple[RunPlan, list[dict], list]:
@@ -220,7 +240,9 @@ def dry_run(cfg: JobConfig, world_size: int) -> None:
     print(f"{'loss (fused, chunked)':<26}{'':>12}{'':>14}{held['loss'] / GIB:>12.3f}")
     if held["dequantized"]:
         print(f"{'MXFP4 experts dequantized':<26}{'':>12}{'':>14}{held['dequantized'] / GIB:>12.3f}")
-    total += (held["blocks"] + held["loss"] + held["dequantized"]) / GIB
+    for label, b in held["rollout"].items():
+        print(f"{label:<26}{'':>12}{'':>14}{b / GIB:>12.3f}")
+    total += (held["blocks"] + held["loss"] + held["dequantized"] + sum(held["rollout"].values())) / GIB
     print(f"{'sum':<26}{'':>12}{'':>14}{total:>12.3f}")
     print(
         f"activations for {tokens:,} tokens per rank (local_batch_size {t.local_batch_size} x seq_len {t.seq_len:,}"

@@ -79,7 +79,8 @@ def load_prompts(source: str, max_prompt_tokens: int, needs_answer: bool) -> lis
         if len(tokens) > max_prompt_tokens:
             raise DataError(
                 f"{where}:{lineno}: the prompt has {len(tokens)} tokens, over the {max_prompt_tokens} that "
-                "rl.max_new_tokens leaves of the model's context; shorten it or lower rl.max_new_tokens"
+                "rl.max_new_tokens leaves of training.seq_len; shorten it, raise training.seq_len or lower "
+                "rl.max_new_tokens"
             )
         if needs_answer and "answer" not in row:
             raise DataError(f'{where}:{lineno}: the exact_match reward needs an "answer" field in every row')

@@ -73,18 +73,19 @@ def _all_done(done: torch.Tensor, world: bool) -> bool:
 def sample_rows(
     model, rows: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
     generator: torch.Generator, device: torch.device, dtype: torch.dtype | None = None, compiled: bool = False,
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Prompts of one length [R, T0] -> (tokens [R, n], decode log-probs [R, n], lengths [R]);
     lengths count up to the first stop token, inclusive (n: the longest, or max_new_tokens).
     compiled: decode steps through torch.compile (static shapes: the cache's capacity is rounded
-    up to a power of two, so prompts of nearby lengths share one graph)."""
+    up to a power of two, at most max_len, so prompts of nearby lengths share one graph)."""
     world = dist.is_initialized() and dist.get_world_size() > 1
     x = to_device(torch.tensor(rows), device)  # [R, T0]
     R, T0 = x.shape
     positions = torch.arange(T0, T0 + max_new_tokens, device=device)  # each decode step's, made once
     capacity = T0 + max_new_tokens
-    if compiled:
-        capacity = min(1 << (capacity - 1).bit_length(), model.args.max_seq_len)
+    if compiled:  # one capacity for nearby prompt lengths: one graph
+        capacity = max(capacity, min(1 << (capacity - 1).bit_length(), max_len or model.args.max_seq_len))
     step = compiled_decode_step() if compiled else decode_step
     cache = model.new_cache(R, capacity, dtype)
     logits = model(x, cache=cache, start_pos=0, last_only=True)[:, -1]  # [R, V]
@@ -120,13 +121,14 @@ def _batches(prompts: list[Prompt], group_size: int, max_rows: int) -> list[list
 def rollout(
     model, prompts: list[Prompt], group_size: int, max_new_tokens: int, temperature: float, top_p: float,
     seed: int, device: torch.device, autocast, max_rows: int = 64, dtype: torch.dtype | None = None,
-    compiled: bool = False,
+    compiled: bool = False, max_len: int | None = None,
 ) -> Rollout:  # fmt: skip
     """Every prompt's G completions (prompt order, completions of a prompt in a row). Under
     torch.distributed every rank runs as many batches as the rank with the most (extra ones: a
     one-row batch whose output is dropped), since each forward is collective. dtype: the compute
     dtype, the KV cache's (None: the parameters'). compiled: decode steps through torch.compile, on
-    an unsharded model (a sharded one decodes eagerly)."""
+    an unsharded model (a sharded one decodes eagerly); max_len: the longest prompt + completion
+    (training.seq_len), which the compiled path's rounded-up cache capacity stays within."""
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(seed)
     batches = _batches(prompts, group_size, max_rows)
@@ -147,7 +149,7 @@ def rollout(
                 idx = batches[b] if b < len(batches) else []
                 rows = [prompts[i].tokens for i in idx for _ in range(group_size)] or [prompts[0].tokens]
                 toks, logp, lengths = sample_rows(
-                    model, rows, max_new_tokens, temperature, top_p, gen, device, dtype, compiled
+                    model, rows, max_new_tokens, temperature, top_p, gen, device, dtype, compiled, max_len
                 )
                 toks, logp, lengths = toks.cpu(), logp.float().cpu(), lengths.cpu()
                 for k, i in enumerate(idx):

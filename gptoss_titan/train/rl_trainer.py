@@ -98,7 +98,7 @@ class RLTrainer(Trainer):
             )
         self.reward = RewardModel(rl.reward, rl.reward_default)
         needs_answer = any(t.fn is exact_match for t in self.reward.terms)
-        room = self.model_args.max_seq_len - rl.max_new_tokens
+        room = self.cfg.training.seq_len - rl.max_new_tokens  # seq_len bounds prompt + completion
         prompts = load_prompts(rl.prompts, room, needs_answer)
         logger.info(f"rl: {len(prompts)} prompts from {rl.prompts}; reward = {rl.reward}")
         loader = PromptLoader(prompts, rl.prompts_per_step, self.dp_rank, d.dp_degree, self.cfg.training.seed)
@@ -117,7 +117,8 @@ class RLTrainer(Trainer):
         dtype = dtype_of(self.cfg.training.mixed_precision_param)  # the compute dtype: K and V come in it
         with gathered_weights(step.model) if rl.gather_weights else contextlib.nullcontext():
             ro = rollout(step.model, prompts, rl.group_size, rl.max_new_tokens, rl.temperature, rl.top_p, seed,
-                         self.device, step.autocast(), rl.generation_batch, dtype, compiled)  # fmt: skip
+                         self.device, step.autocast(), rl.generation_batch, dtype, compiled,
+                         self.cfg.training.seq_len)  # fmt: skip
         self.reward.errors = 0
         rewards, parts = [], []
         for i in range(len(ro.prompt_lens)):

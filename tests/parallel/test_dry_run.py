@@ -165,3 +165,32 @@ def test_lora_dry_run_plans_an_mxfp4_base_for_one_24_gb_gpu():
     layer_gate_up = a.num_experts * 2 * a.dim * a.moe_inter_dim * 2  # bf16, the larger matrix
     assert float(rows["MXFP4 experts dequantized"][-1]) >= layer_gate_up / 2**30
     assert float(rows["sum"][-1]) <= 20.0
+
+
+def test_rl_dry_run_plans_what_sampling_holds():
+    """GRPO of the 20b, full fine-tuning with a KL reference, 8 ranks (FSDP 8, EP 8), sequences of
+    4,096 tokens, 64 prompts x 8 completions per step: each rank decodes its 8 prompts' 64
+    completions at once (rl.generation_batch 64). The KV cache holds 4,096 slots on the 12 full
+    layers and 128 on the 12 sliding ones, K and V of 8 heads x 64 in bf16; the gathered weights are
+    the dense weights in bf16 (EP 8 leaves the experts unsharded by FSDP); the KL reference is a
+    second copy of the fp32 parameters."""
+    from gptoss_titan.model import FLAVORS
+
+    r = run_train_sh(
+        {"COMM_MODE": "fake_backend", "NGPU": "8", "CONFIG_FILE": "train_configs/gpt_oss_20b.toml"},
+        "--rl.enable=true", "--rl.kl_coef=0.01", "--parallelism.expert_parallel_degree=8", "--training.seq_len=4096",
+        "--rl.max_new_tokens=2048", "--rl.prompts_per_step=64", "--rl.group_size=8", "--training.local_batch_size=1",
+        "--training.loss_spike_sigma=0",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    a = FLAVORS["20b"]
+    rows = {x[:26].strip(): x.split() for x in r.stdout.splitlines()}
+    slots = 12 * 4096 + 12 * 128
+    kv = 64 * slots * 2 * a.n_kv_heads * a.head_dim * 2
+    assert abs(float(rows["rollout KV cache"][-1]) - kv / 2**30) < 1e-3
+    dense_fp32 = float(rows["parameters (fp32)"][-3])  # this rank's eighth of the dense weights
+    assert abs(float(rows["rollout weights gathered"][-1]) - dense_fp32 * 8 / 2) < 0.01
+    assert rows["RL KL reference (fp32)"][-3:] == rows["parameters (fp32)"][-3:]
+    table = ("parameters (fp32)", "gradients (fp32)", "AdamW state (2 x fp32)", "RL KL reference (fp32)",
+             "activations (estimate)", "loss (fused, chunked)", "rollout KV cache", "rollout weights gathered")  # fmt: skip
+    assert abs(float(rows["sum"][-1]) - sum(float(rows[k][-1]) for k in table)) < 0.01

@@ -14,7 +14,10 @@ RL = ["--config", "train_configs/grpo_debug.toml"]
         (["--rl.group_size=1"], "rl.group_size = 1"),
         (["--rl.temperature=0"], "rl.temperature = 0.0 must be > 0"),
         (["--rl.clip_low=1.5"], "rl.clip_low = 1.5 must be in [0, 1)"),
-        (["--rl.max_new_tokens=5000"], "rl.max_new_tokens = 5000 must be in [1, 4095]"),
+        (
+            ["--rl.max_new_tokens=5000"],
+            "rl.max_new_tokens = 5000 must be in [1, 127]: a prompt and its completion fit in training.seq_len = 128",
+        ),
         (["--rl.generation_batch=4"], "rl.generation_batch = 4 is below rl.group_size = 8"),
         (["--rl.reward_default=nan"], "rl.reward_default = nan must be a finite number"),
         (["--training.loss_spike_sigma=3"], "training.loss_spike_sigma = 3.0 with rl.enable"),
