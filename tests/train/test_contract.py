@@ -80,7 +80,7 @@ def test_rl_keys(tmp_path):
     things); a checkpoint from before [rl] existed resumes as a supervised run; a changed prompt
     set or count keeps the prompt position, with a warning."""
     step = saved(tmp_path, "--training.steps=10")
-    rl = parse_args(argv_for(tmp_path, "--training.steps=10", "--rl.enable=true"))
+    rl = parse_args(argv_for(tmp_path, "--training.steps=10", "--rl.enable=true", "--rl.max_new_tokens=16"))
     with pytest.raises(
         CheckpointError, match=r"rl.enable = True but the checkpoint .* was trained with False"
     ):
@@ -91,7 +91,13 @@ def test_rl_keys(tmp_path):
     assert resume_lines(step, parse_args(argv_for(tmp_path, "--training.steps=10")), 2, 2) == []
     step.joinpath("config.json").write_text(json.dumps(rl.to_dict()))
     more = parse_args(
-        argv_for(tmp_path, "--training.steps=10", "--rl.enable=true", "--rl.prompts_per_step=8")
+        argv_for(
+            tmp_path,
+            "--training.steps=10",
+            "--rl.enable=true",
+            "--rl.max_new_tokens=16",
+            "--rl.prompts_per_step=8",
+        )
     )
     assert resume_lines(step, more, 2, 2) == [
         "warning: resume: rl.prompts_per_step 4 -> 8: the prompt position (prompts consumed) is kept: "
