@@ -54,9 +54,11 @@ class RLTrainer(Trainer):
                 raise
         sharded = is_sharded(self.train_module.model)
         c = cfg.compile
-        compiled = c.enable and "decode" in c.components and not sharded
+        # resolved once: compiled decode steps (one process), K and V in the compute dtype
+        self.compile_decode = c.enable and "decode" in c.components and not sharded
+        self.decode_dtype = dtype_of(cfg.training.mixed_precision_param)
         logger.info(
-            f"rl: decode steps {'compiled (torch.compile, static shapes)' if compiled else 'eager'}"
+            f"rl: decode steps {'compiled (torch.compile, static shapes)' if self.compile_decode else 'eager'}"
             + (f"; FSDP weights gathered once per rollout: {rl.gather_weights}" if sharded else "")
         )
 
@@ -112,13 +114,10 @@ class RLTrainer(Trainer):
         t0 = time.perf_counter()
         prompts = self.train_loader.next_prompts()
         seed = sampling_seed(self.cfg.training.seed, self.step, self.dp_rank)
-        c = self.cfg.compile
-        compiled = c.enable and "decode" in c.components
-        dtype = dtype_of(self.cfg.training.mixed_precision_param)  # the compute dtype: K and V come in it
         with gathered_weights(step.model) if rl.gather_weights else contextlib.nullcontext():
             ro = rollout(step.model, prompts, rl.group_size, rl.max_new_tokens, rl.temperature, rl.top_p, seed,
-                         self.device, step.autocast(), rl.generation_batch, dtype, compiled,
-                         self.cfg.training.seq_len)  # fmt: skip
+                         self.device, step.autocast(), rl.generation_batch, self.decode_dtype,
+                         self.compile_decode, self.cfg.training.seq_len)  # fmt: skip
         self.reward.errors = 0
         rewards, parts = [], []
         for i in range(len(ro.prompt_lens)):
