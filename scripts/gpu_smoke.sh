@@ -15,7 +15,9 @@
 #                vs the loop at 20b's expert shapes in bf16 with an empty expert, the host-sync audit
 #                of a training step on CUDA, the bf16 loss vs fp32, deterministic mode bit for bit,
 #                LoRA expert adapters on grouped_mm at a rank whose rows are not 16 bytes (padded)
-#                vs the loop, the MXFP4-resident LoRA base on grouped_mm vs the dequantized base
+#                vs the loop, the MXFP4-resident LoRA base on grouped_mm vs the dequantized base,
+#                context parallelism's flex block pairs vs the math kernel (forward, recomputing
+#                backward, document masks, rows without keys) and their memory vs the piece length
 #   train        (cap 150 s) bf16, torch.compile, full AC, async checkpoints with pinned memory,
 #                FSDP2 + DTensor + DCP through a process group (parallelism.fsdp_one_process on one
 #                GPU; EP 2 on 2 or more); then resumed to more steps from its last checkpoint

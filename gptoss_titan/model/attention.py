@@ -252,7 +252,7 @@ def flash_sink_attention(
 
 
 @functools.lru_cache(maxsize=16)
-def _flex_block_mask(T: int, window: int | None, device: str):
+def flex_block_mask(T: int, window: int | None, device: str):
     """The causal or sliding block mask for T queries over T keys, built once per shape."""
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -266,7 +266,7 @@ def _flex_block_mask(T: int, window: int | None, device: str):
 
 
 @functools.cache
-def _flex_kernel(device_type: str):
+def flex_kernel(device_type: str):
     """flex_attention compiled on GPU (its fused kernel); eager elsewhere (CPU forward, for tests)."""
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -290,8 +290,8 @@ def flex_sink_attention(
     B, N, T, D = q.shape
     G = k.shape[1]
     if block_mask is None:
-        block_mask = _flex_block_mask(T, window, str(q.device))
-    out, lse = flex_attention_lse(_flex_kernel(q.device.type), q, k, v, block_mask, D**-0.5, G != N)
+        block_mask = flex_block_mask(T, window, str(q.device))
+    out, lse = flex_attention_lse(flex_kernel(q.device.type), q, k, v, block_mask, D**-0.5, G != N)
     gate = sink_gate(lse, sinks)  # [B, N, T]
     return out * gate.unsqueeze(-1).to(out.dtype)
 
@@ -303,7 +303,7 @@ def attention_mask(B: int, T: int, window: int | None, device: torch.device, dty
     if device.type == "cpu":
         return _cpu_window_mask(B, T, window, dtype, device) if window is not None and T > window else None
     if device.type == "cuda":
-        return _flex_block_mask(T, window, str(device))
+        return flex_block_mask(T, window, str(device))
     return None
 
 

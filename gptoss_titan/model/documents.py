@@ -174,7 +174,7 @@ doc_flash_sink_op, doc_flash_sink_backward_op = register_sink_op(
 
 
 @functools.cache
-def _block_mask_builder(compiled: bool):
+def block_mask_builder(compiled: bool):
     """create_block_mask, compiled (once: the document ids are an input, not a guard): eager, it
     evaluates the mask on all [B, T, T] positions, a few GB at 128k tokens, every step."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -185,7 +185,7 @@ def _block_mask_builder(compiled: bool):
 def flex_document_mask(docs: Documents, window: int | None, device: str, compiled: bool | None = None):
     """The flex BlockMask of a packed batch: causal, same document, within the window; built by
     compiled code on CUDA (compiled None), eagerly elsewhere unless asked."""
-    create_block_mask = _block_mask_builder(device.startswith("cuda") if compiled is None else compiled)
+    create_block_mask = block_mask_builder(device.startswith("cuda") if compiled is None else compiled)
     ids = docs.ids
     B, T = ids.shape
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..model.attention import flash_sink_op, key_blocks, query_blocks, unblock_queries
 from ..model.documents import Documents
 from ..model.local import to_device
-from . import ring_attention
+from . import ring_blocks
 from .ring_attention import _offsets, halo_keys, halo_plan, ring_sink_op
 
 
@@ -117,7 +117,7 @@ def window_blocks(pos: torch.Tensor, ids: torch.Tensor | None, W: int, B: int) -
 def blocked_sink_attention(qb, kb, vb, sinks, allowed: torch.Tensor, scale: float) -> torch.Tensor:
     """Sink attention of query blocks over their key blocks with a bool mask [Bn, 1, W, 2W]: the
     fused CPU op, or elsewhere SDPA with the sink as one extra zero key whose mask entry is the sink."""
-    if ring_attention.fused_kernels(qb):
+    if ring_blocks.block_kernel(qb) == "cpu":
         mask = torch.zeros(allowed.shape, dtype=qb.dtype, device=qb.device).masked_fill_(
             ~allowed, float("-inf")
         )

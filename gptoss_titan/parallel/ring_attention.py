@@ -18,10 +18,10 @@ Sliding layers need only the `window - 1` keys before each piece: `halo_keys` fe
 those from their owners with one all-to-all (autograd-aware, so their gradients go back the same
 way), never a ring; then the blocked sliding kernel runs on halo + piece.
 
-CPU runs the fused flash kernels; other devices a plain-math block kernel (exact; scores of one
-block pair materialized) - the same code path, forced in tests. Not yet fast on GPUs: that block
-kernel, and with document masking one host sync per block pair (the mask's classification), are
-what a CUDA flash/flex block kernel would replace; without documents the ring never syncs.
+The block kernel of a pair depends on the device (parallel/ring_blocks.py): the fused CPU flash
+kernels, compiled flex_attention on CUDA (block masks from the device's document ids: no host
+sync, no [Lq, Lk] scores), plain math elsewhere. The gradients of the keys and values travel in
+their input dtype, and each hop's transfer overlaps the next pair's compute.
 """
 
 from __future__ import annotations
@@ -31,91 +31,11 @@ import torch.distributed as dist
 
 from ..model.attention import sink_gate, sink_grad
 from ..model.sink_op import register_sink_op
-from ..runtime.compat import FLASH_CPU, FLASH_CPU_BWD, all_to_all_single_autograd
+from ..runtime.compat import all_to_all_single_autograd
+from . import ring_blocks
+from .ring_blocks import Pair, cpu_backward, cpu_pair_mask, device_pair_mask, recompute_backward
 
 _NEG = float("-inf")
-
-
-def fused_kernels(t: torch.Tensor) -> bool:
-    """The fused CPU flash kernels for tensors on this device (else the plain-math block kernel;
-    tests force that path by patching this function)."""
-    return t.device.type == "cpu"
-
-
-def _pair_mask(q_rng: tuple[int, int], k_rng: tuple[int, int], ids: torch.Tensor | None, device):
-    """Which keys of piece k_rng the queries of piece q_rng see (causal, same document):
-    "skip" (none), None (all), "causal" (the same piece, no documents), or bool [B|1, 1, Lq, Lk]
-    on `device`. Without documents this is decided from the ranges alone; with documents it reads
-    the ids (on a GPU a host sync per block pair: see the module notes)."""
-    (qs, qe), (ks, ke) = q_rng, k_rng
-    if ks > qe - 1:
-        return "skip"
-    if ids is None:
-        if ke - 1 <= qs:
-            return None
-        if (qs, qe) == (ks, ke):
-            return "causal"
-    dev = ids.device if ids is not None else device
-    qpos, kpos = torch.arange(qs, qe, device=dev), torch.arange(ks, ke, device=dev)
-    m = (kpos[None, :] <= qpos[:, None]).unsqueeze(0)  # [1, Lq, Lk]
-    if ids is not None:
-        m = m & (ids[:, qs:qe, None] == ids[:, None, ks:ke])  # [B, Lq, Lk]
-    if not bool(m.any()):
-        return "skip"
-    if bool(m.all()):
-        return None
-    return m.unsqueeze(1).to(device)
-
-
-def _additive(mask, dtype) -> torch.Tensor | None:
-    if not isinstance(mask, torch.Tensor):
-        return None
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, _NEG)
-
-
-def _math_scores(q, k, mask, scale):
-    N, G = q.shape[1], k.shape[1]
-    kk = k.repeat_interleave(N // G, dim=1)
-    acc = torch.promote_types(q.dtype, torch.float32)
-    s = (q.to(acc) @ kk.to(acc).transpose(-1, -2)) * scale  # [B, N, Lq, Lk]
-    if isinstance(mask, str):  # "causal"
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), _NEG)
-    elif mask is not None:
-        s = s.masked_fill(~mask, _NEG)
-    return s
-
-
-def block_forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pair without the sink -> (out [B, N, Lq, D], lse [B, N, Lq]; -inf where a row sees no key)."""
-    if fused_kernels(q):
-        o, lse = FLASH_CPU(q, k, v, 0.0, mask == "causal", attn_mask=_additive(mask, q.dtype), scale=scale)
-    else:
-        s = _math_scores(q, k, mask, scale)
-        lse = s.logsumexp(-1)
-        p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
-        o = (p @ v.repeat_interleave(q.shape[1] // k.shape[1], dim=1).to(p.dtype)).to(q.dtype)
-    if isinstance(mask, torch.Tensor):
-        lse = lse.masked_fill(~mask.any(-1), _NEG)  # the kernel reports 0 for rows without keys
-    return o, lse
-
-
-def block_backward(g, q, k, v, out, lse, mask, scale: float):
-    """(dq, dk, dv) of one pair given the final (merged, gated) out and log-sum-exp and g * gate."""
-    if fused_kernels(q):
-        return FLASH_CPU_BWD(
-            g, q, k, v, out, lse, 0.0, mask == "causal", attn_mask=_additive(mask, q.dtype), scale=scale
-        )
-    N, G = q.shape[1], k.shape[1]
-    s = _math_scores(q, k, mask, scale)
-    p = torch.exp(s - lse.unsqueeze(-1))  # [B, N, Lq, Lk]
-    acc = p.dtype
-    vv = v.repeat_interleave(N // G, dim=1).to(acc)
-    dv = (p.transpose(-1, -2) @ g.to(acc)).unflatten(1, (G, N // G)).sum(2)
-    dp = g.to(acc) @ vv.transpose(-1, -2)
-    ds = p * (dp - (g.to(acc) * out.to(acc)).sum(-1, keepdim=True))
-    dq = (ds @ k.repeat_interleave(N // G, dim=1).to(acc)) * scale
-    dk = ((ds.transpose(-1, -2) @ q.to(acc)) * scale).unflatten(1, (G, N // G)).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _lengths(pieces: list) -> list[int]:
@@ -130,13 +50,16 @@ def _offsets(pieces: list) -> list[int]:
     return out
 
 
-def _pairs(mine: list, theirs: list, doc_ids, device):
-    """(query rows, key columns, mask) of every (local piece, held piece) pair with visible keys."""
+def _pairs(kind: str, mine: list, theirs: list, doc_ids, device):
+    """Every (local piece, held piece) Pair with visible keys, its mask for the `kind` kernel."""
     for qr, qo in zip(mine, _offsets(mine)):
         for kr, ko in zip(theirs, _offsets(theirs)):
-            mask = _pair_mask(qr, kr, doc_ids, device)
+            if kind == "cpu":
+                mask = cpu_pair_mask(qr, kr, doc_ids, device)
+            else:
+                mask = device_pair_mask(qr, kr, doc_ids)
             if not (isinstance(mask, str) and mask == "skip"):
-                yield slice(qo, qo + qr[1] - qr[0]), slice(ko, ko + kr[1] - kr[0]), mask
+                yield Pair(slice(qo, qo + qr[1] - qr[0]), slice(ko, ko + kr[1] - kr[0]), mask)
 
 
 class _Ring:
@@ -179,6 +102,8 @@ def _ring_sink(
     ring = _Ring(group_name)
     layout, doc_ids = _layout(pieces, ids)
     mine = layout[ring.rank]
+    kind = ring_blocks.block_kernel(q)
+    forward = ring_blocks.cpu_forward if kind == "cpu" else ring_blocks.FORWARD[kind]
     B, N, L, D = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)
     out = torch.zeros(B, N, L, D, dtype=acc, device=q.device)
@@ -189,8 +114,8 @@ def _ring_sink(
         if step < ring.size - 1:
             nxt = layout[(src - 1) % ring.size]
             reqs, buf = ring.start(kv, (2, B, k.shape[1], sum(_lengths(nxt)), D))
-        for rows, cols, mask in _pairs(mine, layout[src], doc_ids, q.device):
-            o, l_ = block_forward(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], mask, scale)
+        for rows, cols, mask in _pairs(kind, mine, layout[src], doc_ids, q.device):
+            o, l_ = forward(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], mask, scale)
             new = torch.logaddexp(lse[:, :, rows], l_.to(acc))
             a = torch.exp(lse[:, :, rows] - new).nan_to_num(0.0).unsqueeze(-1)
             b = torch.exp(l_.to(acc) - new).nan_to_num(0.0).unsqueeze(-1)
@@ -221,44 +146,56 @@ def _ring_sink_backward(
     ring = _Ring(group_name)
     layout, doc_ids = _layout(pieces, ids)
     mine = layout[ring.rank]
+    kind = ring_blocks.block_kernel(q)
     B, N, L, D = q.shape
     G = k.shape[1]
     g = g.contiguous()
     g_in = g * gate.unsqueeze(-1).to(g.dtype)
     acc = torch.promote_types(q.dtype, torch.float32)
+    d_final = None if kind == "cpu" else (g_in.to(acc) * out.to(acc)).sum(-1)  # [B, N, L]
     dq = torch.zeros(B, N, L, D, dtype=acc, device=q.device)
     kv = torch.stack([k, v]).contiguous()
-    dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # gradients of the keys held now
+    incoming = None  # (requests, buffer): the gradient of the held keys from the ranks before
     for step in range(ring.size):
         src = (ring.rank - step) % ring.size
+        nxt = layout[(src - 1) % ring.size]
         if step < ring.size - 1:
-            nxt = layout[(src - 1) % ring.size]
             reqs, buf = ring.start(kv, (2, B, G, sum(_lengths(nxt)), D))
-        for rows, cols, mask in _pairs(mine, layout[src], doc_ids, q.device):
-            dq_, dk_, dv_ = block_backward(
-                g_in[:, :, rows].contiguous(),
+        part = torch.zeros(kv.shape, dtype=acc, device=q.device)  # this rank's share for the held keys
+        for rows, cols, mask in _pairs(kind, mine, layout[src], doc_ids, q.device):
+            qr, kc, vc = (
                 q[:, :, rows].contiguous(),
                 kv[0][:, :, cols].contiguous(),
                 kv[1][:, :, cols].contiguous(),
-                out[:, :, rows].contiguous(),
-                lse[:, :, rows].contiguous(),
-                mask,
-                scale,
             )
+            if kind == "cpu":
+                o_r, l_r = out[:, :, rows].contiguous(), lse[:, :, rows].contiguous()
+                dq_, dk_, dv_ = cpu_backward(g_in[:, :, rows].contiguous(), qr, kc, vc, o_r, l_r, mask, scale)
+            else:
+                dq_, dk_, dv_ = recompute_backward(
+                    kind, g_in[:, :, rows], qr, kc, vc, lse[:, :, rows], d_final[:, :, rows], mask, scale
+                )
             dq[:, :, rows] += dq_
-            dkv[0][:, :, cols] += dk_
-            dkv[1][:, :, cols] += dv_
-        # The accumulated gradients follow their keys; after the last step they reach the owner.
-        greqs, gbuf = ring.start(dkv, (2, B, G, sum(_lengths(layout[(src - 1) % ring.size])), D))
+            part[0][:, :, cols] += dk_
+            part[1][:, :, cols] += dv_
+        # The held keys' gradient arrived while this step computed; it follows its keys on, in
+        # their dtype, and is only waited for after the next step's compute. After the last step
+        # every key's gradient is back at its owner.
+        if incoming is not None:
+            for r in incoming[0]:
+                r.wait()
+            part += incoming[1]
+        send = part.to(k.dtype)
+        incoming = ring.start(send, (2, B, G, sum(_lengths(nxt)), D))
         if step < ring.size - 1:
             for r in reqs:
                 r.wait()
             kv = buf
-        for r in greqs:
-            r.wait()
-        dkv = gbuf
+    for r in incoming[0]:
+        r.wait()
+    dkv = incoming[1]
     dsink = sink_grad(g, out, gate, sinks)
-    return dq.to(q.dtype), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True), dsink
+    return dq.to(q.dtype), dkv[0].clone(), dkv[1].clone(), dsink
 
 
 # The custom ops gptoss_titan::ring_sink and ::ring_sink_backward.

@@ -8,6 +8,7 @@ CI runs the pinned torch 2.13.0. When torch renames one of these, only this file
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from datetime import timedelta
@@ -108,6 +109,20 @@ def flex_attention_lse(compiled_flex, q, k, v, block_mask, scale: float, enable_
         q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_aux=AuxRequest(lse=True)
     )
     return out, aux.lse
+
+
+@contextlib.contextmanager
+def autograd_in_custom_op(device_type: str):
+    """Autograd records again inside a custom op's implementation (which runs with the autograd
+    dispatch keys excluded): for a recompute-and-differentiate inside a backward op. Private
+    dispatch-key guards; tests/parallel/ring_job.py's backward fails if they change."""
+    key = getattr(torch._C.DispatchKey, "Autograd" + {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, "Other"))
+    exclude = torch._C._dispatch_tls_local_exclude_set().remove(key)
+    with (
+        torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude),
+        torch.enable_grad(),
+    ):
+        yield
 
 
 def mm_fp32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:

@@ -166,13 +166,13 @@ def test_flex_path_under_compile_takes_its_mask_from_outside():
     compiled region (the model's forward builds it; lru_cache does not work inside a graph)."""
     from gptoss_titan.model import attention
 
-    attention._flex_block_mask.cache_clear()
+    attention.flex_block_mask.cache_clear()
     fn = torch.compile(flex_sink_attention, fullgraph=True, backend="eager")
     x = [t.detach().float() for t in inputs(2, 4, 2, 64, 16)]
     with torch.no_grad():
         for _ in range(2):
             for W in (None, 16):
-                mask = attention._flex_block_mask(64, W, "cpu")
+                mask = attention.flex_block_mask(64, W, "cpu")
                 assert (fn(*x, W, mask) - reference_attention(*x, W)).abs().max() < 2e-6
-    info = attention._flex_block_mask.cache_info()
+    info = attention.flex_block_mask.cache_info()
     assert (info.misses, info.hits) == (2, 2)  # built once per (shape, window), reused after

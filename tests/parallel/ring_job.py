@@ -1,7 +1,10 @@
 """Context-parallel attention on cp = world size gloo ranks against the one-process definition in
 fp64: outputs and gradients of q, k, v and the sink, full layers (ring) and sliding layers (halo),
-balanced and uneven pieces, GQA, with and without documents, fused CPU kernels and the plain-math
-block kernel. Run with torchrun; exits non-zero on the first mismatch.
+balanced and uneven pieces, GQA, with and without documents, each pair kernel: the fused CPU
+kernels and the plain-math one (forward and backward; the latter shares its recomputing backward
+with CUDA's flex kernel), and flex_attention itself in forward (CPU flex has no backward): the
+block masks CUDA builds from the document ids, rows that see no key. Run with torchrun; exits
+non-zero on the first mismatch.
 """
 
 import torch
@@ -10,7 +13,7 @@ import torch.distributed as dist
 from gptoss_titan.model.attention import sink_attention
 from gptoss_titan.model.documents import find_documents
 from gptoss_titan.model.tokens import EOT_ID
-from gptoss_titan.parallel import ring_attention
+from gptoss_titan.parallel import ring_blocks
 from gptoss_titan.parallel.context_parallel import CPBatch, CPLayout
 
 
@@ -28,7 +31,7 @@ def reference(q, k, v, sinks, window, ids):
     )
 
 
-def check(layout: CPLayout, window, with_docs: bool, group, label: str) -> None:
+def check(layout: CPLayout, window, with_docs: bool, group, label: str, backward: bool = True) -> None:
     rank = dist.get_rank(group)
     g = torch.Generator().manual_seed(7)
     B, N, G, T, D = 2, 4, 2, layout.T, 8
@@ -50,6 +53,12 @@ def check(layout: CPLayout, window, with_docs: bool, group, label: str) -> None:
     lq, lk, lv = (t[:, :, idx].detach().requires_grad_() for t in (q, k, v))
     ls = sinks.detach().clone().requires_grad_()
     batch = CPBatch(idx.expand(B, -1), docs.ids.long() if with_docs else None, layout, rank, group.group_name)
+    if not backward:
+        with torch.no_grad():  # (inputs that require grad are refused by CPU flex)
+            out = batch.attend(lq.detach(), lk.detach(), lv.detach(), ls.detach(), window)
+        err = (out - ref[:, :, idx]).abs().max().item()
+        assert err < 1e-10, f"{label}: out differs by {err}"
+        return
     out = batch.attend(lq, lk, lv, ls, window)
     dq, dk, dv, ds = torch.autograd.grad(out, (lq, lk, lv, ls), grad[:, :, idx])
     dist.all_reduce(ds, group=group)
@@ -72,14 +81,14 @@ def main() -> None:
     T = 24
     uneven = CPLayout(T, (((0, 5), (17, 24)), ((5, 11), (11, 17))), (5,)) if cp == 2 else None
     layouts = [("balanced", CPLayout.balanced(T, cp, (5,)))] + ([("uneven", uneven)] if uneven else [])
-    fused = ring_attention.fused_kernels
     n = 0
-    for kernel in ("fused", "math"):
-        ring_attention.fused_kernels = fused if kernel == "fused" else (lambda t: False)
+    for kernel in ("cpu", "math", "flex"):
+        ring_blocks.block_kernel = lambda t, kernel=kernel: kernel
         for lname, layout in layouts:
             for window in (None, 5):
                 for docs in (False, True):
-                    check(layout, window, docs, group, f"{kernel} {lname} window={window} docs={docs}")
+                    label = f"{kernel} {lname} window={window} docs={docs}"
+                    check(layout, window, docs, group, label, backward=kernel != "flex")
                     n += 1
     if rank == 0:
         print(f"ring/halo attention: {n} cases equal the definition on {cp} ranks")
