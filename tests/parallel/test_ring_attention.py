@@ -1,5 +1,6 @@
 """Ring (full layers) and halo (sliding layers) attention against the definition in fp64 on 2 and
-4 gloo ranks (tests/parallel/ring_job.py), and the halo plan on its own."""
+4 gloo ranks (tests/parallel/ring_job.py; with every point-to-point send matched to its receive in
+order, size and dtype across the ranks), and the halo plan on its own."""
 
 from pathlib import Path
 
@@ -18,6 +19,7 @@ HERE = Path(__file__).parent
 def test_ring_and_halo_attention_equal_the_definition(nproc):
     r = run_ok(python_cmd(nproc, str(HERE / "ring_job.py")), timeout=600)
     assert "equal the definition" in r.stdout + r.stderr
+    assert "p2p sends matched" in r.stdout + r.stderr
 
 
 def test_balanced_layout_and_halo_plan():
