@@ -71,11 +71,12 @@ class _Ring:
         self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.size)
 
-    def start(self, send: torch.Tensor, recv_shape) -> tuple[list, torch.Tensor]:
+    def start(self, send: torch.Tensor, recv_shape, tag: int = 0) -> tuple[list, torch.Tensor]:
+        """tag: 0 keys and values, 1 their gradients (gloo matches by tag; NCCL by order)."""
         buf = send.new_empty(recv_shape)
         ops = [
-            dist.P2POp(dist.isend, send, self.next, self.group),
-            dist.P2POp(dist.irecv, buf, self.prev, self.group),
+            dist.P2POp(dist.isend, send, self.next, self.group, tag),
+            dist.P2POp(dist.irecv, buf, self.prev, self.group, tag),
         ]
         return dist.batch_isend_irecv(ops), buf
 
@@ -186,7 +187,10 @@ def _ring_sink_backward(
                 r.wait()
             part += incoming[1]
         send = part.to(k.dtype)
-        incoming = ring.start(send, (2, B, G, sum(_lengths(nxt)), D))
+        if ring.size == 1:  # one rank: its own keys' gradient is complete
+            incoming = ([], send)
+            break
+        incoming = ring.start(send, (2, B, G, sum(_lengths(nxt)), D), tag=1)
         if step < ring.size - 1:
             for r in reqs:
                 r.wait()

@@ -54,6 +54,7 @@ class DeviceMask(NamedTuple):
     diag: bool  # the same piece: causal
     q_ids: torch.Tensor | None  # [B, Lq] document ids of the queries (None: no documents)
     k_ids: torch.Tensor | None  # [B, Lk]
+    key: tuple = ()  # (ids, q range, k range): what the block mask depends on (its cache key)
 
 
 def cpu_pair_mask(q_rng: tuple[int, int], k_rng: tuple[int, int], ids: torch.Tensor | None, device):
@@ -91,7 +92,7 @@ def device_pair_mask(q_rng: tuple[int, int], k_rng: tuple[int, int], ids: torch.
         raise ValueError(f"ring attention: pieces {q_rng} and {k_rng} overlap")
     if ids is None:
         return DeviceMask(diag, None, None)
-    return DeviceMask(diag, ids[:, qs:qe], ids[:, ks:ke])
+    return DeviceMask(diag, ids[:, qs:qe], ids[:, ks:ke], (ids, q_rng, k_rng))
 
 
 def _additive(mask, dtype) -> torch.Tensor | None:
@@ -161,11 +162,34 @@ def _doc_pair_mask(m: DeviceMask, B: int, Lq: int, Lk: int, device: str):
     return create_block_mask(visible, B, None, Lq, Lk, device=device)
 
 
+class _MaskCache:
+    """The document pairs' block masks of the current batch: built once, then reused by every full
+    layer's forward and backward. Holds the batch's ids tensor, so its memory cannot be reused by
+    another tensor while cached; a new ids tensor (or an in-place change) starts over."""
+
+    def __init__(self):
+        self.ids: torch.Tensor | None = None
+        self.tag: tuple = ()
+        self.masks: dict = {}
+
+    def get(self, m: DeviceMask, build):
+        ids, q_rng, k_rng = m.key
+        tag = (ids.untyped_storage().data_ptr(), ids.storage_offset(), tuple(ids.shape), ids._version)
+        if self.ids is None or tag != self.tag:
+            self.ids, self.tag, self.masks = ids, tag, {}
+        if (q_rng, k_rng) not in self.masks:
+            self.masks[(q_rng, k_rng)] = build()
+        return self.masks[(q_rng, k_rng)]
+
+
+_MASKS = _MaskCache()
+
+
 def flex_forward(q, k, v, m: DeviceMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, l) of one pair by flex_attention (compiled on CUDA), differentiable in o and l."""
     B, Lq, Lk, dev = q.shape[0], q.shape[2], k.shape[2], str(q.device)
     if m.q_ids is not None:
-        block_mask = _doc_pair_mask(m, B, Lq, Lk, dev)
+        block_mask = _MASKS.get(m, lambda: _doc_pair_mask(m, B, Lq, Lk, dev))
     else:
         block_mask = flex_block_mask(Lq, None, dev) if m.diag else None
     return flex_attention_lse(
@@ -180,10 +204,11 @@ def recompute_backward(kind: str, g_in, q, k, v, lse, d_final, m: DeviceMask, sc
     """(dq, dk, dv) of one flex / math pair: recompute (o, l) under autograd and back-propagate the
     merge's gradients (module notes). g_in = g * gate, lse the merged log-sum-exp [B, N, Lq] and
     d_final = rowsum(g_in * out) [B, N, Lq] (fp32 or wider)."""
-    with autograd_in_custom_op(q.device.type):
+    with autograd_in_custom_op():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
         o, l_ = FORWARD[kind](qq, kk, vv, m, scale)
         w = torch.exp(l_.detach().to(lse.dtype) - lse).nan_to_num(0.0)  # [B, N, Lq]
         g_o = (w.unsqueeze(-1) * g_in.to(lse.dtype)).to(o.dtype)
-        g_l = w * ((g_in.to(lse.dtype) * o.detach().to(lse.dtype)).sum(-1) - d_final)
+        # rowsum(g_o * o) from the rounded g_o: the same term the kernel's backward subtracts
+        g_l = (g_o.to(lse.dtype) * o.detach().to(lse.dtype)).sum(-1) - w * d_final
         return torch.autograd.grad((o, l_), (qq, kk, vv), (g_o, g_l.to(l_.dtype)))

@@ -112,12 +112,13 @@ def flex_attention_lse(compiled_flex, q, k, v, block_mask, scale: float, enable_
 
 
 @contextlib.contextmanager
-def autograd_in_custom_op(device_type: str):
+def autograd_in_custom_op():
     """Autograd records again inside a custom op's implementation (which runs with the autograd
     dispatch keys excluded): for a recompute-and-differentiate inside a backward op. Private
     dispatch-key guards; tests/parallel/ring_job.py's backward fails if they change."""
-    key = getattr(torch._C.DispatchKey, "Autograd" + {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, "Other"))
-    exclude = torch._C._dispatch_tls_local_exclude_set().remove(key)
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    exclude = exclude.remove(keys.AutogradFunctionality).remove(keys.AutogradOther)  # every device's
     with (
         torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude),
         torch.enable_grad(),

@@ -1,10 +1,12 @@
 """The ring's pair kernels (parallel/ring_blocks.py). The whole ring with each kernel is checked
-against the definition on 2 and 4 gloo ranks in ring_job.py; here: the CUDA flex kernel against
-the math kernel in forward and backward (needs a GPU: CPU flex has no backward), its memory
-following the piece length, and the mask classification that must not read the device."""
+against the definition on 2 and 4 gloo ranks in ring_job.py; here: the mask classification that
+must not read the device, the ring op on one rank, and on a GPU the flex kernel against the math
+kernel in forward and backward (CPU flex has no backward), its memory following the piece length,
+and the whole ring op compiled on NCCL with flex pairs."""
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from gptoss_titan.parallel import ring_blocks
 from gptoss_titan.parallel.ring_blocks import DeviceMask, device_pair_mask
@@ -83,3 +85,60 @@ def test_flex_pair_memory_follows_the_piece_length():
             peak = torch.cuda.max_memory_allocated() - base
         peaks.append(peak)
     assert peaks[1] < 3 * peaks[0], peaks
+
+
+def _one_rank_ring(device: str, backend: str, dtype, compiled: bool) -> dict:
+    """The whole ring op on a process group of one rank (cp 1 still cuts the sequence into two
+    pieces: causal, cross and document pairs), forward and backward, against the definition in
+    fp64; relative max errors."""
+    from gptoss_titan.model.attention import sink_attention
+    from gptoss_titan.parallel.context_parallel import CPBatch, CPLayout
+
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(5)
+        B, N, G, T, D = 2, 4, 2, 64, 16
+        ids = torch.zeros(B, T, dtype=torch.long)
+        ids[0, 20:] = 1
+        ids[0, 45:] = 2  # batch row 0: three documents, one across the two pieces
+        x64 = [torch.randn(B, n, T, D, generator=g, dtype=torch.float64) for n in (N, G, G)]
+        x64.append(torch.randn(N, generator=g, dtype=torch.float64))
+        grad = torch.randn(B, N, T, D, generator=g, dtype=torch.float64)
+        pos = torch.arange(T)
+        allowed = (pos[None, :] <= pos[:, None]) & (ids[:, :, None] == ids[:, None, :])
+        xs = [t.clone().requires_grad_() for t in x64]
+        ref = torch.cat(
+            [sink_attention(*(t[b : b + 1] for t in xs[:3]), xs[3], None, allowed[b]) for b in range(B)]
+        )
+        ref = [ref, *torch.autograd.grad(ref, xs, grad)]
+        layout = CPLayout.balanced(T, 1)
+        batch = CPBatch(
+            layout.index(0).expand(B, -1).to(device), ids.to(device), layout, 0, dist.group.WORLD.group_name
+        )
+        fn = torch.compile(batch.attend, fullgraph=False) if compiled else batch.attend
+        ys = [t.to(device, dtype).requires_grad_() for t in x64]
+        out = fn(*ys, None)
+        got = [out, *torch.autograd.grad(out, ys, grad.to(device, dtype))]
+        return {
+            name: ((a.double().cpu() - r).abs().max() / r.abs().max()).item()
+            for name, a, r in zip(("out", "dq", "dk", "dv", "dsink"), got, ref)
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["cpu", "math"])
+def test_one_rank_ring_equals_the_definition(kind, monkeypatch):
+    """Ring size 1: no exchange, the own keys' gradient complete after the one step."""
+    monkeypatch.setattr(ring_blocks, "block_kernel", lambda t: kind)
+    errs = _one_rank_ring("cpu", "gloo", torch.float64, compiled=False)
+    assert max(errs.values()) < 1e-12, errs
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_compiled_ring_with_flex_pairs_on_cuda():
+    """The ring op inside a compiled function on CUDA (NCCL, one rank): flex pairs in forward, their
+    compiled recompute inside the backward op, document block masks from the device."""
+    errs = _one_rank_ring("cuda", "nccl", torch.float32, compiled=True)
+    assert max(errs.values()) < 5e-3, errs  # fp32 inputs; flex may use TF32 GEMMs
