@@ -9,6 +9,7 @@ non-zero on the first mismatch.
 
 import torch
 import torch.distributed as dist
+from p2p_trace import P2PTrace  # tests/parallel/p2p_trace.py (this folder is on the job's path)
 
 from gptoss_titan.model.attention import sink_attention
 from gptoss_titan.model.documents import find_documents
@@ -115,37 +116,6 @@ def check_bf16(layout: CPLayout, group, label: str) -> str:
         assert e_ring <= bound, f"{label} bf16 {name}: ring {e_ring:.2e} vs one process {e_one:.2e}"
         worst.append(f"{name} {e_ring:.1e}/{e_one:.1e}")
     return ", ".join(worst)
-
-
-class P2PTrace:
-    """Every point-to-point op this rank posts through batch_isend_irecv, in order: (kind, peer,
-    shape, dtype). `check` compares all ranks' traces: for each ordered pair of ranks, the sends
-    of one are the other's receives, in the same order, sizes and dtypes (NCCL matches them by
-    order; a mismatch there hangs or corrupts instead of failing)."""
-
-    def __init__(self):
-        self.ops: list[tuple] = []
-        self._orig = dist.batch_isend_irecv
-        dist.batch_isend_irecv = self._record
-
-    def _record(self, ops):
-        for op in ops:
-            kind = "send" if op.op in (dist.isend, dist.send) else "recv"
-            self.ops.append((kind, op.peer, tuple(op.tensor.shape), str(op.tensor.dtype)))
-        return self._orig(ops)
-
-    def check(self) -> int:
-        traces = [None] * dist.get_world_size()
-        dist.all_gather_object(traces, self.ops)
-        n = 0
-        for a, ta in enumerate(traces):
-            for b, tb in enumerate(traces):
-                sent = [op[2:] for op in ta if op[0] == "send" and op[1] == b]
-                got = [op[2:] for op in tb if op[0] == "recv" and op[1] == a]
-                assert sent == got, f"p2p {a} -> {b}: sends {sent[:4]}... vs receives {got[:4]}..."
-                n += len(sent)
-        assert n > 0
-        return n
 
 
 def main() -> None:

@@ -2,13 +2,15 @@
 
   torchrun --standalone --nproc_per_node=N tests/parallel/run_job.py OUT.pt [--init-only] --section.field=value ...
 
---init-only saves the freshly initialized weights without training.
+--init-only saves the freshly initialized weights without training. --trace-p2p records every
+point-to-point op and checks across the ranks that each send has its receive (p2p_trace.py).
 """
 
 import json
 import sys
 
 import torch
+from p2p_trace import P2PTrace  # this folder is on the job's path
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from gptoss_titan.config import parse_args
@@ -18,13 +20,15 @@ from gptoss_titan.train import Trainer
 
 def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
-    init_only = "--init-only" in argv
-    argv = [a for a in argv if a != "--init-only"]
+    init_only, trace_p2p = "--init-only" in argv, "--trace-p2p" in argv
+    argv = [a for a in argv if a not in ("--init-only", "--trace-p2p")]
+    trace = P2PTrace() if trace_p2p else None
     cfg = parse_args(argv)
     apply_process_settings(cfg)
     tr = Trainer(cfg)
     if not init_only:
         tr.train()
+    sends = trace.check() if trace is not None else None  # (every rank takes part)
     # the checkpoint's own process group exists only when a run saves or loads checkpoints
     assert tr.checkpoint._pg is None or cfg.checkpoint.enable or cfg.checkpoint.initial_load_path
     if tr.meshes is not None:
@@ -48,6 +52,7 @@ def main() -> None:
                 "losses": [r["loss"] for r in rows if "loss" in r],
                 "grad_norms": [r["grad_norm"] for r in rows if "grad_norm" in r],
                 "state": state,
+                "p2p_sends": sends,
             },
             out,
         )

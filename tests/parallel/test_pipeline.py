@@ -62,9 +62,18 @@ def ppdir(module_tmp):
 
 
 def pp_run(ppdir: Path, name: str, nproc: int, dp: int, *extra: str) -> dict:
-    """2 micro-batches of 4 / (2 x dp) sequences per data-parallel rank."""
+    """2 micro-batches of 4 / (2 x dp) sequences per data-parallel rank; several processes: every
+    point-to-point send matched to its receive across the ranks (order, size, dtype; p2p_trace.py)."""
+    trace = ["--trace-p2p"] if nproc > 1 else []
     return run(
-        ppdir, name, nproc, *COMMON, f"--training.local_batch_size={4 // (2 * dp)}", *extra, vocab=VOCAB
+        ppdir,
+        name,
+        nproc,
+        *COMMON,
+        f"--training.local_batch_size={4 // (2 * dp)}",
+        *extra,
+        *trace,
+        vocab=VOCAB,
     )
 
 
@@ -118,6 +127,7 @@ CASES = {
 def test_pipeline_equals_one_process(case, reference, ppdir):
     nproc, dp, extra = CASES[case]
     got = pp_run(ppdir, case, nproc, dp, *extra)
+    assert got["p2p_sends"] > 0  # (the job asserts that each send has its receive)
     assert_same(reference, got, floor=FLOOR)
     want_val = logged(ppdir, "reference", "val_loss")
     assert len(want_val) == 1
