@@ -22,7 +22,7 @@ class P2PTrace:
     def _wrap(self, post):
         def record(ops, *args, **kwargs):
             for op in ops:
-                kind = "send" if op.op is dist.isend or getattr(op.op, "__name__", "") == "isend" else "recv"
+                kind = "send" if op.op is dist.isend else "recv"
                 self.ops.append((kind, op.peer, tuple(op.tensor.shape), str(op.tensor.dtype)))
             return post(ops, *args, **kwargs)
 

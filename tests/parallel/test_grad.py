@@ -12,6 +12,8 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from gptoss_titan.parallel.grad import clip_grad_norm_
 
+from ..helpers.groups import one_rank_group
+
 
 def params_with_grads(*grads):
     out = []
@@ -67,14 +69,11 @@ def test_no_gradients_is_a_zero_norm():
     assert clip_grad_norm_([torch.nn.Parameter(torch.ones(3))], 1.0).item() == 0.0
 
 
-@pytest.fixture
-def one_rank_group():
+@pytest.fixture(name="one_rank_group")
+def one_rank_group_fixture():
     """A real (gloo) process group of one rank in this process, destroyed after the test."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    with one_rank_group():
         yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_dtensor_gradients_on_several_meshes(one_rank_group):
