@@ -21,34 +21,21 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 CONFIG_FILE=${CONFIG_FILE:-"./train_configs/debug_model.toml"}
-GPUS=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
-NGPU=${NGPU:-$(( GPUS > 0 ? GPUS : 1 ))}
 LOG_RANK=${LOG_RANK:-0}
 MASTER_PORT=${MASTER_PORT:-29500}
 
-if [ "${GPUS}" -eq 0 ]; then
-  # CPU: split the cores between the processes so they do not oversubscribe.
-  cores=$(nproc)
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / NGPU > 0 ? cores / NGPU : 1 ))}
-fi
-
-# Check the config, data paths, process count and port first: a bad value is one line and exit 2,
-# not a torchrun trace.
-# A dry run plans memory only: it needs no data folder.
+# A dry run plans memory only (one process, no data folder, no port).
 if [ "${COMM_MODE:-}" = "fake_backend" ]; then
+  NGPU=${NGPU:-$(python -c "import torch; print(max(torch.cuda.device_count() if torch.cuda.is_available() else 0, 1))")}
   python -m gptoss_titan.config --config "${CONFIG_FILE}" --comm.mode=fake_backend "$@"
-else
-  python -m gptoss_titan.config --config "${CONFIG_FILE}" "$@"
-fi
-if [ "${COMM_MODE:-}" != "fake_backend" ]; then
-  python -m gptoss_titan.runtime.launch --nproc "${NGPU}" --port "${MASTER_PORT}"
-fi
-
-if [ "${COMM_MODE:-}" = "fake_backend" ]; then
   exec env WORLD_SIZE="${NGPU}" RANK=0 LOCAL_RANK=0 \
     python -m gptoss_titan.train --config "${CONFIG_FILE}" --comm.mode=fake_backend "$@"
 fi
 
-exec python -m gptoss_titan.runtime.launcher --stop_grace="${STOP_GRACE:-30}" --nproc_per_node="${NGPU}" --rdzv_backend=c10d --rdzv_endpoint="localhost:${MASTER_PORT}" \
+# The launcher checks the config and its data folders, NGPU (default: the visible GPUs, else 1 CPU
+# process, each with nproc / NGPU threads) and the port first: a bad value is one line and exit 2,
+# not a torchrun trace.
+exec python -m gptoss_titan.runtime.launcher --preflight=gptoss_titan.config:check_before_launch --ngpu="${NGPU:-}" \
+  --stop_grace="${STOP_GRACE:-30}" --rdzv_backend=c10d --rdzv_endpoint="localhost:${MASTER_PORT}" \
   --local-ranks-filter="${LOG_RANK}" \
   -m gptoss_titan.train --config "${CONFIG_FILE}" "$@"

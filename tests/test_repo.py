@@ -119,9 +119,15 @@ def test_no_import_cycles():
 # Environment variables are read only where a process starts: torchrun's contract in
 # runtime/distributed.py (WORLD_SIZE, LOCAL_RANK, TORCHELASTIC_RUN_ID) and the one variable it sets
 # for cuBLAS there; and, read but never set, tiktoken's and openai-harmony's own cache variables in
-# data/tokenizer.py, to put the bundled vocabulary file where those libraries will look for it.
-# Everything else is a config field (docs/configuration.md lists them all).
-ENV_FILES = {"gptoss_titan/runtime/distributed.py", "gptoss_titan/data/tokenizer.py"}
+# data/tokenizer.py, to put the bundled vocabulary file where those libraries will look for it;
+# run_train.sh's launcher (runtime/launch.py, before the workers start) sets OMP_NUM_THREADS for
+# them unless it is set, as the shell script did. Everything else is a config field
+# (docs/configuration.md lists them all).
+ENV_FILES = {
+    "gptoss_titan/runtime/distributed.py",
+    "gptoss_titan/data/tokenizer.py",
+    "gptoss_titan/runtime/launch.py",
+}
 
 
 def test_environment_is_read_only_at_process_start():

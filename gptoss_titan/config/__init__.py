@@ -21,7 +21,7 @@ from .job_config import (
     Training,
     Validation,
 )
-from .loading import help_text, load_toml, parse_args
+from .loading import check_before_launch, help_text, load_toml, parse_args
 from .lora_checks import lora_base_dtype, lora_spec
 from .validation import (
     batch_layout,
@@ -53,6 +53,7 @@ __all__ = [
     "Training",
     "Validation",
     "batch_layout",
+    "check_before_launch",
     "check_degrees",
     "check_micro_batches",
     "lora_base_dtype",

@@ -194,3 +194,16 @@ def parse_args(argv: list[str]) -> JobConfig:
     validate_lora(cfg)
     validate_rl(cfg)
     return cfg
+
+
+def check_before_launch(argv: list[str]) -> None:
+    """The launch scripts' check of the workers' arguments: the config (every check) and its data folders."""
+    cfg = parse_args(argv)
+    if cfg.comm.mode == "fake_backend":  # a dry run reads no data
+        return
+    for folder in [cfg.data.dataset_path] if cfg.data.dataset_path else [s.path for s in cfg.data.sources]:
+        if not ((Path(folder) / "meta.json").is_file() or (Path(folder) / "train.bin").is_file()):
+            raise ConfigError(
+                f"data folder {folder!r} has no meta.json (nor train.bin); "
+                "create it with scripts/prepare_data.py --output <folder>"
+            )

@@ -5,13 +5,15 @@
 Exit 2 with one line when N processes per node ask for more GPUs than this node has, or when
 the rendezvous port is already taken by a listening socket (checked only where it will be opened:
 the local host or the head node; connections of a crashed run left in TIME_WAIT do not count).
-Prints nothing and exits 0 otherwise.
+Prints nothing and exits 0 otherwise. scripts/run_train.sh runs the same checks inside its launcher
+(runtime/launcher.py --preflight): `resolve_nproc` and `cpu_threads` replace its old torch probe.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import os
 import socket
 import sys
 
@@ -21,6 +23,30 @@ from .errors import UserError
 
 class LaunchError(UserError):
     pass
+
+
+def resolve_nproc(ngpu: str) -> int:
+    """run_train.sh's NGPU: '' is the visible GPUs, else 1 CPU process; checked against the GPUs."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not ngpu.strip():
+        return max(gpus, 1)
+    try:
+        n = int(ngpu)
+    except ValueError:
+        raise LaunchError(f"NGPU = {ngpu!r} is not a number of processes; set e.g. NGPU=2") from None
+    check_nproc(n)
+    return n
+
+
+def cpu_threads(nproc: int) -> None:
+    """On a CPU-only node, split the cores between the processes (OMP_NUM_THREADS, unless it is set),
+    so that they do not oversubscribe; torchrun would give each process 1 thread."""
+    import torch
+
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(len(os.sched_getaffinity(0)) // nproc, 1))
 
 
 def check_nproc(nproc: int) -> None:

@@ -1,6 +1,12 @@
 """torchrun without its tracebacks: the workers' exit code reaches the shell (and SLURM).
 
-  python -m gptoss_titan.runtime.launcher [--stop_grace S] [torchrun's options] -m gptoss_titan.train [...]
+  python -m gptoss_titan.runtime.launcher [--stop_grace S] [--preflight MODULE:FUNCTION] [--ngpu N]
+      [torchrun's options] -m gptoss_titan.train [...]
+
+--preflight calls FUNCTION with the workers' arguments before anything starts (run_train.sh: the
+config check, gptoss_titan.config:check_before_launch) and checks a local rendezvous port; --ngpu
+takes run_train.sh's NGPU ('': the visible GPUs, else 1 CPU process) as --nproc_per_node and gives
+each CPU process nproc / NGPU threads. A bad value is one line and exit 2, as from the workers.
 
 Takes torchrun's own options and runs its agent (torch.distributed.run's argument parser and
 elastic_launch), but when a worker fails it prints at most one line and exits with the worker's
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib
 import logging
 import os
 import signal
@@ -44,6 +51,7 @@ from pathlib import Path
 from .cli import error_line
 from .compat import torchrun
 from .errors import UserError
+from .launch import check_port, cpu_threads, resolve_nproc
 
 OUR_CODES = (2, 3)  # runtime/cli.py: bad input, stopped by itself; and > 128: stopped on a signal
 
@@ -170,15 +178,37 @@ def claim_port(endpoint: str):
     return f
 
 
+def preflight(spec: str | None, args: argparse.Namespace, ngpu: str | None) -> None:
+    """run_train.sh's checks, in this process instead of three more (each importing torch): the
+    workers' arguments by `spec` ('module:function', e.g. the config check), NGPU (resolved into
+    --nproc_per_node, and the CPU threads per process) and a local rendezvous port."""
+    if spec:
+        module, _, name = spec.partition(":")
+        getattr(importlib.import_module(module), name)(list(args.training_script_args))
+    if ngpu is not None:
+        args.nproc_per_node = str(resolve_nproc(ngpu))
+        cpu_threads(int(args.nproc_per_node))
+    host, _, port = (args.rdzv_endpoint or "").rpartition(":")
+    if port.isdigit() and host in ("localhost", "127.0.0.1"):
+        check_port(int(port))
+
+
 def main(argv: list[str] | None = None) -> int:
     run = torchrun()
     argv = sys.argv[1:] if argv is None else argv
     ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     ours.add_argument("--stop_grace", type=int, default=None)
+    ours.add_argument("--preflight", default=None)  # module:function, called with the workers' arguments
+    ours.add_argument(
+        "--ngpu", default=None
+    )  # NGPU as run_train.sh got it ('': default); sets --nproc_per_node
     mine, rest = ours.parse_known_args(argv)
     args = run.parse_args(rest)
-    config, cmd, cmd_args = run.config_from_args(args)
-    try:  # one node: several launchers of a multi-node job may share a host (and the endpoint)
+    try:
+        if mine.preflight or mine.ngpu is not None:
+            preflight(mine.preflight, args, mine.ngpu)
+        config, cmd, cmd_args = run.config_from_args(args)
+        # one node: several launchers of a multi-node job may share a host (and the endpoint)
         single = config.min_nodes == config.max_nodes == 1
         port_lock = claim_port(args.rdzv_endpoint or "") if single else None  # held until exit  # noqa: F841
     except UserError as e:

@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from gptoss_titan.runtime.launch import LaunchError, check_nproc
+from gptoss_titan.runtime.launch import LaunchError, check_nproc, cpu_threads
 
-from ..conftest import ROOT, run_train_sh, synthetic_data
+from ..conftest import ROOT, one_line_error, run_train_sh, synthetic_data
 
 
 @pytest.mark.slow
@@ -63,6 +63,30 @@ def test_ngpu_larger_than_gpus(monkeypatch):
         check_nproc(8)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     check_nproc(8)  # CPU: NGPU is a process count
+
+
+@pytest.mark.parametrize(
+    "ngpu, says",
+    [("abc", "NGPU = 'abc' is not a number of processes; set e.g. NGPU=2"), ("0", "NGPU = 0 must be >= 1")],
+)
+def test_bad_ngpu_is_one_line_before_launch(tmp_path, ngpu, says):
+    """run_train.sh's launcher resolves NGPU itself (no torch probe in the shell): a bad value is its line."""
+    r = run_train_sh({"NGPU": ngpu}, f"--job.dump_folder={tmp_path / 'run'}")
+    assert r.returncode == 2 and one_line_error(r.stderr) == f"error: {says}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_cpu_processes_share_the_cores(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # (restored after the test)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    cpu_threads(3)
+    assert os.environ["OMP_NUM_THREADS"] == "5"  # the user's setting wins
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cpu_threads(3)
+    assert os.environ["OMP_NUM_THREADS"] == "2"  # 8 cores // 3 processes
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cpu_threads(16)
+    assert os.environ["OMP_NUM_THREADS"] == "1"
 
 
 def test_a_port_in_time_wait_is_free_for_a_restart():
