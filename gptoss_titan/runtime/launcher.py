@@ -51,7 +51,7 @@ from pathlib import Path
 from .cli import error_line
 from .compat import torchrun
 from .errors import UserError
-from .launch import check_port, cpu_threads, resolve_nproc
+from .launch import LaunchError, check_port, cpu_threads, resolve_nproc
 
 OUR_CODES = (2, 3)  # runtime/cli.py: bad input, stopped by itself; and > 128: stopped on a signal
 
@@ -189,7 +189,11 @@ def preflight(spec: str | None, args: argparse.Namespace, ngpu: str | None) -> N
         args.nproc_per_node = str(resolve_nproc(ngpu))
         cpu_threads(int(args.nproc_per_node))
     host, _, port = (args.rdzv_endpoint or "").rpartition(":")
-    if port.isdigit() and host in ("localhost", "127.0.0.1"):
+    if host in ("localhost", "127.0.0.1"):
+        if not port.isdigit():
+            raise LaunchError(
+                f"rendezvous port {port!r} is not a TCP port; pick one in 1024-65535 (MASTER_PORT=...)"
+            )
         check_port(int(port))
 
 
@@ -199,9 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     ours.add_argument("--stop_grace", type=int, default=None)
     ours.add_argument("--preflight", default=None)  # module:function, called with the workers' arguments
-    ours.add_argument(
-        "--ngpu", default=None
-    )  # NGPU as run_train.sh got it ('': default); sets --nproc_per_node
+    # NGPU as run_train.sh got it ('': the default); sets --nproc_per_node
+    ours.add_argument("--ngpu", default=None)
     mine, rest = ours.parse_known_args(argv)
     args = run.parse_args(rest)
     try:

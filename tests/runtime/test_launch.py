@@ -76,6 +76,16 @@ def test_bad_ngpu_is_one_line_before_launch(tmp_path, ngpu, says):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "port, says",
+    [("abc", "rendezvous port 'abc' is not a TCP port"), ("70000", "port 70000 is not a TCP port")],
+)
+def test_bad_master_port_is_one_line_before_launch(tmp_path, port, says):
+    r = run_train_sh({"MASTER_PORT": port}, f"--job.dump_folder={tmp_path / 'run'}")
+    assert r.returncode == 2 and says in one_line_error(r.stderr)
+    assert not (tmp_path / "run").exists()
+
+
 def test_cpu_processes_share_the_cores(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "5")  # (restored after the test)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
