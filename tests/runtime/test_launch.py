@@ -77,6 +77,25 @@ def test_bad_ngpu_is_one_line_before_launch(tmp_path, ngpu, says):
 
 
 @pytest.mark.parametrize(
+    "arg, says",
+    [
+        ("--training.stepz=3", "error: unknown key training.stepz in command line; did you mean 'steps'?"),
+        (
+            "--data.dataset_path=/nonexistent",
+            "error: data folder '/nonexistent' has no meta.json (nor train.bin); ",
+        ),
+    ],
+)
+def test_bad_config_is_the_launchers_line_before_any_worker(tmp_path, arg, says):
+    """The launcher's --preflight checks the config and its data folders in its own process, before
+    any worker (without it the workers would refuse the folder with 'data file ... not found'):
+    one line, nothing written."""
+    r = run_train_sh({"NGPU": "2"}, f"--job.dump_folder={tmp_path / 'run'}", arg)
+    assert r.returncode == 2 and one_line_error(r.stderr).startswith(says), r.stderr
+    assert "[rank" not in r.stdout + r.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
     "port, says",
     [("abc", "rendezvous port 'abc' is not a TCP port"), ("70000", "port 70000 is not a TCP port")],
 )
