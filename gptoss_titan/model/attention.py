@@ -296,13 +296,21 @@ def flex_sink_attention(
     return out * gate.unsqueeze(-1).to(out.dtype)
 
 
+def attention_path(device: torch.device) -> str:
+    """The training attention kernel for tensors on this device: "flash" (CPU's fused kernels),
+    "flex" (CUDA: flex_attention, compiled) or "sdpa" (the exact masked SDPA, elsewhere). The
+    fake-GPU test step forces "flex" on the CPU by patching this function."""
+    return {"cpu": "flash", "cuda": "flex"}.get(device.type, "sdpa")
+
+
 def attention_mask(B: int, T: int, window: int | None, device: torch.device, dtype: torch.dtype):
     """What `training_attention` needs besides q/k/v for a [B, T] batch on this device, built once
     per shape and outside compiled regions: CPU sliding layers (T > window) the blocked additive
     mask, CUDA a flex BlockMask, else None."""
-    if device.type == "cpu":
+    path = attention_path(device)
+    if path == "flash":
         return _cpu_window_mask(B, T, window, dtype, device) if window is not None and T > window else None
-    if device.type == "cuda":
+    if path == "flex":
         return flex_block_mask(T, window, str(device))
     return None
 
@@ -312,8 +320,9 @@ def training_attention(
 ) -> torch.Tensor:
     """The attention used in training and full-sequence forwards, by device: fused flash kernels on
     CPU, flex_attention on CUDA, the exact masked SDPA elsewhere. mask: from `attention_mask`."""
-    if q.device.type == "cpu":
+    path = attention_path(q.device)
+    if path == "flash":
         return flash_sink_attention(q, k, v, sinks, window, mask)
-    if q.device.type == "cuda":
+    if path == "flex":
         return flex_sink_attention(q, k, v, sinks, window, mask)
     return sink_attention(q, k, v, sinks, window)

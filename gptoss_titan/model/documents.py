@@ -25,6 +25,7 @@ import torch
 from ..runtime.compat import FLASH_CPU, FLASH_CPU_BWD
 from .attention import (
     _cpu_window_mask,
+    attention_path,
     fold_key_blocks,
     key_blocks,
     query_blocks,
@@ -198,11 +199,19 @@ def flex_document_mask(docs: Documents, window: int | None, device: str, compile
     return create_block_mask(visible, B, None, T, T, device=device)
 
 
+def document_masks(docs: Documents, windows: set, device: torch.device) -> dict:
+    """window -> what the attention of a packed batch takes: a flex document block mask where
+    training attention runs flex (CUDA), else the Documents themselves (`document_attention`)."""
+    if attention_path(device) == "flex":
+        return {w: flex_document_mask(docs, w, str(device)) for w in windows}
+    return dict.fromkeys(windows, docs)
+
+
 def document_attention(q, k, v, sinks, window: int | None, docs: Documents) -> torch.Tensor:
     """Sink attention inside each document, q [B, N, T, D], k/v [B, G, T, D] -> [B, N, T, D]:
     the CPU custom op, or (other devices but CUDA, which uses flex) the masked SDPA per document."""
     scale = q.shape[-1] ** -0.5
-    if q.device.type == "cpu":
+    if attention_path(q.device) == "flash":
         return doc_flash_sink_op(q, k, v, sinks, docs.segments, window or 0, scale)[0]
     rows = []
     for b in range(q.shape[0]):

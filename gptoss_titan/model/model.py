@@ -18,7 +18,7 @@ from torch import nn
 from ..runtime.dtypes import compute_dtype
 from .args import ModelArgs
 from .attention import attention_mask, decode_attention, position_mask, sink_attention, training_attention
-from .documents import Documents, document_attention, flex_document_mask
+from .documents import Documents, document_attention, document_masks
 from .init import init_params
 from .kv_cache import KVCache, LayerCache
 from .local import local
@@ -394,7 +394,5 @@ class Transformer(nn.Module):
         if hasattr(documents, "attend"):
             return dict.fromkeys(windows, documents)
         if documents is not None:
-            if dev.type == "cuda":
-                return {w: flex_document_mask(documents, w, str(dev)) for w in windows}
-            return dict.fromkeys(windows, documents)
+            return document_masks(documents, windows, dev)
         return {w: attention_mask(B, T, w, dev, dtype) for w in windows}

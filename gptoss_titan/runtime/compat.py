@@ -126,13 +126,19 @@ def autograd_in_custom_op():
         yield
 
 
+def fp32_out_gemms(t: torch.Tensor) -> bool:
+    """Whether bf16/fp16 GEMMs with an fp32 output (`out_dtype`) run on t's device: CUDA (the
+    fake-GPU test step forces it on the CPU by patching this function)."""
+    return t.is_cuda
+
+
 def mm_fp32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """out (fp32) = a @ b. fp32 inputs: a plain GEMM. bf16/fp16 inputs on CUDA: one low-precision
     GEMM with an fp32 output (`out_dtype`, torch >= 2.8 on CUDA); elsewhere the product rounded to
     the input dtype, then copied."""
     if a.dtype == torch.float32:
         torch.mm(a, b, out=out)
-    elif a.is_cuda:
+    elif fp32_out_gemms(a):
         torch.mm(a, b, out_dtype=torch.float32, out=out)
     else:
         out.copy_(a @ b)
@@ -145,9 +151,9 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     fp32 product of acc's size (the fused loss's [V, H]: 2.3 GB at 20b) is made per call."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif a.is_cuda and inplace_addmm_fp32_works(acc.device, a.dtype):
+    elif fp32_out_gemms(a) and inplace_addmm_fp32_works(acc.device, a.dtype):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    elif a.is_cuda:
+    elif fp32_out_gemms(a):
         acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:
         acc.add_((a @ b).float())

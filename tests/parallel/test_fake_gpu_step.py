@@ -1,15 +1,17 @@
 """A training step's forward and backward on the GPU code paths without a GPU, for each parallel
 layout and custom shapes: the model built with every pass on a fake process group of the layout's
 world size (rank 0's view; collectives do nothing), materialized as fake tensors (shapes, dtypes
-and strides, no data), bf16 compute, the expert kernel chosen as on a CUDA device, the
-accelerator loss branch. Each op runs its meta function, which carries the kernel's dtype, stride
-and alignment rules: `_grouped_mm` (bf16 only, 16-byte rows) most of all, the one CUDA kernel of
-the step whose rules the CPU kernels do not share. Expert parallelism's split sizes (read on the
-host) become symbolic sizes.
+and strides, no data), bf16 compute, and each CUDA branch forced: the expert kernel chosen as on a
+CUDA device, flex_attention for the attention (context parallelism's ring pairs too), the fused
+loss's accelerator path with its fp32-output GEMMs (`mm` / `addmm` with `out_dtype`). Each op runs
+its meta function, which carries the kernel's dtype, stride and alignment rules: `_grouped_mm`
+(bf16 only, 16-byte rows) most of all, the one CUDA kernel of the step whose rules the CPU kernels
+do not share. Expert parallelism's split sizes (read on the host) become symbolic sizes.
 
-Not covered: the attention's CUDA branch (flex_attention needs real CUDA tensors even when fake,
-so the fake step runs the CPU attention kernels' meta functions), pipeline schedules (their
-point-to-point sends), the GEMMs with an fp32 output dtype.
+The fake tensors are CPU tensors standing for CUDA ones (a CPU-only torch cannot index a tensor
+that says "cuda": Python indexing opens a device guard), so device placement itself is not
+checked here, and flex_attention runs its eager (unfused) form. Not covered: pipeline schedules
+(their point-to-point sends; the gloo tests run them).
 """
 
 from collections import Counter
@@ -17,11 +19,14 @@ from collections import Counter
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.attention.flex_attention as flex_attention_module
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gptoss_titan.config import ConfigError, parse_args
+from gptoss_titan.model.documents import find_documents
+from gptoss_titan.model.tokens import EOT_ID
 from gptoss_titan.parallel.build import build_model, choose_expert_kernel, plan_run
 from gptoss_titan.runtime.compat import fake_process_group
 
@@ -29,23 +34,54 @@ BASE = ("--model.flavor=debug", "--training.mixed_precision_param=bfloat16", "--
         "--training.local_batch_size=2")  # fmt: skip
 
 
-class OpCount(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
+def counting_fake_mode() -> tuple[FakeTensorMode, Counter]:
+    """A FakeTensorMode that counts the aten ops it runs. Not a dispatch mode of its own on top:
+    flex_attention refuses to run under a user dispatch mode, and its fake rule is registered for
+    FakeTensorMode itself, not for subclasses."""
+    mode, ops = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()), Counter()
+    dispatch = mode.dispatch
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+    def counted(func, types, args=(), kwargs=None):
+        if hasattr(func, "overloadpacket"):
+            ops[func.overloadpacket.__name__] += 1
+            if "dtype" in func._overloadname:  # GEMMs with an fp32 output: mm.dtype_out, addmm.dtype_out
+                ops[func.name().removeprefix("aten::")] += 1
+        return dispatch(func, types, args, kwargs)
+
+    mode.dispatch = counted
+    return mode, ops
 
 
-def fake_gpu_step(monkeypatch, world: int, *argv: str, kernel: str | None = None) -> tuple[str, Counter]:
+def fake_gpu_step(
+    monkeypatch, world: int, *argv: str, kernel: str | None = None, documents: bool = False
+) -> tuple[str, Counter]:
     """(the expert kernel a CUDA run picks, or `kernel` forced; the ops of one forward + backward)."""
+    import gptoss_titan.model.attention as attention_module
+    import gptoss_titan.model.documents as documents_module
     import gptoss_titan.model.loss as loss_module
     import gptoss_titan.model.moe as moe_module
+    import gptoss_titan.parallel.ring_blocks as ring_blocks
+    import gptoss_titan.runtime.compat as compat
 
     monkeypatch.setattr(loss_module, "loss_path", lambda device: "accel")
     monkeypatch.setattr(moe_module, "grouped_mm_works", lambda device, dtype: dtype == torch.bfloat16)
+    for module in (attention_module, documents_module):
+        monkeypatch.setattr(module, "attention_path", lambda device: "flex")
+    flex_calls = Counter()
+
+    def counted_flex(*args, **kwargs):
+        flex_calls["flex_attention"] += 1
+        return flex_attention_module.flex_attention(*args, **kwargs)
+
+    for module in (attention_module, ring_blocks):
+        monkeypatch.setattr(module, "flex_kernel", lambda device_type: counted_flex)
+    # flex_attention refuses a backward for CPU tensors up front (its CUDA kernel has one): the
+    # fake tensors are CPU tensors standing for CUDA ones
+    monkeypatch.setattr(flex_attention_module, "_validate_device", lambda q, k, v: None)
+    monkeypatch.setattr(ring_blocks, "block_kernel", lambda t: "flex")
+    monkeypatch.setattr(compat, "fp32_out_gemms", lambda t: True)
+    monkeypatch.setattr(compat, "inplace_addmm_fp32_works", lambda device, dtype: True)
+    attention_module.flex_block_mask.cache_clear()  # masks built under the fake mode must not outlive it
     cfg = parse_args([*BASE, *argv])
     plan = plan_run(cfg, world)
     fake_process_group(world)
@@ -56,14 +92,20 @@ def fake_gpu_step(monkeypatch, world: int, *argv: str, kernel: str | None = None
         if kernel is not None:
             model.set_expert_kernel(kernel)
         chosen = model.blocks()[0].moe.experts.kernel if hasattr(model.blocks()[0], "moe") else None
-        with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()):
+        tokens = torch.randint(0, 1000, (2, 64))
+        tokens[:, [10, 40]] = EOT_ID  # three packed documents a row (found on the host, as the trainer does)
+        docs = find_documents(tokens) if documents else None
+        mode, ops = counting_fake_mode()
+        # expert parallelism's split sizes are read on the host: unbacked sizes under the fake mode,
+        # which flex_attention's own tracing (later layers) would otherwise take as leaked
+        with mode, fx_config.patch(soft_pending_unbacked_not_found_error=True):
             model.to_empty(device="cpu")
-            tokens = torch.randint(0, 1000, (2, 64))
-            with OpCount() as count:
-                ce, _, _ = model(tokens, tokens)
-                ce.backward()
-        return chosen, count.ops
+            ops.clear()
+            ce, _, _ = model(tokens, tokens, documents=docs)
+            ce.backward()
+        return chosen, ops + flex_calls
     finally:
+        attention_module.flex_block_mask.cache_clear()
         dist.destroy_process_group()
 
 
@@ -86,6 +128,18 @@ def test_gpu_step_per_layout(monkeypatch, name):
     world, argv = LAYOUTS[name]
     kernel, ops = fake_gpu_step(monkeypatch, world, *argv)
     assert kernel == "grouped" and ops["_grouped_mm"] > 0, (kernel, ops["_grouped_mm"])
+    # the CUDA attention in every layer (4 in the debug flavor), never the CPU kernels
+    assert ops["flex_attention"] >= 4 and ops["_scaled_dot_product_flash_attention_for_cpu"] == 0, ops
+    # the fused loss: fp32 logits from bf16 GEMMs (forward), dW accumulated in place in fp32
+    # (backward; none when LoRA freezes the head)
+    head_trains = not any(a.startswith("--lora.rank") for a in argv)
+    assert ops["mm.dtype_out"] > 0 and (ops["addmm.dtype_out"] > 0) == head_trains, ops
+
+
+def test_gpu_step_document_mask(monkeypatch):
+    """Packed documents on CUDA: one flex document block mask per window type, no CPU kernel."""
+    _, ops = fake_gpu_step(monkeypatch, 1, "--training.document_mask=true", documents=True)
+    assert ops["flex_attention"] == 4 and ops["_scaled_dot_product_flash_attention_for_cpu"] == 0, ops
 
 
 def test_widths_grouped_mm_cannot_take():
