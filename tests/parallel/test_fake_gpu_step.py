@@ -10,10 +10,12 @@ do not share. Expert parallelism's split sizes (read on the host) become symboli
 
 The fake tensors are CPU tensors standing for CUDA ones (a CPU-only torch cannot index a tensor
 that says "cuda": Python indexing opens a device guard), so device placement itself is not
-checked here, and flex_attention runs its eager (unfused) form. Not covered: pipeline schedules
-(their point-to-point sends; the gloo tests run them).
+checked here, and flex_attention runs its eager (unfused) form. Pipeline ranks run their
+schedule (1F1B, interleaved, zero bubble) with the sends and receives doing nothing: what crosses
+the wire is checked by the gloo runs (tests/parallel/p2p_trace.py).
 """
 
+import contextlib
 from collections import Counter
 
 import pytest
@@ -52,10 +54,9 @@ def counting_fake_mode() -> tuple[FakeTensorMode, Counter]:
     return mode, ops
 
 
-def fake_gpu_step(
-    monkeypatch, world: int, *argv: str, kernel: str | None = None, documents: bool = False
-) -> tuple[str, Counter]:
-    """(the expert kernel a CUDA run picks, or `kernel` forced; the ops of one forward + backward)."""
+def force_gpu_paths(monkeypatch) -> Counter:
+    """Every CUDA branch of a training step taken on the CPU; returns the flex_attention call count
+    (a higher-order op: the fake mode's op count does not see it)."""
     import gptoss_titan.model.attention as attention_module
     import gptoss_titan.model.documents as documents_module
     import gptoss_titan.model.loss as loss_module
@@ -81,11 +82,31 @@ def fake_gpu_step(
     monkeypatch.setattr(ring_blocks, "block_kernel", lambda t: "flex")
     monkeypatch.setattr(compat, "fp32_out_gemms", lambda t: True)
     monkeypatch.setattr(compat, "inplace_addmm_fp32_works", lambda device, dtype: True)
-    attention_module.flex_block_mask.cache_clear()  # masks built under the fake mode must not outlive it
+    return flex_calls
+
+
+@contextlib.contextmanager
+def fake_world(world: int, rank: int = 0):
+    """A fake process group of this size as `rank` sees it; no flex mask built inside outlives it."""
+    from gptoss_titan.model.attention import flex_block_mask
+
+    flex_block_mask.cache_clear()
+    fake_process_group(world, rank)
+    try:
+        yield
+    finally:
+        flex_block_mask.cache_clear()
+        dist.destroy_process_group()
+
+
+def fake_gpu_step(
+    monkeypatch, world: int, *argv: str, kernel: str | None = None, documents: bool = False
+) -> tuple[str, Counter]:
+    """(the expert kernel a CUDA run picks, or `kernel` forced; the ops of one forward + backward)."""
+    flex_calls = force_gpu_paths(monkeypatch)
     cfg = parse_args([*BASE, *argv])
     plan = plan_run(cfg, world)
-    fake_process_group(world)
-    try:
+    with fake_world(world):
         meshes = plan.dims.build_meshes("cpu")
         model = build_model(cfg, plan, meshes, torch.device("meta")).model
         choose_expert_kernel(model, cfg, plan.dims, torch.device("cuda"))
@@ -104,9 +125,6 @@ def fake_gpu_step(
             ce, _, _ = model(tokens, tokens, documents=docs)
             ce.backward()
         return chosen, ops + flex_calls
-    finally:
-        attention_module.flex_block_mask.cache_clear()
-        dist.destroy_process_group()
 
 
 LAYOUTS = {
@@ -158,3 +176,65 @@ def test_widths_grouped_mm_cannot_take():
             fake_gpu_step(mp, 2, *odd, kernel="grouped")
     finally:
         mp.undo()
+
+
+PIPELINES = {  # name: (pipeline rank, schedule, stages per rank)
+    "1f1b_first_stage": (0, "1F1B", 1),
+    "1f1b_last_stage": (1, "1F1B", 1),
+    "interleaved_1f1b_rank1": (1, "Interleaved1F1B", 2),
+    "interleaved_zero_bubble_rank0": (0, "InterleavedZeroBubble", 2),
+}
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_gpu_step_pipeline(monkeypatch, name):
+    """One pipeline rank's training step on the GPU paths (pp 2, 4 micro-batches): its stages built,
+    materialized fake and run by the schedule, the neighbours' sends and receives doing nothing on
+    the fake group. Every trainable parameter of the rank gets a gradient; flex_attention runs in
+    each block for each micro-batch; the fused loss (its fp32-output GEMMs) runs only on the rank
+    holding the last stage."""
+    from torch.distributed.pipelining import schedules
+    from torch.distributed.pipelining.stage import InferenceMode
+
+    from gptoss_titan.parallel.pipeline import Pipeline
+
+    rank, schedule, per_rank = PIPELINES[name]
+    flex_calls = force_gpu_paths(monkeypatch)
+
+    def static_warmup(self, stages, has_backward, p2p_done):
+        # the schedule's warm-up vote goes through its neighbours and is read on the host
+        # (`.item()`), which a fake group and fake tensors cannot give; with example inputs and
+        # outputs given (as Pipeline does) every stage votes STATIC
+        for stage in stages:
+            stage._inference_mode = InferenceMode.STATIC
+
+    monkeypatch.setattr(schedules._PipelineSchedule, "_warmup_p2p", static_warmup, raising=False)
+    cfg = parse_args([*BASE, "--training.global_batch_size=8", "--parallelism.pipeline_parallel_degree=2",
+                      f"--parallelism.pipeline_parallel_schedule={schedule}",
+                      f"--parallelism.pipeline_parallel_stages_per_rank={per_rank}"])  # fmt: skip
+    plan, t = plan_run(cfg, 2), cfg.training
+    with fake_world(2, rank):
+        meshes = plan.dims.build_meshes("cpu")
+        stages = build_model(cfg, plan, meshes, torch.device("meta"), pp_rank=rank).stages
+        for _, part in stages:
+            choose_expert_kernel(part, cfg, plan.dims, torch.device("cuda"))
+        mode, ops = counting_fake_mode()
+        with mode:
+            for _, part in stages:
+                part.to_empty(device="cpu")
+            pipe = Pipeline(stages, cfg.parallelism, meshes.pp, torch.device("cpu"), plan.accum_steps,
+                            (t.local_batch_size, t.seq_len), (plan.args.dim, torch.bfloat16))  # fmt: skip
+            tokens = torch.randint(0, 1000, (8, 64))
+            ops.clear()
+            pipe.step(tokens, tokens, torch.tensor(512.0))
+            missing = [
+                n
+                for _, part in stages
+                for n, p in part.named_parameters()
+                if p.requires_grad and p.grad is None
+            ]
+    assert plan.accum_steps == 4 and not missing, missing
+    blocks = sum(len(part.blocks()) for _, part in stages)
+    assert ops["_grouped_mm"] > 0 and flex_calls["flex_attention"] == 4 * blocks, (ops, flex_calls)
+    last = any(s == 2 * per_rank - 1 for s, _ in stages)
+    assert (ops["mm.dtype_out"] > 0) == last and (ops["addmm.dtype_out"] > 0) == last, ops
