@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,22 @@ def run_train_sh(env_extra: dict, *args: str, timeout: int = 600) -> subprocess.
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def run_cmds(cmds: list[list[str]], at_once: int = 2, **kw) -> list[subprocess.CompletedProcess]:
+    """subprocess.run (output captured as text, in ROOT) for each command, `at_once` at a time
+    (quick error cases: mostly imports, which overlap on 2 cores); the results in order."""
+    with ThreadPoolExecutor(at_once) as pool:
+        return list(
+            pool.map(lambda c: subprocess.run(c, capture_output=True, text=True, cwd=ROOT, **kw), cmds)
+        )
+
+
+def run_together(env_extra: dict, launches: list[tuple[str, ...]], at_once: int = 2) -> list:
+    """run_train_sh for each launch's overrides, `at_once` at a time (quick error cases: their
+    imports overlap on 2 cores); the results in the launches' order."""
+    with ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(lambda args: run_train_sh(env_extra, *args), launches))
 
 
 def one_line_error(stderr: str) -> str:

@@ -15,6 +15,12 @@ from ..conftest import ROOT, python_cmd, run_ok, synthetic_data
 
 RUN_JOB = ROOT / "tests" / "parallel" / "run_job.py"
 STEPS = 5
+# PyTorch's collective consistency check: each process group wrapped; before each collective the
+# ranks compare its fingerprint (op, shapes, dtypes) and fail, naming both sides, on a mismatch. A
+# mismatch gloo would absorb on CPU (sizes that happen to work) is then an error here, so it cannot
+# wait for NCCL to hang. One run per layout family passes it (tests/parallel/test_collective_trace.py
+# lists them); the results file records the level (debug_level).
+DETAIL = {"TORCH_DISTRIBUTED_DEBUG": "DETAIL"}
 
 
 def run(

@@ -4,6 +4,7 @@ import json
 import logging
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -75,8 +76,9 @@ def test_export_errors(trained, tmp_path):
         ),
         (["--checkpoint", str(trained / "run"), "--output", str(trained / "run")], "already exists"),
     ]
-    for argv, match in cases:
-        r = convert(*argv)
+    with ThreadPoolExecutor(2) as pool:  # two at a time: mostly imports, they overlap on 2 cores
+        results = list(pool.map(lambda case: convert(*case[0]), cases))
+    for r, (_, match) in zip(results, cases):
         assert r.returncode == 2 and r.stderr.startswith("error:") and match in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1
     assert not (tmp_path / "o").exists()
@@ -186,8 +188,9 @@ def test_import_errors(trained, trained_hf, tmp_path):
     save_file(tensors, str(broken / "model.safetensors"))
     cases.append((["--hf", str(broken), "--output", str(tmp_path / "o")], "lm_head.weight' is missing"))
     del tensors["model.layers.0.self_attn.sinks"]
-    for argv, match in cases:
-        r = import_(*argv)
+    with ThreadPoolExecutor(2) as pool:  # two at a time: mostly imports, they overlap on 2 cores
+        results = list(pool.map(lambda case: import_(*case[0]), cases))
+    for r, (_, match) in zip(results, cases):
         assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "o").exists()
 
@@ -249,15 +252,18 @@ def test_export_streams_under_memory_budget(tmp_path):
 def every_rank_of_4(check: str, tmp_path) -> None:
     """Run this module's `check`(folder, rank) for each rank of a fake world of 4, one process each
     (DTensor caches assume a process's rank never changes), on a random fp32 folder and its MXFP4
-    version."""
+    version; two processes at a time (mostly imports: they overlap on 2 cores)."""
     from ..conftest import tiny_args, write_random_hf
 
     src = write_random_hf(tmp_path / "hf", tiny_args(dim=64, n_layers=2, num_experts=4))
     quantize_folder(src, tmp_path / "mxfp4")
-    for folder in (src, tmp_path / "mxfp4"):
-        for rank in range(4):
-            code = f"from tests.interop.test_convert import {check} as f; f({str(folder)!r}, {rank})"
-            r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+
+    def one(folder_rank: tuple) -> subprocess.CompletedProcess:
+        code = f"from tests.interop.test_convert import {check} as f; f({str(folder_rank[0])!r}, {folder_rank[1]})"
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+
+    with ThreadPoolExecutor(2) as pool:
+        for r in pool.map(one, [(folder, rank) for folder in (src, tmp_path / "mxfp4") for rank in range(4)]):
             assert r.returncode == 0, r.stderr[-3000:]
 
 

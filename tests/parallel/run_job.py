@@ -53,6 +53,8 @@ def main() -> None:
                 "grad_norms": [r["grad_norm"] for r in rows if "grad_norm" in r],
                 "state": state,
                 "p2p_sends": sends,
+                # TORCH_DISTRIBUTED_DEBUG=DETAIL: every collective's fingerprint compared across ranks
+                "debug_level": torch.distributed.get_debug_level().name,
             },
             out,
         )

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..conftest import ROOT, python_cmd, run_ok
-from ..helpers.equivalence import assert_same, doc_data, drop_outputs, logged, run
+from ..helpers.equivalence import DETAIL, assert_same, doc_data, drop_outputs, logged, run
 
 pytestmark = pytest.mark.slow
 FLOOR = 0.5  # the weights' comparison: rtol of max(norm, FLOOR) (docstring)
@@ -65,7 +65,7 @@ def tpdir(module_tmp):
     return d
 
 
-def tp_run(tpdir: Path, name: str, nproc: int, dp: int, *extra: str) -> dict:
+def tp_run(tpdir: Path, name: str, nproc: int, dp: int, *extra: str, env: dict | None = None) -> dict:
     return run(
         tpdir,
         name,
@@ -74,6 +74,7 @@ def tp_run(tpdir: Path, name: str, nproc: int, dp: int, *extra: str) -> dict:
         f"--data.dataset_path={tpdir.parent / 'docs'}",
         f"--training.local_batch_size={4 // dp}",
         *extra,
+        env=env,
     )
 
 
@@ -106,8 +107,10 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_tensor_parallel_equals_one_process(case, reference, tpdir):
     nproc, dp, extra = CASES[case]
-    got = tp_run(tpdir, case, nproc, dp, *extra)
+    detail = case == "tp2"  # and every collective consistent across the ranks (DETAIL)
+    got = tp_run(tpdir, case, nproc, dp, *extra, env=DETAIL if detail else None)
     assert_same(reference, got, floor=FLOOR)
+    assert got["debug_level"] == ("DETAIL" if detail else "OFF")
     want_val = logged(tpdir, "reference", "val_loss")
     np.testing.assert_allclose(logged(tpdir, case, "val_loss"), want_val, rtol=1e-5)
     assert len(want_val) == 1

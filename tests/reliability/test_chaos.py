@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..conftest import ROOT, free_port, losses, one_line_error, run_ok
+from ..conftest import ROOT, free_port, losses, one_line_error, run_cmds, run_ok
 from ..helpers.checkpoint import base_args, weights
 
 HERE = Path(__file__).parent
@@ -190,18 +190,27 @@ def test_damaged_latest_checkpoint(tmp_path, capsys, how):
     capsys.readouterr()
     assert main(args(tmp_path, "run", "--training.steps=6", "--checkpoint.load_step=6")) == 2
     assert "step-6' is damaged" in one_line_error(capsys.readouterr().err)
-    for cmd in (
+    for r in run_cmds(
         [
-            sys.executable,
-            "scripts/convert_dcp_to_safetensors.py",
-            "--checkpoint",
-            str(ck / "step-6"),
-            "--output",
-            str(tmp_path / "hf"),
-        ],
-        [sys.executable, "-m", "gptoss_titan.sample", "--checkpoint", str(ck / "step-6"), "--prompt", "1+1"],
+            [
+                sys.executable,
+                "scripts/convert_dcp_to_safetensors.py",
+                "--checkpoint",
+                str(ck / "step-6"),
+                "--output",
+                str(tmp_path / "hf"),
+            ],
+            [
+                sys.executable,
+                "-m",
+                "gptoss_titan.sample",
+                "--checkpoint",
+                str(ck / "step-6"),
+                "--prompt",
+                "1+1",
+            ],
+        ]
     ):
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2 and "damaged" in one_line_error(r.stderr), r.stderr[-2000:]
     assert not (tmp_path / "hf").exists()
     assert main(args(tmp_path, "run", "--training.steps=8")) == 0
@@ -216,26 +225,22 @@ def test_damaged_safetensors_is_one_line(tmp_path, trained_hf):
     """The importer and the sampler on a truncated or zero-filled safetensors file: one line naming
     the file, exit 2, nothing written."""
 
+    cmds, shards = [], []
     for how in ("truncated", "zero_filled"):
         folder = tmp_path / how
         shutil.copytree(trained_hf, folder)
         shard = sorted(folder.glob("*.safetensors"))[0]
         raw = shard.read_bytes()
         shard.write_bytes(raw[: len(raw) // 2] if how == "truncated" else bytes(len(raw)))
-        for cmd in (
-            [
-                sys.executable,
-                "scripts/convert_hf_to_dcp.py",
-                "--hf",
-                str(folder),
-                "--output",
-                str(tmp_path / "dcp"),
-            ],
+        out = tmp_path / f"dcp_{how}"
+        cmds += [
+            [sys.executable, "scripts/convert_hf_to_dcp.py", "--hf", str(folder), "--output", str(out)],
             [sys.executable, "-m", "gptoss_titan.sample", "--hf", str(folder), "--prompt", "1+1"],
-        ):
-            r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            assert r.returncode == 2 and shard.name in one_line_error(r.stderr), r.stderr[-2000:]
-        assert not (tmp_path / "dcp").exists()
+        ]
+        shards += [shard.name] * 2
+    for r, name in zip(run_cmds(cmds), shards):
+        assert r.returncode == 2 and name in one_line_error(r.stderr), r.stderr[-2000:]
+    assert not list(tmp_path.glob("dcp_*"))
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

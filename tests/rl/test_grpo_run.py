@@ -9,7 +9,8 @@ import pytest
 
 from gptoss_titan.data.arithmetic import arithmetic_rows
 
-from ..conftest import one_line_error, read_metrics, run_train_sh
+from ..conftest import one_line_error, read_metrics, run_together, run_train_sh
+from ..helpers.equivalence import DETAIL
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +42,24 @@ def run(folder, *args, ngpu=1, env=None):
 KEYS = ("loss", "grad_norm", "reward_mean", "entropy", "clip_frac", "response_len_mean", "logprob_diff_max")
 
 
-def test_old_logprobs_are_the_trained_ones_and_resume_is_bitwise(tmp_path):
-    full = run(tmp_path / "full", "--training.steps=4", "--checkpoint.interval=2")
+@pytest.fixture(scope="module")
+def full(module_tmp):
+    """4 steps on one process, a checkpoint every 2 (its first 2 steps are also the one-process
+    reference of the tensor-parallel run: saving does not touch the numbers)."""
+    return run(module_tmp / "full", "--training.steps=4", "--checkpoint.interval=2")
+
+
+@pytest.fixture(scope="module")
+def seed(module_tmp):
+    """A seed checkpoint (the starting weights) of grpo_debug.toml's model."""
+    base = module_tmp / "base"
+    r = run_train_sh({**CFG, "NGPU": "1"}, f"--job.dump_folder={base}", "--checkpoint.create_seed_checkpoint=true",
+                     "--checkpoint.initial_load_path=")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return base / "checkpoint"
+
+
+def test_old_logprobs_are_the_trained_ones_and_resume_is_bitwise(full, tmp_path):
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     for r in full:
         assert r["old_logprob_diff_max"] == 0.0  # recorded and trained: the same forward, bitwise
@@ -66,13 +83,17 @@ def test_two_processes_fsdp_and_expert_parallel(tmp_path):
         assert r["target_tokens"] == 8 * 6  # both ranks' completions (one prompt each)
 
 
-def test_tensor_parallel_equals_one_process(tmp_path):
+def test_tensor_parallel_equals_one_process(full, tmp_path):
     """Tensor parallelism 2 (one data-parallel rank: the same prompts and sampling seed as one
     process): decoding gathers the vocabulary-split logits, so both draw the same completions; the
     log-probs come through the vocabulary-parallel head (model/logprobs.py). The updates agree to
-    fp32 rounding of other summation orders, the old log-probs are the trained ones bitwise."""
-    one = run(tmp_path / "one", "--training.steps=2")
-    tp = run(tmp_path / "tp", "--training.steps=2", "--parallelism.tensor_parallel_degree=2", ngpu=2)
+    fp32 rounding of other summation orders, the old log-probs are the trained ones bitwise. Run
+    under TORCH_DISTRIBUTED_DEBUG=DETAIL: every collective (the rollout's done flags and gathered
+    logits, the rewards' all_gather_object, the update) consistent across the ranks."""
+    one = full[:2]
+    tp = run(
+        tmp_path / "tp", "--training.steps=2", "--parallelism.tensor_parallel_degree=2", ngpu=2, env=DETAIL
+    )
     for a, b in zip(one, tp):
         assert b["old_logprob_diff_max"] == 0.0 and b["logprob_diff_max"] < 1e-3
         assert (a["reward_mean"], a["response_len_mean"]) == (b["reward_mean"], b["response_len_mean"])
@@ -94,18 +115,15 @@ def test_compiled_blocks_and_decode_with_activation_checkpointing(tmp_path):
 
 def test_bad_reward_is_one_line_and_a_raising_reward_is_counted(tmp_path):
     folder = tmp_path / "bad"
-    r = run_train_sh(
-        {**CFG, "NGPU": "1"}, f"--job.dump_folder={folder}", *SMALL, "--rl.reward=no_such_rewards:score"
-    )
-    assert r.returncode == 2 and "module 'no_such_rewards' cannot be imported" in one_line_error(r.stderr)
+    cases = {
+        "--rl.reward=no_such_rewards:score": "module 'no_such_rewards' cannot be imported",
+        "--rl.prompts=no/such.jsonl": "rl.prompts 'no/such.jsonl' not found",
+        "--rl.loss=ppo": "rl.loss = 'ppo' is not one of grpo, gspo",
+    }
+    launches = [(f"--job.dump_folder={folder}", *SMALL, arg) for arg in cases]
+    for r, message in zip(run_together({**CFG, "NGPU": "1"}, launches), cases.values()):
+        assert r.returncode == 2 and message in one_line_error(r.stderr), r.stderr[-2000:]
     assert not folder.exists()  # nothing written
-    r = run_train_sh(
-        {**CFG, "NGPU": "1"}, f"--job.dump_folder={folder}", *SMALL, "--rl.prompts=no/such.jsonl"
-    )
-    assert r.returncode == 2 and "rl.prompts 'no/such.jsonl' not found" in one_line_error(r.stderr)
-    assert not folder.exists()
-    r = run_train_sh({**CFG, "NGPU": "1"}, f"--job.dump_folder={folder}", *SMALL, "--rl.loss=ppo")
-    assert r.returncode == 2 and "rl.loss = 'ppo' is not one of grpo, gspo" in one_line_error(r.stderr)
     mods = tmp_path / "mods"
     mods.mkdir()
     (mods / "flaky_rewards.py").write_text(
@@ -119,14 +137,10 @@ def test_bad_reward_is_one_line_and_a_raising_reward_is_counted(tmp_path):
     assert rows[0]["reward_errors"] == 8 and rows[0]["reward_mean"] == -0.5  # every completion: the default
 
 
-def test_lora_gspo_with_kl_to_the_base(tmp_path):
+def test_lora_gspo_with_kl_to_the_base(seed, tmp_path):
     """LoRA: the reference is the base with the adapters off. The adapters start at B = 0, so the
     first step's policy is the base exactly (KL 0.0); after an update it is not."""
-    base = tmp_path / "base"
-    r = run_train_sh({**CFG, "NGPU": "1"}, f"--job.dump_folder={base}", "--checkpoint.create_seed_checkpoint=true",
-                     "--checkpoint.initial_load_path=")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = run(tmp_path / "lora", "--training.steps=2", f"--checkpoint.initial_load_path={base / 'checkpoint'}",
+    rows = run(tmp_path / "lora", "--training.steps=2", f"--checkpoint.initial_load_path={seed}",
                "--lora.rank=4", "--rl.kl_coef=0.1", "--rl.loss=gspo", "--rl.clip_low=3e-4", "--rl.clip_high=4e-4")  # fmt: skip
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0
     assert all(r["old_logprob_diff_max"] == 0.0 for r in rows)
@@ -162,16 +176,12 @@ def test_reward_rises_on_the_toy_task(tmp_path):
     assert last > first + 0.1, rewards
 
 
-def test_full_finetuning_kl_to_a_frozen_copy_resumes_bitwise(tmp_path):
+def test_full_finetuning_kl_to_a_frozen_copy_resumes_bitwise(seed, tmp_path):
     """Full fine-tuning: the reference is a frozen copy of the starting weights (here a seed
     checkpoint), rebuilt on resume: KL 0.0 at step 1, > 0 after, and a resumed run's KL equals the
     uninterrupted run's."""
-    base = tmp_path / "base"
-    r = run_train_sh({**CFG, "NGPU": "1"}, f"--job.dump_folder={base}", "--checkpoint.create_seed_checkpoint=true",
-                     "--checkpoint.initial_load_path=")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
     args = (
-        f"--checkpoint.initial_load_path={base / 'checkpoint'}",
+        f"--checkpoint.initial_load_path={seed}",
         "--rl.kl_coef=0.05",
         "--checkpoint.interval=2",
     )
