@@ -27,6 +27,13 @@ from gptoss_titan.model import ModelArgs, Transformer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two pytest-xdist workers share the cores (README: -n 2): one thread in each worker and in
+    # every process a test starts (the launcher keeps a set OMP_NUM_THREADS). Measured with 2 threads
+    # each: OpenMP's waiting threads on oversubscribed cores made a 200-step run take > 1800 s
+    # instead of ~200 s.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def tiny_args(**kw) -> ModelArgs:
@@ -187,20 +194,11 @@ def run_train_sh(env_extra: dict, *args: str, timeout: int = 600) -> subprocess.
     )
 
 
-def run_cmds(cmds: list[list[str]], at_once: int = 2, **kw) -> list[subprocess.CompletedProcess]:
-    """subprocess.run (output captured as text, in ROOT) for each command, `at_once` at a time
-    (quick error cases: mostly imports, which overlap on 2 cores); the results in order."""
-    with ThreadPoolExecutor(at_once) as pool:
-        return list(
-            pool.map(lambda c: subprocess.run(c, capture_output=True, text=True, cwd=ROOT, **kw), cmds)
-        )
-
-
-def run_together(env_extra: dict, launches: list[tuple[str, ...]], at_once: int = 2) -> list:
-    """run_train_sh for each launch's overrides, `at_once` at a time (quick error cases: their
-    imports overlap on 2 cores); the results in the launches' order."""
-    with ThreadPoolExecutor(at_once) as pool:
-        return list(pool.map(lambda args: run_train_sh(env_extra, *args), launches))
+def two_at_a_time(fn, items) -> list:
+    """fn over items, two calls at a time, the results in order: for quick subprocesses (error
+    cases) that mostly import, which overlap on 2 cores."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(fn, items))
 
 
 def one_line_error(stderr: str) -> str:

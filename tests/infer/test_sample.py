@@ -2,12 +2,11 @@
 
 import json
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from ..conftest import ROOT, python_cmd, run_ok
+from ..conftest import ROOT, python_cmd, run_ok, two_at_a_time
 from ..helpers.sample import sample
 
 transformers = pytest.importorskip("transformers")
@@ -111,8 +110,7 @@ def test_sample_errors(trained, tmp_path):
         ),
     ]
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
-    with ThreadPoolExecutor(2) as pool:  # two at a time: mostly imports, they overlap on 2 cores
-        results = list(pool.map(lambda case: sample(*case[0]), cases))
+    results = two_at_a_time(lambda case: sample(*case[0]), cases)
     for r, (_, match) in zip(results, cases):
         assert r.returncode == 2 and match in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
 

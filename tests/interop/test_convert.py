@@ -4,7 +4,6 @@ import json
 import logging
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from gptoss_titan.infer.generate import generate
 from gptoss_titan.model import Transformer
 from gptoss_titan.train import main
 
-from ..conftest import BIG_ARGS, ROOT, peak_rss, synthetic_data, write_random_hf
+from ..conftest import BIG_ARGS, ROOT, peak_rss, synthetic_data, two_at_a_time, write_random_hf
 from ..helpers.checkpoint import weights
 from ..helpers.convert import convert, import_, ours_from, quantize_folder
 
@@ -76,8 +75,7 @@ def test_export_errors(trained, tmp_path):
         ),
         (["--checkpoint", str(trained / "run"), "--output", str(trained / "run")], "already exists"),
     ]
-    with ThreadPoolExecutor(2) as pool:  # two at a time: mostly imports, they overlap on 2 cores
-        results = list(pool.map(lambda case: convert(*case[0]), cases))
+    results = two_at_a_time(lambda case: convert(*case[0]), cases)
     for r, (_, match) in zip(results, cases):
         assert r.returncode == 2 and r.stderr.startswith("error:") and match in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1
@@ -188,8 +186,7 @@ def test_import_errors(trained, trained_hf, tmp_path):
     save_file(tensors, str(broken / "model.safetensors"))
     cases.append((["--hf", str(broken), "--output", str(tmp_path / "o")], "lm_head.weight' is missing"))
     del tensors["model.layers.0.self_attn.sinks"]
-    with ThreadPoolExecutor(2) as pool:  # two at a time: mostly imports, they overlap on 2 cores
-        results = list(pool.map(lambda case: import_(*case[0]), cases))
+    results = two_at_a_time(lambda case: import_(*case[0]), cases)
     for r, (_, match) in zip(results, cases):
         assert r.returncode == 2 and match in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "o").exists()
@@ -262,9 +259,10 @@ def every_rank_of_4(check: str, tmp_path) -> None:
         code = f"from tests.interop.test_convert import {check} as f; f({str(folder_rank[0])!r}, {folder_rank[1]})"
         return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
 
-    with ThreadPoolExecutor(2) as pool:
-        for r in pool.map(one, [(folder, rank) for folder in (src, tmp_path / "mxfp4") for rank in range(4)]):
-            assert r.returncode == 0, r.stderr[-3000:]
+    for r in two_at_a_time(
+        one, [(folder, rank) for folder in (src, tmp_path / "mxfp4") for rank in range(4)]
+    ):
+        assert r.returncode == 0, r.stderr[-3000:]
 
 
 def check_rank_reads_its_part(folder_path: str, rank: int) -> None:

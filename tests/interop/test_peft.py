@@ -13,6 +13,7 @@ from gptoss_titan.model import Transformer
 from gptoss_titan.model.lora import LoRASpec, add_lora, sites_of
 from gptoss_titan.train import main
 
+from ..conftest import two_at_a_time
 from ..helpers.checkpoint import weights
 from ..helpers.convert import convert
 from ..helpers.training import argv_for
@@ -163,16 +164,20 @@ def test_sampling_with_the_adapter_unmerged_equals_the_merged_export(trained, tm
         "adapter_2proc": (("--checkpoint", str(base), "--adapter", str(tmp / "adapter")), 2),
         "merged": (("--hf", str(tmp / "merged")), 1),
     }
+    calls = [
+        (*where, *prompt, "--output_json", str(tmp_path / f"{name}.json"), nproc)
+        for name, (where, nproc) in runs.items()
+    ]
+    calls += [("--checkpoint", str(base), "--adapter", str(tmp_path), *prompt, 1),
+              ("--checkpoint", str(base), "--prompt", "the woman said", "--max_new_tokens", "2", 1)]  # fmt: skip
+    results = two_at_a_time(lambda call: sample(*call[:-1], nproc=call[-1]), calls)
     tokens = {}
-    for name, (where, nproc) in runs.items():
-        out = tmp_path / f"{name}.json"
-        r = sample(*where, *prompt, "--output_json", str(out), nproc=nproc)
+    for name, r in zip(runs, results):
         assert r.returncode == 0, r.stderr[-3000:]
-        tokens[name] = json.loads(out.read_text())["tokens"]
+        tokens[name] = json.loads((tmp_path / f"{name}.json").read_text())["tokens"]
     assert tokens["checkpoint"] == tokens["adapter"] == tokens["adapter_2proc"] == tokens["merged"]
-    r = sample("--checkpoint", str(base), "--adapter", str(tmp_path), *prompt)
-    assert r.returncode == 2 and "is not a PEFT adapter folder" in r.stderr
-    r = sample("--checkpoint", str(base), "--prompt", "the woman said", "--max_new_tokens", "2")
+    assert results[-2].returncode == 2 and "is not a PEFT adapter folder" in results[-2].stderr
+    r = results[-1]
     assert r.returncode == 2 and "token id 8773, beyond the model's vocab_size 8192" in r.stderr
 
 

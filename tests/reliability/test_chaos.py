@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..conftest import ROOT, free_port, losses, one_line_error, run_cmds, run_ok
+from ..conftest import ROOT, free_port, losses, one_line_error, run_ok, two_at_a_time
 from ..helpers.checkpoint import base_args, weights
 
 HERE = Path(__file__).parent
@@ -52,6 +52,10 @@ def chaos(nproc: int, port: int, argv: list[str], *faults: str) -> list[str]:
         f"--rdzv_endpoint=127.0.0.1:{port}",
         *script,
     ]
+
+
+def run_in_root(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -190,7 +194,8 @@ def test_damaged_latest_checkpoint(tmp_path, capsys, how):
     capsys.readouterr()
     assert main(args(tmp_path, "run", "--training.steps=6", "--checkpoint.load_step=6")) == 2
     assert "step-6' is damaged" in one_line_error(capsys.readouterr().err)
-    for r in run_cmds(
+    for r in two_at_a_time(
+        run_in_root,
         [
             [
                 sys.executable,
@@ -209,7 +214,7 @@ def test_damaged_latest_checkpoint(tmp_path, capsys, how):
                 "--prompt",
                 "1+1",
             ],
-        ]
+        ],
     ):
         assert r.returncode == 2 and "damaged" in one_line_error(r.stderr), r.stderr[-2000:]
     assert not (tmp_path / "hf").exists()
@@ -238,7 +243,7 @@ def test_damaged_safetensors_is_one_line(tmp_path, trained_hf):
             [sys.executable, "-m", "gptoss_titan.sample", "--hf", str(folder), "--prompt", "1+1"],
         ]
         shards += [shard.name] * 2
-    for r, name in zip(run_cmds(cmds), shards):
+    for r, name in zip(two_at_a_time(run_in_root, cmds), shards):
         assert r.returncode == 2 and name in one_line_error(r.stderr), r.stderr[-2000:]
     assert not list(tmp_path.glob("dcp_*"))
 

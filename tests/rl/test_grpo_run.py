@@ -9,7 +9,7 @@ import pytest
 
 from gptoss_titan.data.arithmetic import arithmetic_rows
 
-from ..conftest import one_line_error, read_metrics, run_together, run_train_sh
+from ..conftest import one_line_error, read_metrics, run_train_sh, two_at_a_time
 from ..helpers.equivalence import DETAIL
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,9 @@ def test_bad_reward_is_one_line_and_a_raising_reward_is_counted(tmp_path):
         "--rl.loss=ppo": "rl.loss = 'ppo' is not one of grpo, gspo",
     }
     launches = [(f"--job.dump_folder={folder}", *SMALL, arg) for arg in cases]
-    for r, message in zip(run_together({**CFG, "NGPU": "1"}, launches), cases.values()):
+    for r, message in zip(
+        two_at_a_time(lambda a: run_train_sh({**CFG, "NGPU": "1"}, *a), launches), cases.values()
+    ):
         assert r.returncode == 2 and message in one_line_error(r.stderr), r.stderr[-2000:]
     assert not folder.exists()  # nothing written
     mods = tmp_path / "mods"

@@ -43,3 +43,16 @@ def test_success_silence_and_bugs(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         run_cli(lambda: 1 / 0)
+
+
+def test_a_failing_cleanup_adds_nothing_to_the_line(capsys, monkeypatch):
+    """on_error runs after the line is said; if it raises too (a data-loader worker already stopped
+    by the launcher: torch's SIGCHLD handler raises in shutdown's gc.collect), the exit code and
+    the one line stay."""
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+
+    def cleanup():
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+    assert run_cli(raises(CollectiveFailed("rank 0: a collective failed")), on_error=cleanup) == 1
+    assert capsys.readouterr().err == "error: rank 0: a collective failed\n"
