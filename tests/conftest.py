@@ -28,10 +28,11 @@ from gptoss_titan.model import ModelArgs, Transformer
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two pytest-xdist workers share the cores (README: -n 2): one thread in each worker and in
-    # every process a test starts (the launcher keeps a set OMP_NUM_THREADS). Measured with 2 threads
-    # each: OpenMP's waiting threads on oversubscribed cores made a 200-step run take > 1800 s
-    # instead of ~200 s.
+    # pytest-xdist workers (not CI's command) share the cores: one thread in each worker and in
+    # every process a test starts (the launcher keeps a set OMP_NUM_THREADS). Measured with -n 2 and
+    # 2 threads each: OpenMP's waiting threads on oversubscribed cores made a 200-step run take
+    # > 1800 s instead of ~200 s. (With one thread, test_reward_rises_on_the_toy_task's trajectory
+    # differs and did not rise by its margin: that test is sensitive to the summation order.)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
