@@ -172,7 +172,8 @@ EOF
     run sync_debug.log python "${SMOKE}/sync_debug.py" --model.flavor=debug "--data.dataset_path=${SMOKE}/data" \
       "--job.dump_folder=${SMOKE}/sync_debug" --training.mixed_precision_param=bfloat16 "--training.seq_len=${SEQ}" \
       --training.local_batch_size=2 --training.global_batch_size=4 --training.document_mask=true \
-      --model.load_balance_bias=true --parallelism.fsdp_one_process=true --validation.enable=false \
+      --model.load_balance_bias=true --model.balanced_routing=1.0 --parallelism.fsdp_one_process=true \
+      --validation.enable=false \
       --metrics.sample_freq=0; st=$(verdict $?)
     record sync_debug "${st}" $((SECONDS - T0)) "$(tail -1 "${SMOKE}/sync_debug.log")"
   else

@@ -14,6 +14,7 @@ from pathlib import Path
 from torch.distributed.checkpoint import FileSystemReader
 
 from ..model import ModelArgs
+from ..model.args import TRAINING_ONLY_FIELDS
 from ..runtime.errors import UserError
 
 STEP_DIR = re.compile(r"step-(\d+)$")
@@ -95,7 +96,7 @@ def check_model_args(path: Path, args: ModelArgs) -> None:
     except ValueError as e:
         raise CheckpointError(f"checkpoint {str(path)!r} has an unreadable {MODEL_ARGS_FILE} ({e})") from None
     for k, v in args.to_dict().items():
-        if k in saved and saved[k] != v:
+        if k in saved and saved[k] != v and k not in TRAINING_ONLY_FIELDS:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} has model {k} = {saved[k]!r} but the config gives {v!r}; "
                 "use the checkpoint's model.flavor or another checkpoint"

@@ -42,6 +42,8 @@ class Model:
     load_balance_bias: bool = False  # auxiliary-loss-free balancing: per-expert router bias
     load_balance_bias_rate: float = 1e-3  # step of the expert-bias update toward uniform load
     load_balance_bias_update: str = "sign"  # sign (rate x sign of the load error) or proportional
+    balanced_routing: float = 0.0  # with the bias: route balanced past this max/mean load (0 = off)
+    balanced_routing_steps: int = 0  # the first steps balanced_routing acts in (0 = all; then free)
     expert_kernel: str = "auto"  # expert GEMMs: auto, loop, batched (CPU MKL batch), grouped (_grouped_mm)
     args: dict = field(default_factory=dict)  # ModelArgs fields over the flavor's: [model.args] n_layers = 4
 

@@ -36,11 +36,22 @@ def model_name(cfg: JobConfig) -> str:
 
 def model_args(cfg: JobConfig) -> ModelArgs:
     """The ModelArgs of this run: the flavor's, with `[model.args]` and the balancing switch on top."""
-    if "load_balance_bias" in cfg.model.args:
-        raise ConfigError("model.args.load_balance_bias: set model.load_balance_bias instead")
+    for name in ("load_balance_bias", "balanced_routing"):
+        if name in cfg.model.args:
+            raise ConfigError(f"model.args.{name}: set model.{name} instead")
+    m = cfg.model
+    if m.balanced_routing and not (m.balanced_routing >= 1 and m.load_balance_bias):
+        raise ConfigError(
+            f"model.balanced_routing = {m.balanced_routing} must be 0 (off) or >= 1 (a max / mean expert load) "
+            f"with model.load_balance_bias = true (it is {str(m.load_balance_bias).lower()}): the bias learns "
+            "the routing that takes over"
+        )
     try:
         args = dataclasses.replace(
-            FLAVORS[cfg.model.flavor], **cfg.model.args, load_balance_bias=cfg.model.load_balance_bias
+            FLAVORS[m.flavor],
+            **m.args,
+            load_balance_bias=m.load_balance_bias,
+            balanced_routing=m.balanced_routing,
         )
     except ValueError as e:  # ModelArgs' own checks (heads vs kv heads, top_k <= experts, ...)
         overrides = ", ".join(f"{k}={v}" for k, v in cfg.model.args.items()) or "none"
@@ -327,4 +338,15 @@ def validate(cfg: JobConfig) -> None:
             "list every folder in data.sources (with its weight) and leave dataset_path empty"
         )
     _choice("model.load_balance_bias_update", cfg.model.load_balance_bias_update, ("sign", "proportional"))
+    if cfg.model.balanced_routing_steps < 0:
+        raise ConfigError(
+            f"model.balanced_routing_steps = {cfg.model.balanced_routing_steps} must be >= 0 (0 = all)"
+        )
+    if cfg.model.balanced_routing and (cfg.lora.rank or cfg.rl.enable):
+        which = (
+            "lora.rank > 0 (the routing stays the base's)"
+            if cfg.lora.rank
+            else "rl.enable (sampling routes plainly)"
+        )
+        raise ConfigError(f"model.balanced_routing = {cfg.model.balanced_routing} with {which}; set it to 0")
     # the [lora] section: lora_checks.validate_lora (loading.py runs it next)

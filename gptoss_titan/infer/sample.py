@@ -30,6 +30,7 @@ from ..config import JobConfig, model_args, parse_args
 from ..data.tokenizer import get_tokenizer
 from ..interop.convert import HFFolder, args_from_hf_config, load_hf_into
 from ..model import FLAVORS, ModelArgs, Transformer
+from ..model.args import TRAINING_ONLY_FIELDS
 from ..model.local import local
 from ..model.lora import LoRASpec, is_adapter
 from ..model.tokens import STOP_IDS
@@ -132,7 +133,10 @@ def check_config_shape(config: str | None, args: ModelArgs) -> None:
     want = model_args(parse_args(["--config", config])).to_dict()
     have = args.to_dict()
     for k, v in want.items():  # training choices that do not change the weights' shapes or use
-        if k not in ("init_std", "load_balance_bias", "max_seq_len") and have.get(k) != v:
+        if (
+            k not in ("init_std", "load_balance_bias", "max_seq_len", *TRAINING_ONLY_FIELDS)
+            and have.get(k) != v
+        ):
             raise SampleError(
                 f"--config {config!r} gives model {k} = {v!r} but the weights have {have.get(k)!r}; "
                 "pass the config they were trained with, or leave --config out"

@@ -14,6 +14,7 @@ import torch.distributed.checkpoint as dcp
 
 from ..checkpoint.files import MODEL_ARGS_FILE
 from ..model import ModelArgs
+from ..model.args import TRAINING_ONLY_FIELDS
 from ..model.hf import name_pairs
 from ..model.local import local
 from .files import HF_CONFIG_FILE, MXFP4_TENSORS, ConvertError, output_folder
@@ -260,7 +261,12 @@ def check_hf_matches(hf_dir: str, model_args: ModelArgs) -> None:
     """The Hugging Face folder's config describes a model with these args (reads config.json only;
     a mismatch names the first differing field)."""
     hf_args = args_from_hf_config(HFFolder(hf_dir).config)
-    ignored = ("max_seq_len", "init_std", "load_balance_bias")  # training choices, not the weights' shape
+    ignored = (
+        "max_seq_len",
+        "init_std",
+        "load_balance_bias",
+        *TRAINING_ONLY_FIELDS,
+    )  # not the weights' shape
     for k, theirs in hf_args.to_dict().items():
         if k not in ignored and getattr(model_args, k) != theirs:
             raise ConvertError(

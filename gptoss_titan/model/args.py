@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass, fields
 
 from .tokens import VOCAB_SIZE
 
+# Fields that shape only how a run trains (no weight, no saved state): a checkpoint, an export or
+# a sampling config may differ in them.
+TRAINING_ONLY_FIELDS = ("balanced_routing",)
+
 
 @dataclass
 class ModelArgs:
@@ -38,6 +42,10 @@ class ModelArgs:
     # Auxiliary-loss-free load balancing: a per-expert bias added to router logits for the top-k
     # choice only (not the weights), nudged after each step toward uniform load. Off = gpt-oss.
     load_balance_bias: bool = False
+    # Training only, with the bias: while a layer's plain top-k puts more than this many times the
+    # mean load on one expert, its batches are routed by a capacity-limited assignment instead
+    # (balanced_routing.py: the first steps of a from-scratch run). 0 = off = gpt-oss.
+    balanced_routing: float = 0.0
 
     def __post_init__(self) -> None:
         """Shape rules, each error naming the fields and their values (one line)."""
@@ -59,6 +67,11 @@ class ModelArgs:
             raise ValueError(f"head_dim = {self.head_dim} must be even (RoPE rotates pairs)")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k = {self.top_k} must be between 1 and num_experts = {self.num_experts}")
+        if self.balanced_routing and not (self.balanced_routing >= 1 and self.load_balance_bias):
+            raise ValueError(
+                f"balanced_routing = {self.balanced_routing} must be 0 (off) or >= 1 (a max / mean load) "
+                "with load_balance_bias on (the bias learns the routing that takes over from it)"
+            )
         if self.rope_factor < 1:
             raise ValueError(f"rope_factor = {self.rope_factor} must be >= 1 (1 = plain RoPE, no YaRN)")
         if not self.rope_beta_fast > self.rope_beta_slow:

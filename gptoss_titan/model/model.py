@@ -258,6 +258,8 @@ class Transformer(nn.Module):
         for layer in self.blocks():
             if layer.moe.router.expert_bias is not None:
                 layer.moe.router.expert_bias.zero_()
+            if layer.moe.router.balanced_routing:
+                layer.moe.router.choice_counts.zero_()
 
     def set_expert_kernel(self, kernel: str) -> None:
         """How every MoE layer runs its expert GEMMs: "loop", "batched" or "grouped" (moe.py;

@@ -25,6 +25,7 @@ from ..runtime.dtypes import compute_dtype
 from ..runtime.errors import UserError
 from . import blas_batch
 from .args import ModelArgs
+from .balanced_routing import balanced_choice
 from .expert_mm import expert_linear
 from .local import local
 from .mxfp4 import BLOCK, FrozenMXFP4Linear, MXFP4Error, fake_quantize_mxfp4
@@ -334,12 +335,20 @@ class Router(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(args.num_experts), persistent=True)
         else:
             self.expert_bias = None
+        # Training only: a batch whose plain top-k overloads an expert past this many times the mean
+        # is routed by balanced_topk instead (0 = off; the trainer sets 0 when its window ends).
+        self.balanced_routing = args.balanced_routing
+        if args.balanced_routing:  # the plain top-k's loads (for the bias) and the fallbacks taken
+            self.register_buffer("choice_counts", torch.zeros(args.num_experts + 1, dtype=torch.int64), False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [M, H] -> weights [M, K] (at least fp32), experts [M, K], logits [M, E]."""
         logits = self.gate(x)  # [M, E]
         scores = logits if self.expert_bias is None else logits + self.expert_bias
         _, idx = torch.topk(scores, self.top_k, dim=-1)  # [M, K]
+        if self.training and self.balanced_routing:  # the tally: see balanced_choice
+            idx, tally = balanced_choice(scores.detach(), idx, self.balanced_routing)
+            self.choice_counts += tally
         chosen = logits.gather(-1, idx)  # [M, K]
         weights = torch.softmax(chosen.to(torch.promote_types(chosen.dtype, torch.float32)), dim=-1)
         return weights, idx, logits

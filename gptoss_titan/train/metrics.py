@@ -160,6 +160,7 @@ class StepResult:
     target_tokens: torch.Tensor | None = (
         None  # tokens the loss was computed on (global; masks and padding excluded)
     )
+    balanced_layers: torch.Tensor | None = None  # model.balanced_routing: layers that used the fallback
 
     def stats(self) -> dict:
         out = {
@@ -172,6 +173,8 @@ class StepResult:
             out["aux_loss"] = float(self.aux_loss)
         if self.target_tokens is not None:
             out["target_tokens"] = int(self.target_tokens)
+        if self.balanced_layers is not None:
+            out["balanced_routing_layers"] = int(self.balanced_layers)
         out.update(expert_load_stats(self.expert_counts))  # [L, E] tokens per expert, whole global batch
         return out
 

@@ -57,6 +57,7 @@ class TrainStep:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, t.steps, cfg.lr_scheduler)
         self.guard = StepGuard(t, device)
         self._held_layers: torch.Tensor | None = None  # indices of this rank's layers (expert balancing)
+        self._balanced_ended = False  # model.balanced_routing_steps passed
         # Without FSDP, bf16 compute is autocast; with FSDP it is the MixedPrecisionPolicy.
         self.autocast_dtype = (
             dtype_of(t.mixed_precision_param)
@@ -84,6 +85,7 @@ class TrainStep:
     def __call__(self, host_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> StepResult:
         """One optimizer step (number `step`) over the accumulation steps' host batches [B, T]."""
         cfg = self.cfg
+        self.end_balanced_routing(step)
         batches = [self.inputs(x, y) for x, y in host_batches]
         n_targets = self.all_reduce(sum((y != IGNORE_INDEX).sum() for _, y, _ in batches))  # the global count
         run = self.pipeline_forward_backward if self.pipeline is not None else self.forward_backward
@@ -103,11 +105,15 @@ class TrainStep:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.all_reduce(counts_total)  # expert loads over the whole batch
+        balanced = None
         if self.plan.args.load_balance_bias and not cfg.lora.rank:  # LoRA: the routing stays the base's
             blocks = self.model.blocks()  # a pipeline stage holds some of them
-            if self._held_layers is None:  # made once: an index list would be a blocking copy per step
-                self._held_layers = torch.tensor([b.layer_id for b in blocks], device=counts_total.device)
-            rows = counts_total.index_select(0, self._held_layers)
+            if self.plan.args.balanced_routing and not self._balanced_ended:  # the plain top-k's loads
+                rows, balanced = self.plain_choice_counts([b.moe.router for b in blocks])
+            else:
+                if self._held_layers is None:  # made once: an index list would be a blocking copy per step
+                    self._held_layers = torch.tensor([b.layer_id for b in blocks], device=counts_total.device)
+                rows = counts_total.index_select(0, self._held_layers)
             update_expert_bias(
                 [b.moe.router for b in blocks],
                 rows,
@@ -117,7 +123,29 @@ class TrainStep:
         if coef > 0:
             self.all_reduce(aux_total)
         aux = aux_total if coef > 0 else None
-        return StepResult(loss, lr, grad_norm, counts_total, aux, 0.0, skip, n_targets)
+        return StepResult(loss, lr, grad_norm, counts_total, aux, 0.0, skip, n_targets, balanced)
+
+    def plain_choice_counts(self, routers: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """model.balanced_routing: the plain top-k's loads [held layers, E] over the whole batch (the
+        bias evens these out) and how many layers routed a batch by the fallback this step (all
+        stages); the routers' tallies start over."""
+        rows = self.all_reduce(torch.stack([r.choice_counts for r in routers]))  # [L, E + 1]
+        for r in routers:
+            r.choice_counts.zero_()
+        fallbacks = (rows[:, -1] > 0).sum()
+        if self.pipeline is not None:
+            dist.all_reduce(fallbacks, group=self.meshes.pp.get_group())
+        return rows[:, :-1], fallbacks
+
+    def end_balanced_routing(self, step: int) -> None:
+        """Past model.balanced_routing_steps the routers take the plain top-k, at no cost (also when
+        a run resumes past the window)."""
+        window = self.cfg.model.balanced_routing_steps
+        if self.plan.args.balanced_routing and window and step > window and not self._balanced_ended:
+            for part in self.parts():
+                for block in part.blocks():
+                    block.moe.router.balanced_routing = 0.0
+            self._balanced_ended = True
 
     def forward_backward(self, batches: list, n_targets: torch.Tensor) -> tuple:
         """Forward and backward of each micro-batch; (summed cross-entropy, aux loss, counts [L, E])."""

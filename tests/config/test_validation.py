@@ -108,6 +108,18 @@ def test_bad_config(tmp_path, toml, argv, match):
             ["--model.load_balance_bias_update=pid"],
             "model.load_balance_bias_update = 'pid' is not one of sign, proportional",
         ),
+        (["--model.balanced_routing=1.3"], "with model.load_balance_bias = true \\(it is false\\)"),
+        (["--model.load_balance_bias=true", "--model.balanced_routing=0.5"], "must be 0 \\(off\\) or >= 1"),
+        (["--model.args.balanced_routing=1.3"], "set model.balanced_routing instead"),
+        (["--model.balanced_routing_steps=-1"], "model.balanced_routing_steps = -1 must be >= 0"),
+        (
+            ["--model.load_balance_bias=true", "--model.balanced_routing=1.3", "--lora.rank=4"],
+            "model.balanced_routing = 1.3 with lora.rank > 0 .*; set it to 0",
+        ),
+        (
+            ["--model.load_balance_bias=true", "--model.balanced_routing=1.3", "--rl.enable=true"],
+            "model.balanced_routing = 1.3 with rl.enable .*; set it to 0",
+        ),
     ],
 )
 def test_bad_model_args(argv, match):

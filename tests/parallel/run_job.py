@@ -51,6 +51,7 @@ def main() -> None:
             {
                 "losses": [r["loss"] for r in rows if "loss" in r],
                 "grad_norms": [r["grad_norm"] for r in rows if "grad_norm" in r],
+                "balanced_layers": [r.get("balanced_routing_layers") for r in rows if "loss" in r],
                 "state": state,
                 "p2p_sends": sends,
                 # TORCH_DISTRIBUTED_DEBUG=DETAIL: every collective's fingerprint compared across ranks

@@ -137,6 +137,22 @@ def test_balancing_aux_loss_and_expert_bias_with_ep(workdir):
     assert any("expert_bias" in k and v.abs().sum() > 0 for k, v in got["state"].items())
 
 
+def test_balanced_routing_with_ep_equals_accumulation(workdir):
+    """model.balanced_routing decides per routed batch (the ranks' own tokens), so one process
+    accumulating the ranks' micro-batches routes alike; the plain choice's loads, summed over the
+    ranks, drive the bias update there and here. Capacity 1.0: the fallback acts at every step."""
+    extra = (
+        "--model.load_balance_bias=true",
+        "--model.load_balance_bias_rate=0.01",
+        "--model.balanced_routing=1.0",
+    )
+    accumulate = ("--training.local_batch_size=2", "--training.global_batch_size=4")
+    ref = run(workdir, "reference_balanced", 1, *extra, *accumulate, vocab=VOCAB)
+    got = run(workdir, "balanced_ep2", 2, *extra, "--parallelism.expert_parallel_degree=2", vocab=VOCAB)
+    assert_same(ref, got, floor=FLOOR)
+    assert all(n >= 1 for n in got["balanced_layers"]), got["balanced_layers"]
+
+
 def test_bf16_mixed_precision_close_to_fp32(reference, workdir):
     got = run(workdir, "bf16", 2, "--training.mixed_precision_param=bfloat16", vocab=VOCAB)
     # bf16 params in compute, fp32 master weights and reductions: losses within 1% over 5 steps.

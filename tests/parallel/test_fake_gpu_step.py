@@ -127,11 +127,12 @@ def fake_gpu_step(
         return chosen, ops + flex_calls
 
 
+BALANCED = ("--model.load_balance_bias=true", "--model.balanced_routing=1.0")  # the fallback's sorts on CUDA
 LAYOUTS = {
     "one_process": (1, ()),
     "tp2": (2, ("--parallelism.tensor_parallel_degree=2",)),
     "tp2_whole_experts": (2, ("--parallelism.tensor_parallel_degree=2", "--parallelism.expert_tensor_parallel_degree=1")),
-    "fsdp2_ep2": (2, ("--parallelism.expert_parallel_degree=2",)),
+    "fsdp2_ep2": (2, ("--parallelism.expert_parallel_degree=2", *BALANCED)),
     "cp2": (2, ("--parallelism.context_parallel_degree=2",)),
     "tp2_fsdp2_ep2": (4, ("--parallelism.tensor_parallel_degree=2", "--parallelism.expert_parallel_degree=2")),
     "hsdp_2x2": (4, ("--parallelism.data_parallel_replicate_degree=2",)),
@@ -152,6 +153,8 @@ def test_gpu_step_per_layout(monkeypatch, name):
     # (backward; none when LoRA freezes the head)
     head_trains = not any(a.startswith("--lora.rank") for a in argv)
     assert ops["mm.dtype_out"] > 0 and (ops["addmm.dtype_out"] > 0) == head_trains, ops
+    if BALANCED[1] in argv:  # the fallback's assignment ran: 8 rounds of 2 sorts in each of 4 layers
+        assert ops["sort"] >= 4 * 8 * 2, ops["sort"]
 
 
 def test_gpu_step_document_mask(monkeypatch):

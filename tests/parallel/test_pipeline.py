@@ -137,6 +137,16 @@ def test_pipeline_equals_one_process(case, reference, ppdir):
     np.testing.assert_allclose(logged(ppdir, case, "val_loss"), want_val, rtol=1e-5)
 
 
+def test_balanced_routing_under_pp_equals_one_process(ppdir):
+    """model.balanced_routing: each stage tallies its own layers' plain loads for their biases; the
+    count of layers that took the fallback is summed over the stages (as one process counts)."""
+    balanced = ("--model.balanced_routing=1.0",)
+    want = pp_run(ppdir, "reference_balanced", 1, 1, *balanced)
+    got = pp_run(ppdir, "pp2_1f1b_balanced", 2, 1, *schedule("1F1B"), *balanced)
+    assert_same(want, got, floor=FLOOR)
+    assert got["balanced_layers"] == want["balanced_layers"] and min(want["balanced_layers"]) >= 1
+
+
 def test_pipeline_checkpoints_resume_at_one_process_and_back(reference, ppdir):
     """Saved at pp 2 x FSDP 2 x EP 2, resumed at one process; saved at one process, resumed at pp 2."""
     if not (ppdir / "pp2_fsdp2_ep2.pt").exists():

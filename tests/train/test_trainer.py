@@ -74,6 +74,8 @@ def test_bf16_close_to_fp32_and_balancing_options(tmp_path):
             + [
                 "--model.aux_loss_coef=0.01",
                 "--model.load_balance_bias=true",
+                "--model.balanced_routing=1.0",  # at step 1 only: afterwards the plain top-k
+                "--model.balanced_routing_steps=1",
                 f"--job.dump_folder={tmp_path}/x",
             ]
         )
@@ -81,8 +83,13 @@ def test_bf16_close_to_fp32_and_balancing_options(tmp_path):
     aux_run.train()
     rows = read_metrics(aux_run.dump)
     assert all(r["aux_loss"] >= 0 for r in rows)
-    bias = aux_run.model.layers[0].moe.router.expert_bias
+    assert rows[0]["balanced_routing_layers"] >= 1
+    assert all("balanced_routing_layers" not in r for r in rows[1:])  # the window ended
+    router = aux_run.model.layers[0].moe.router
+    assert router.balanced_routing == 0 and router.choice_counts.sum() == 0
+    bias = router.expert_bias
     assert bias.abs().sum() > 0 and bias.sum().abs() < 1e-6 * 8 + 1e-3 * 8
+    assert bias.abs().max() > 1.5e-3  # steps of 1e-3 went on after the window (1e-3 if they had not)
 
 
 BAD = [
@@ -233,8 +240,8 @@ class HostSyncAudit:
 
 
 def test_train_step_on_the_gpu_paths_never_waits_for_the_host(tmp_path, monkeypatch):
-    """One whole training step (forward, loss, backward, clipping, AdamW, LR, expert bias, aux
-    loss) forced onto the GPU code paths - grouped-mm experts, the accelerator loss branch, bf16
+    """One whole training step (forward, loss, backward, clipping, AdamW, LR, expert bias and its
+    balanced-routing fallback, aux loss) forced onto the GPU code paths - grouped-mm experts, the accelerator loss branch, bf16
     compute - runs no op that syncs with the host and no fp32 GEMM."""
     import gptoss_titan.model.loss as loss_module
 
@@ -247,6 +254,7 @@ def test_train_step_on_the_gpu_paths_never_waits_for_the_host(tmp_path, monkeypa
                 "--training.mixed_precision_param=bfloat16",
                 "--model.aux_loss_coef=0.01",
                 "--model.load_balance_bias=true",
+                "--model.balanced_routing=1.0",  # the capacity-limited fallback too (any imbalance)
                 "--training.global_batch_size=4",
                 "--validation.enable=false",
             )
@@ -258,7 +266,8 @@ def test_train_step_on_the_gpu_paths_never_waits_for_the_host(tmp_path, monkeypa
     with HostSyncAudit() as audit:
         result = tr.train_module(batches, tr.step)
     assert audit.syncs == [] and audit.fp32_gemms == [], (audit.syncs, audit.fp32_gemms[:5])
-    assert math.isfinite(result.stats()["loss"])  # reading the results is where the host waits
+    stats = result.stats()  # reading the results is where the host waits
+    assert math.isfinite(stats["loss"]) and stats["balanced_routing_layers"] >= 1  # the fallback ran
 
 
 def test_the_audit_catches_syncs_and_fp32_gemms():
