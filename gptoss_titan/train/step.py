@@ -108,14 +108,15 @@ class TrainStep:
         balanced = None
         if self.plan.args.load_balance_bias and not cfg.lora.rank:  # LoRA: the routing stays the base's
             blocks = self.model.blocks()  # a pipeline stage holds some of them
+            routers = [b.moe.router for b in blocks]
             if self.plan.args.balanced_routing and not self._balanced_ended:  # the plain top-k's loads
-                rows, balanced = self.plain_choice_counts([b.moe.router for b in blocks])
+                rows, balanced = self.plain_choice_counts(routers)
             else:
                 if self._held_layers is None:  # made once: an index list would be a blocking copy per step
                     self._held_layers = torch.tensor([b.layer_id for b in blocks], device=counts_total.device)
                 rows = counts_total.index_select(0, self._held_layers)
             update_expert_bias(
-                [b.moe.router for b in blocks],
+                routers,
                 rows,
                 cfg.model.load_balance_bias_rate * (1 - skip),
                 cfg.model.load_balance_bias_update,
@@ -142,9 +143,8 @@ class TrainStep:
         a run resumes past the window)."""
         window = self.cfg.model.balanced_routing_steps
         if self.plan.args.balanced_routing and window and step > window and not self._balanced_ended:
-            for part in self.parts():
-                for block in part.blocks():
-                    block.moe.router.balanced_routing = 0.0
+            for block in self.model.blocks():  # every stage this rank holds
+                block.moe.router.balanced_routing = 0.0
             self._balanced_ended = True
 
     def forward_backward(self, batches: list, n_targets: torch.Tensor) -> tuple:
