@@ -196,8 +196,9 @@ class OutputHead(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """logits (of the last position alone with last_only); with targets the summed
         cross-entropy; with targets and a temperature the targets' log-probabilities and the
-        entropies [B, T] (model/logprobs.py), computed for the flat positions `rows` [K] only when
-        given (0 elsewhere)."""
+        entropies [B, T] (model/logprobs.py). Given `rows` [K] (flat positions), the head runs on
+        those alone: the loss sums their targets only (all others must be IGNORE_INDEX), the
+        log-probabilities are 0 elsewhere."""
         h, w, split = self.parts(h)
         if targets is None:
             h = h[:, -1:] if last_only else h
@@ -206,7 +207,10 @@ class OutputHead(nn.Module):
             return self.whole_logits(h @ w.to(h.dtype).T)  # [B, T, V]
         if temperature is not None:
             return logprobs_at(h, w, targets, temperature, rows, **split)
-        return fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), **split)
+        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        if rows is not None:  # the other rows' gradient is zero: the GEMMs skip them
+            h, targets = h.index_select(0, rows), targets.index_select(0, rows)
+        return fused_linear_cross_entropy(h, w, targets, **split)
 
     def parts(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(hidden states, this process's weight rows, how its vocabulary part combines): here all
@@ -309,7 +313,7 @@ class Transformer(nn.Module):
         hidden_states: bool = False,
         seq_len: int | None = None,
         logprob_temperature: float | None = None,
-        logprob_rows: torch.Tensor | None = None,
+        target_rows: torch.Tensor | None = None,
         last_only: bool = False,
     ):
         """tokens [B, T] -> logits [B, T, V].
@@ -330,8 +334,11 @@ class Transformer(nn.Module):
 
         With targets and logprob_temperature, the tuple's first two are instead the targets'
         log-probabilities under softmax(logits / temperature) and the entropies, [B, T] each
-        (0 where ignored; reinforcement learning, model/logprobs.py); logprob_rows [K], indices
-        into the flattened [B * T] targets, limits the lm_head's work to those positions.
+        (0 where ignored; reinforcement learning, model/logprobs.py).
+
+        target_rows [K], indices into the flattened [B * T] targets, limits the lm_head's work to
+        those positions (every other target must be ignored): a chat batch's prompt tokens cost
+        the head nothing (train/batching.py finds them on the host).
 
         last_only=True (without targets) returns the last position's logits [B, 1, V] alone: a
         prompt's prefill needs no [B, T, V] (64 prompts of 500 tokens: 13 GB in bf16).
@@ -379,9 +386,9 @@ class Transformer(nn.Module):
             return self.output(h, last_only=last_only)
         counts_t = torch.stack(counts)  # [L, E]
         if logprob_temperature is not None:
-            logp, ent = self.output(h, targets, logprob_temperature, logprob_rows)
+            logp, ent = self.output(h, targets, logprob_temperature, target_rows)
             return logp, ent, counts_t
-        ce_sum = self.output(h, targets)
+        ce_sum = self.output(h, targets, rows=target_rows)
         probs_t = torch.stack(prob_sums) if router_probs else None  # [L, E]
         return ce_sum, probs_t, counts_t
 

@@ -9,7 +9,6 @@ from ..config import JobConfig
 from ..data import TokenLoader, get_tokenizer
 from ..data.packed import ChatSplit
 from ..infer.generate import generate
-from ..model.loss import IGNORE_INDEX
 from ..model.tokens import STOP_IDS
 from .step import TrainStep
 
@@ -36,13 +35,13 @@ def validation_loss(step: TrainStep, tokens: np.ndarray | ChatSplit, cfg: JobCon
     for _ in range(steps):
         x, y = loader.next_batch()
         with step.autocast():
-            tokens, targets, layout = inputs(x, y)
+            tokens, targets, layout, rows, n = inputs(x, y)
             if pipeline is None:
-                ce_sum, _, _ = model(tokens, targets, documents=layout)
+                ce_sum, _, _ = model(tokens, targets, documents=layout, target_rows=rows)
                 total += float(ce_sum)
             else:
                 batches.append((tokens, targets))
-        count += int((targets != IGNORE_INDEX).sum())
+        count += n
     if pipeline is not None:
         total = float(pipeline.evaluate(batches, layout))
     model.train()

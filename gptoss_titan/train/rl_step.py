@@ -84,12 +84,12 @@ class RLStep(TrainStep):
             with torch.no_grad(), self.autocast():
                 for i, (x, y, _, _, _, rows) in enumerate(batches):
                     if rl.updates_per_batch > 1:
-                        old[i] = self.model(x, y, logprob_temperature=temp, logprob_rows=rows)[0]
+                        old[i] = self.model(x, y, logprob_temperature=temp, target_rows=rows)[0]
                     if use_ref and self.reference is not None:
-                        ref[i] = self.reference(x, y, logprob_temperature=temp, logprob_rows=rows)[0]
+                        ref[i] = self.reference(x, y, logprob_temperature=temp, target_rows=rows)[0]
                     elif use_ref:
                         with adapters_off(self.model):
-                            ref[i] = self.model(x, y, logprob_temperature=temp, logprob_rows=rows)[0]
+                            ref[i] = self.model(x, y, logprob_temperature=temp, target_rows=rows)[0]
         zero = torch.zeros((), dtype=torch.float64, device=dev)
         m = {k: zero.clone() for k in ("loss", "clipped", "kl", "entropy", "old_diff", "decode_diff")}
         for update in range(rl.updates_per_batch):
@@ -97,7 +97,7 @@ class RLStep(TrainStep):
             counts_total, loss_total = None, zero.clone()
             for i, (x, y, mask, adv, decode, rows) in enumerate(batches):
                 with self.autocast():
-                    logp, ent, c = self.model(x, y, logprob_temperature=temp, logprob_rows=rows)
+                    logp, ent, c = self.model(x, y, logprob_temperature=temp, target_rows=rows)
                 o = old[i] if old[i] is not None else logp.detach()
                 parts = policy_loss(logp, o, adv, mask, obj, token_count, seq_count, ref[i])
                 parts.loss.backward()

@@ -87,7 +87,9 @@ class TrainStep:
         cfg = self.cfg
         self.end_balanced_routing(step)
         batches = [self.inputs(x, y) for x, y in host_batches]
-        n_targets = self.all_reduce(sum((y != IGNORE_INDEX).sum() for _, y, _ in batches))  # the global count
+        n_targets = self.all_reduce(
+            sum((b.targets != IGNORE_INDEX).sum() for b in batches)
+        )  # the global count
         run = self.pipeline_forward_backward if self.pipeline is not None else self.forward_backward
         ce_total, aux_total, counts_total = run(batches, n_targets)
         coef = cfg.model.aux_loss_coef
@@ -154,9 +156,11 @@ class TrainStep:
         counts_total = None
         m = self.cfg.model
         coef = m.aux_loss_coef
-        for x, y, docs in batches:
+        for x, y, docs, rows, _ in batches:
             with self.autocast():
-                ce_sum, prob_sums, counts = self.model(x, y, router_probs=coef > 0, documents=docs)
+                ce_sum, prob_sums, counts = self.model(
+                    x, y, router_probs=coef > 0, documents=docs, target_rows=rows
+                )
             loss = ce_sum / n_targets
             if prob_sums is not None:
                 # The aux loss of this micro-batch over all ranks: pooled counts, local probabilities.
@@ -178,9 +182,9 @@ class TrainStep:
     def pipeline_forward_backward(self, batches: list, n_targets: torch.Tensor) -> tuple:
         """The micro-batches through the pipeline schedule; the loss and the counts of every
         layer summed over the stages, so every rank holds them."""
-        x = torch.cat([b[0] for b in batches])
-        y = torch.cat([b[1] for b in batches])
-        ce_total, counts = self.pipeline.step(x, y, n_targets, batches[0][2])
+        x = torch.cat([b.tokens for b in batches])
+        y = torch.cat([b.targets for b in batches])
+        ce_total, counts = self.pipeline.step(x, y, n_targets, batches[0].layout)
         a = self.plan.args
         counts_total = torch.zeros(a.n_layers, a.num_experts, dtype=torch.int64, device=self.device)
         for layer, c in counts.items():

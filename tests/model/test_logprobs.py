@@ -69,8 +69,8 @@ def test_transformer_forward_returns_the_targets_logprobs():
     assert model.layers[0].attention.wq.weight.grad is not None
 
 
-def test_logprob_rows_limit_the_head_to_those_positions():
-    """logprob_rows: the same values and gradients at those positions, 0 elsewhere."""
+def test_target_rows_limit_the_head_to_those_positions():
+    """target_rows: the same values and gradients at those positions, 0 elsewhere."""
     torch.manual_seed(0)
     model = build(tiny_args())
     x = torch.randint(0, 256, (2, 9))
@@ -81,13 +81,21 @@ def test_logprob_rows_limit_the_head_to_those_positions():
     full, ent_full, _ = model(x, y, logprob_temperature=1.0)
     g_full = torch.autograd.grad(full.sum(), model.output.weight)[0]
     rows = mask.reshape(-1).nonzero().squeeze(1)
-    part, ent, _ = model(x, y, logprob_temperature=1.0, logprob_rows=rows)
+    part, ent, _ = model(x, y, logprob_temperature=1.0, target_rows=rows)
     g_part = torch.autograd.grad(part.sum(), model.output.weight)[0]
     # the same rows through GEMMs of another height: equal to a few fp32 ulps (kernels may block differently)
     torch.testing.assert_close(part, full, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ent, ent_full, rtol=1e-6, atol=1e-6)
     assert bool((part[~mask] == 0).all())
     torch.testing.assert_close(g_part, g_full, rtol=1e-5, atol=1e-7)
+    # the training loss (fused lm_head + cross-entropy): the summed loss and every gradient
+    params = [p for p in model.parameters() if p.requires_grad]
+    ce_full, ce_part = model(x, y)[0], model(x, y, target_rows=rows)[0]
+    torch.testing.assert_close(ce_part, ce_full, rtol=1e-6, atol=0)
+    for a, b in zip(torch.autograd.grad(ce_part, params), torch.autograd.grad(ce_full, params)):
+        # other GEMM heights block the sums differently: rounding on the tensor's scale (an element
+        # whose terms cancel keeps only that absolute error)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
 def test_backward_uses_the_forward_compute_dtype():
