@@ -5,11 +5,11 @@ and settings, on CPU: the reward after N steps and the time per step (generation
   python benchmarks/bench_grpo.py [--steps 6] [--warm CHECKPOINT] [--work DIR] [--lr 1e-4] [--threads 2]
                                   [--last 3] [--only ours|trl] [--json FILE]
 
-Defaults take ~8 minutes on 2 idle cores: the warm start ~3.5, ours ~2 s a step, TRL ~20 s a step.
+Defaults take ~6 minutes on 2 idle cores: the warm start ~2, ours ~2 s a step, TRL ~20 s a step.
 
 Both sides start from the same supervised warm start (the debug flavor after the command in
 train_configs/grpo_debug.toml's header; --warm reuses a checkpoint or step folder, otherwise it is
-trained into --work first, ~3 minutes on 2 cores), TRL from its Hugging Face export in fp32
+trained into --work first, ~2 minutes on 2 cores), TRL from its Hugging Face export in fp32
 (scripts/convert_dcp_to_safetensors.py). Per step: the same 4 prompts (our prompt order, fed to TRL
 unshuffled; TRL renders them with the exported harmony template, reasoning_effort low: checked to
 give our prompt tokens), 8 completions each, at most 24 new tokens, temperature 1, top-p 1; reward
@@ -101,7 +101,7 @@ def warm_start(a: argparse.Namespace, work: Path) -> str:
     if a.warm:
         return a.warm
     out = work / "arith_sft"
-    print(f"warm start: 200 supervised steps into {out} (~3 minutes on 2 cores)", flush=True)
+    print(f"warm start: 200 supervised steps into {out} (~2 minutes on 2 cores)", flush=True)
     cmd = ["./scripts/run_train.sh", f"--job.dump_folder={out}", *WARM_ARGS]
     run(cmd, a.threads, work / "warm.log", CONFIG_FILE=CONFIG)
     return str(out / "checkpoint")

@@ -32,7 +32,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # every process a test starts (the launcher keeps a set OMP_NUM_THREADS). Measured with -n 2 and
     # 2 threads each: OpenMP's waiting threads on oversubscribed cores made a 200-step run take
     # > 1800 s instead of ~200 s. (With one thread, test_reward_rises_on_the_toy_task's trajectory
-    # differs and did not rise by its margin: that test is sensitive to the summation order.)
+    # differs: its sampled rewards depend on the summation order; its log-probability check less.)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
