@@ -134,6 +134,7 @@ def fused_linear_cross_entropy(
     path: str | None = None,
     vocab_start: int = 0,
     combine: RowCombine | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over rows of cross_entropy(h @ w.T, targets), skipping IGNORE_INDEX; h [M, H], w [V, H].
 
@@ -142,6 +143,10 @@ def fused_linear_cross_entropy(
     A vocabulary split in parts (vocabulary-parallel lm_head): w holds rows vocab_start ..
     vocab_start + V - 1, and `combine` merges the row maxima, sums of exponentials and target
     logits of all parts; every part then returns the loss of the whole vocabulary, and the
-    gradients of its own rows of w and its share of h's (summed over parts by the caller)."""
+    gradients of its own rows of w and its share of h's (summed over parts by the caller).
+    rows [K]: only these rows of h and targets are computed (every other target must be
+    IGNORE_INDEX: their gradient is zero anyway, and the GEMMs skip them)."""
+    if rows is not None:
+        h, targets = h.index_select(0, rows), targets.index_select(0, rows)
     grad = torch.is_grad_enabled()
     return _FusedLinearCrossEntropy.apply(h, w, targets, chunk_elems, path, vocab_start, combine, grad)

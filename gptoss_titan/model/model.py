@@ -195,10 +195,8 @@ class OutputHead(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """logits (of the last position alone with last_only); with targets the summed
-        cross-entropy; with targets and a temperature the targets' log-probabilities and the
-        entropies [B, T] (model/logprobs.py). Given `rows` [K] (flat positions), the head runs on
-        those alone: the loss sums their targets only (all others must be IGNORE_INDEX), the
-        log-probabilities are 0 elsewhere."""
+        cross-entropy, or with a temperature the targets' log-probabilities and entropies [B, T]
+        (model/logprobs.py); on the flat positions `rows` [K] alone when given (Transformer.forward)."""
         h, w, split = self.parts(h)
         if targets is None:
             h = h[:, -1:] if last_only else h
@@ -207,10 +205,7 @@ class OutputHead(nn.Module):
             return self.whole_logits(h @ w.to(h.dtype).T)  # [B, T, V]
         if temperature is not None:
             return logprobs_at(h, w, targets, temperature, rows, **split)
-        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-        if rows is not None:  # the other rows' gradient is zero: the GEMMs skip them
-            h, targets = h.index_select(0, rows), targets.index_select(0, rows)
-        return fused_linear_cross_entropy(h, w, targets, **split)
+        return fused_linear_cross_entropy(h.flatten(0, -2), w, targets.flatten(), rows=rows, **split)
 
     def parts(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(hidden states, this process's weight rows, how its vocabulary part combines): here all
@@ -334,11 +329,9 @@ class Transformer(nn.Module):
 
         With targets and logprob_temperature, the tuple's first two are instead the targets'
         log-probabilities under softmax(logits / temperature) and the entropies, [B, T] each
-        (0 where ignored; reinforcement learning, model/logprobs.py).
-
-        target_rows [K], indices into the flattened [B * T] targets, limits the lm_head's work to
-        those positions (every other target must be ignored): a chat batch's prompt tokens cost
-        the head nothing (train/batching.py finds them on the host).
+        (0 where ignored; reinforcement learning, model/logprobs.py). target_rows [K], indices into
+        the flattened [B * T] targets, limits the lm_head's work to those positions (every other
+        target must be ignored: a chat batch's prompts; train/batching.py finds them on the host).
 
         last_only=True (without targets) returns the last position's logits [B, 1, V] alone: a
         prompt's prefill needs no [B, T, V] (64 prompts of 500 tokens: 13 GB in bf16).
