@@ -119,3 +119,33 @@ def test_loss_weight_gradient_accumulates_in_place_on_cuda():
     want = acc + torch.mm(a, b, out_dtype=torch.float32)
     addmm_fp32_(acc, a, b)
     torch.testing.assert_close(acc, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_counted_rows_on_cuda_need_no_sync():
+    """The loss on the counted rows alone (`rows`, found on the host and copied pinned and
+    asynchronously as train/batching.py does) under CUDA's sync debug mode: no synchronizing call,
+    and the loss and gradients of the full computation (bf16 GEMMs: equal up to their rounding)."""
+    from gptoss_titan.model.local import to_device
+
+    torch.manual_seed(0)
+    h = (torch.randn(2048, 256, device="cuda") * 0.5).bfloat16().requires_grad_()
+    w = (torch.randn(201088, 256, device="cuda") * 0.02).bfloat16().requires_grad_()
+    t_host = torch.randint(0, 201088, (2048,))
+    t_host[: 2048 * 7 // 8] = IGNORE_INDEX  # a chat batch: the prompts ignored
+    t = t_host.cuda()
+    full = fused_linear_cross_entropy(h, w, t)
+    g_full = torch.autograd.grad(full, [h, w])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rows = to_device(torch.from_numpy((t_host != IGNORE_INDEX).numpy().nonzero()[0]), "cuda")
+        part = fused_linear_cross_entropy(h, w, t, rows=rows)
+        g_part = torch.autograd.grad(part, [h, w])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(part, full, rtol=1e-3, atol=0)
+    for a, b in zip(g_part, g_full):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-3)
+    assert bool((g_part[0][: 2048 * 7 // 8] == 0).all())  # ignored rows: no gradient
