@@ -14,6 +14,7 @@ from torch.distributed.tensor import distribute_module
 from gptoss_titan.model import ModelArgs
 from gptoss_titan.model.moe import GroupedExperts
 from gptoss_titan.parallel.expert_parallel import ExpertParallel
+from gptoss_titan.runtime.distributed import shutdown
 
 E, H, INTER = 8, 16, 8
 
@@ -54,7 +55,7 @@ def main() -> None:
     assert y1.abs().max() > 0.1 and all(p.grad.abs().max() > 0 for p in one.parameters())
     if rank == 0:
         print(f"expert parallel dispatch/combine on {world} ranks: {len(checks)} tensors equal one process")
-    dist.destroy_process_group()
+    shutdown()  # gc first: a bare destroy sometimes aborts at exit (runtime/distributed.py)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from gptoss_titan.model.documents import find_documents
 from gptoss_titan.model.tokens import EOT_ID
 from gptoss_titan.parallel import ring_blocks
 from gptoss_titan.parallel.context_parallel import CPBatch, CPLayout
+from gptoss_titan.runtime.distributed import shutdown
 
 
 def reference(q, k, v, sinks, window, ids):
@@ -143,7 +144,7 @@ def main() -> None:
     sends = trace.check()
     if rank == 0:
         print(f"ring/halo attention: {n} cases equal the definition on {cp} ranks; {sends} p2p sends matched")
-    dist.destroy_process_group()
+    shutdown()  # gc first: a bare destroy sometimes aborts at exit (runtime/distributed.py)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gptoss_titan.config import parse_args
-from gptoss_titan.runtime.distributed import apply_process_settings
+from gptoss_titan.runtime.distributed import apply_process_settings, shutdown
 from gptoss_titan.train import Trainer
 
 COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
@@ -40,6 +40,7 @@ def main() -> None:
     if torch.distributed.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(c.n, f)
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from gptoss_titan.model.logprobs import token_logprobs
 from gptoss_titan.model.loss import IGNORE_INDEX
 from gptoss_titan.parallel.tensor_parallel import _VocabCombine
+from gptoss_titan.runtime.distributed import shutdown
 
 M, H, V = 13, 8, 40
 
@@ -47,7 +48,7 @@ def main() -> None:
     assert ((targets >= rank * part) & (targets < (rank + 1) * part)).any()
     if rank == 0:
         print(f"vocabulary split over {world}: log-probs, entropies and gradients equal one process")
-    dist.destroy_process_group()
+    shutdown()  # gc first: a bare destroy sometimes aborts at exit (runtime/distributed.py)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from gptoss_titan.model import ModelArgs, Transformer
 from gptoss_titan.parallel.fsdp import gathered_weights
 from gptoss_titan.rl.prompts import Prompt
 from gptoss_titan.rl.rollout import rollout
+from gptoss_titan.runtime.distributed import shutdown
 
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=256, num_experts=4)
 ARGS.update(top_k=2, moe_inter_dim=32, sliding_window=8, max_seq_len=128)
@@ -81,7 +82,7 @@ def main() -> None:
         print(
             f"gathered once: {n_once} all-gathers for {forwards} forwards (per forward: {n_per}); same samples"
         )
-    dist.destroy_process_group()
+    shutdown()  # gc first: a bare destroy sometimes aborts at exit (runtime/distributed.py)
 
 
 if __name__ == "__main__":
