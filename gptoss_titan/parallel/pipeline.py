@@ -15,6 +15,11 @@ runs the last stage's lm_head with its fused loss (summed cross-entropy / the st
 count, so gradients need no rescaling: scale_grads=False). Routing counts are collected by hooks
 on the blocks, the loss of each micro-batch by the loss function; the trainer sums both over the
 pipeline, so every rank logs and decides (skips, clipping) alike.
+
+The head runs on the counted targets' rows alone (a chat batch's prompts cost it nothing, as without
+a pipeline: train/batching.py): the schedule hands the loss function one micro-batch's targets and
+no index, so each micro-batch's rows travel inside its target, padded to a common length with one
+of its ignored positions (which adds nothing to the loss or to any gradient): `pack_targets`.
 """
 
 from __future__ import annotations
@@ -121,6 +126,7 @@ class Pipeline:
         self.group = pp_mesh.get_group()
         self.device = device
         self.n_targets: torch.Tensor | None = None
+        self.targets_shape, self.packed = (b, T), False  # one micro-batch's targets; rows packed in (_run)
         self.ce: list[torch.Tensor] = []
         self.counts: dict[int, torch.Tensor] = {}
         for part in self.parts:
@@ -134,15 +140,18 @@ class Pipeline:
 
         return hook
 
-    def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ce = self.last.output(h, targets)  # summed cross-entropy of the micro-batch
+    def _loss(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        targets, rows = unpack_targets(target, self.targets_shape) if self.packed else (target, None)
+        ce = self.last.output(h, targets, rows=rows)  # summed cross-entropy of the micro-batch
         self.ce.append(ce.detach())
         return ce / self.n_targets
 
-    def _run(self, x: torch.Tensor, y: torch.Tensor, layout, train: bool) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, y: torch.Tensor, layout, train: bool, rows=None) -> torch.Tensor:
         self.ce, self.counts = [], {}
         args = (x,) if self.has_first else ()
-        target = y if self.last is not None else None
+        self.targets_shape = (y.shape[0] // self.n_microbatches, y.shape[1])
+        target = pack_targets(y, rows, self.n_microbatches) if self.last is not None else None
+        self.packed = target is not None and target is not y
         run = self.schedule.step if train else self.schedule.eval
         # every stage runs the positions of whole sequences (of its cp share: layout, the same for
         # every micro-batch without document masking)
@@ -152,26 +161,30 @@ class Pipeline:
         dist.all_reduce(ce, group=self.group)  # from the last stage to every stage
         return ce
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, n_targets: torch.Tensor, layout=None) -> tuple:
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, n_targets: torch.Tensor, layout=None, rows=None
+    ) -> tuple:
         """x, y [M x b, T]: forward and backward of every micro-batch (layout: context
-        parallelism's CPBatch of one micro-batch); returns the summed cross-entropy (on every
-        stage) and this rank's routing counts {layer: [E]}."""
+        parallelism's CPBatch of one micro-batch; rows: each micro-batch's counted positions,
+        train/batching.py's, or None); returns the summed cross-entropy (on every stage) and this
+        rank's routing counts {layer: [E]}."""
         self.n_targets = n_targets
-        return self._run(x, y, layout, train=True), self.counts
+        return self._run(x, y, layout, train=True, rows=rows), self.counts
 
     @torch.no_grad()
-    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]], layout=None) -> torch.Tensor:
-        """Summed cross-entropy of these batches (any number), M at a time; a short last group is
-        filled with batches whose targets are all ignored."""
+    def evaluate(self, batches: list[tuple], layout=None) -> torch.Tensor:
+        """Summed cross-entropy of these (tokens, targets, rows) batches (any number), M at a
+        time; a short last group is filled with batches whose targets are all ignored (no rows)."""
         self.n_targets = torch.ones((), device=self.device)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for g in range(0, len(batches), self.n_microbatches):
             group = batches[g : g + self.n_microbatches]
-            pad = self.n_microbatches - len(group)
-            group = group + [(group[0][0], torch.full_like(group[0][1], IGNORE_INDEX))] * pad
+            none = torch.zeros(0, dtype=torch.long, device=self.device)
+            x, y, rows = group[0]
+            group = group + [(x, torch.full_like(y, IGNORE_INDEX), none)] * (self.n_microbatches - len(group))
             x = torch.cat([b[0] for b in group])
             y = torch.cat([b[1] for b in group])
-            total += self._run(x, y, layout, train=False).double()
+            total += self._run(x, y, layout, train=False, rows=[b[2] for b in group]).double()
         return total
 
     def train(self, mode: bool = True) -> None:
@@ -180,3 +193,27 @@ class Pipeline:
 
     def eval(self) -> None:
         self.train(False)
+
+
+def pack_targets(y: torch.Tensor, rows: list | None, m: int) -> torch.Tensor:
+    """y [M x b, T] and each micro-batch's counted flat positions [K_i] (None: all count) -> what the
+    schedule splits into M micro-batch targets: y itself when some micro-batch counts every target,
+    else [M, b x T + K] with each micro-batch's rows after its targets, padded to K = max K_i with
+    its first ignored position (one exists where K_i < K <= b x T; found on the device: no sync)."""
+    if rows is None or any(r is None for r in rows):
+        return y
+    k = max(r.numel() for r in rows)
+    flat = y.view(m, -1)
+    padded = []
+    for i, r in enumerate(rows):
+        if r.numel() < k:
+            first_ignored = (flat[i] == IGNORE_INDEX).int().argmax().view(1)
+            r = torch.cat([r, first_ignored.expand(k - r.numel())])
+        padded.append(r)
+    return torch.cat([flat, torch.stack(padded)], dim=1)
+
+
+def unpack_targets(target: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch's packed target [1, b x T + K] -> (targets [b, T], rows [K])."""
+    b, t = shape
+    return target[0, : b * t].view(b, t), target[0, b * t :]

@@ -40,7 +40,7 @@ def validation_loss(step: TrainStep, tokens: np.ndarray | ChatSplit, cfg: JobCon
                 ce_sum, _, _ = model(tokens, targets, documents=layout, target_rows=rows)
                 total += float(ce_sum)
             else:
-                batches.append((tokens, targets))
+                batches.append((tokens, targets, rows))
         count += n
     if pipeline is not None:
         total = float(pipeline.evaluate(batches, layout))

@@ -184,7 +184,8 @@ class TrainStep:
         layer summed over the stages, so every rank holds them."""
         x = torch.cat([b.tokens for b in batches])
         y = torch.cat([b.targets for b in batches])
-        ce_total, counts = self.pipeline.step(x, y, n_targets, batches[0].layout)
+        rows = [b.rows for b in batches]  # the head on the counted rows alone, as without pp
+        ce_total, counts = self.pipeline.step(x, y, n_targets, batches[0].layout, rows)
         a = self.plan.args
         counts_total = torch.zeros(a.n_layers, a.num_experts, dtype=torch.int64, device=self.device)
         for layer, c in counts.items():
