@@ -180,7 +180,7 @@ class Pipeline:
         for g in range(0, len(batches), self.n_microbatches):
             group = batches[g : g + self.n_microbatches]
             none = torch.zeros(0, dtype=torch.long, device=self.device)
-            x, y, rows = group[0]
+            x, y, _ = group[0]
             group = group + [(x, torch.full_like(y, IGNORE_INDEX), none)] * (self.n_microbatches - len(group))
             x = torch.cat([b[0] for b in group])
             y = torch.cat([b[1] for b in group])
