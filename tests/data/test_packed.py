@@ -1,6 +1,6 @@
 """Chat data end to end: prepare_data.py --chat (file:line errors, --strict), the packed loader
-(whole conversations, masks as targets), masked loss = the manual masked loss, and 2 processes
-train like 1 on masked, packed data."""
+(whole conversations, masks as targets), masked loss = the manual masked loss, 2 processes
+train like 1 on masked, packed data, and so does a 2-stage pipeline on chat data."""
 
 import json
 import subprocess
