@@ -177,9 +177,9 @@ class Pipeline:
         time; a short last group is filled with batches whose targets are all ignored (no rows)."""
         self.n_targets = torch.ones((), device=self.device)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
+        none = torch.zeros(0, dtype=torch.long, device=self.device)  # a filler's rows
         for g in range(0, len(batches), self.n_microbatches):
             group = batches[g : g + self.n_microbatches]
-            none = torch.zeros(0, dtype=torch.long, device=self.device)
             x, y, _ = group[0]
             group = group + [(x, torch.full_like(y, IGNORE_INDEX), none)] * (self.n_microbatches - len(group))
             x = torch.cat([b[0] for b in group])
