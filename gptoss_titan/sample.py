@@ -1,8 +1,7 @@
 """`python -m gptoss_titan.sample`: the sampling command line (gptoss_titan/infer/sample.py)."""
 
-import sys
-
 from .infer.sample import main
+from .runtime.cli import exit_now
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -17,10 +17,9 @@ the base), --lora merge the recorded base with the adapters merged in (any --dty
 from __future__ import annotations
 
 import argparse
-import sys
 
 from gptoss_titan.interop.export import QUANTIZE, dcp_to_hf
-from gptoss_titan.runtime.cli import run_cli
+from gptoss_titan.runtime.cli import exit_now, run_cli
 from gptoss_titan.runtime.distributed import quiet_single_process_warnings
 
 
@@ -64,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -11,10 +11,9 @@ Tensors are read, dequantized and written one at a time; the output appears only
 from __future__ import annotations
 
 import argparse
-import sys
 
 from gptoss_titan.interop.convert import hf_to_dcp
-from gptoss_titan.runtime.cli import run_cli
+from gptoss_titan.runtime.cli import exit_now, run_cli
 from gptoss_titan.runtime.distributed import quiet_single_process_warnings
 
 
@@ -35,4 +34,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from gptoss_titan.data.prepare import BUNDLED, DEFAULT_SHARD_TOKENS, prepare
 from gptoss_titan.data.sources import Utf8Check, file_items, hf_documents, kjv_documents
-from gptoss_titan.runtime.cli import run_cli
+from gptoss_titan.runtime.cli import exit_now, run_cli
 from gptoss_titan.runtime.errors import DataError
 
 
@@ -138,4 +138,4 @@ def _names(files: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -159,13 +159,15 @@ def losses(run: Path) -> list[float]:
 
 
 def python_cmd(nproc: int, *args: str) -> list[str]:
-    """`python ARGS` on one process, or torchrun with nproc processes on a free port (args may start with -m)."""
+    """`python ARGS` on one process, or nproc processes on a free port through our launcher (torchrun's
+    options and agent, the workers' exit code, no interpreter teardown: runtime/launcher.py); args may
+    start with -m."""
     if nproc == 1:
         return [sys.executable, *args]
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "gptoss_titan.runtime.launcher",
         "--nnodes=1",
         f"--nproc_per_node={nproc}",
         "--rdzv_backend=c10d",

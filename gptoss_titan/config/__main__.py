@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from ..runtime.cli import run_cli
+from ..runtime.cli import exit_now, run_cli
 from .loading import check_before_launch, help_text
 
 
@@ -21,4 +21,4 @@ def check_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(check_main())
+    exit_now(check_main())

@@ -35,7 +35,7 @@ from ..model.local import local
 from ..model.lora import LoRASpec, is_adapter
 from ..model.tokens import STOP_IDS
 from ..parallel.build import build_model, plan_run
-from ..runtime.cli import run_cli
+from ..runtime.cli import exit_now, run_cli
 from ..runtime.distributed import (
     check_torch_version,
     device_type,
@@ -397,4 +397,4 @@ def write_json(path: Path, value: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -15,9 +15,8 @@ import argparse
 import errno
 import os
 import socket
-import sys
 
-from .cli import run_cli
+from .cli import exit_now, run_cli
 from .errors import UserError
 
 
@@ -97,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

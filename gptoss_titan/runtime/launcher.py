@@ -48,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli import error_line
+from .cli import error_line, exit_now
 from .compat import torchrun
 from .errors import UserError
 from .launch import LaunchError, check_port, cpu_threads, resolve_nproc
@@ -239,4 +239,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

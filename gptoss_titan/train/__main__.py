@@ -1,5 +1,4 @@
-import sys
-
+from ..runtime.cli import exit_now
 from .entry import main
 
-sys.exit(main())
+exit_now(main())

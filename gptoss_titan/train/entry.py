@@ -9,7 +9,7 @@ import sys
 from ..checkpoint.manager import finish_discards
 from ..config import ConfigError, JobConfig, help_text, parse_args
 from ..parallel.dry_run import dry_run
-from ..runtime.cli import run_cli
+from ..runtime.cli import exit_now, run_cli
 from ..runtime.distributed import apply_process_settings, lost_peer, shutdown, world_size
 from ..runtime.log import logger
 from .rl_trainer import RLTrainer
@@ -79,4 +79,4 @@ def _run(argv: list[str], trainer_cls: type[Trainer]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -14,6 +14,7 @@ from torch.distributed.tensor import distribute_module
 from gptoss_titan.model import ModelArgs
 from gptoss_titan.model.moe import GroupedExperts
 from gptoss_titan.parallel.expert_parallel import ExpertParallel
+from gptoss_titan.runtime.cli import exit_now
 from gptoss_titan.runtime.distributed import shutdown
 
 E, H, INTER = 8, 16, 8
@@ -60,3 +61,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # no interpreter teardown (runtime/cli.py)

@@ -16,6 +16,7 @@ from gptoss_titan.model.documents import find_documents
 from gptoss_titan.model.tokens import EOT_ID
 from gptoss_titan.parallel import ring_blocks
 from gptoss_titan.parallel.context_parallel import CPBatch, CPLayout
+from gptoss_titan.runtime.cli import exit_now
 from gptoss_titan.runtime.distributed import shutdown
 
 
@@ -149,3 +150,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # no interpreter teardown (runtime/cli.py)

@@ -14,6 +14,7 @@ from p2p_trace import P2PTrace  # this folder is on the job's path
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from gptoss_titan.config import parse_args
+from gptoss_titan.runtime.cli import exit_now
 from gptoss_titan.runtime.distributed import apply_process_settings, shutdown
 from gptoss_titan.train import Trainer
 
@@ -64,3 +65,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # no interpreter teardown (runtime/cli.py)

@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gptoss_titan.config import parse_args
+from gptoss_titan.runtime.cli import exit_now
 from gptoss_titan.runtime.distributed import apply_process_settings, shutdown
 from gptoss_titan.train import Trainer
 
@@ -45,3 +46,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # no interpreter teardown (runtime/cli.py)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from gptoss_titan.model.logprobs import token_logprobs
 from gptoss_titan.model.loss import IGNORE_INDEX
 from gptoss_titan.parallel.tensor_parallel import _VocabCombine
+from gptoss_titan.runtime.cli import exit_now
 from gptoss_titan.runtime.distributed import shutdown
 
 M, H, V = 13, 8, 40
@@ -53,3 +54,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # no interpreter teardown (runtime/cli.py)

@@ -14,6 +14,7 @@ from gptoss_titan.model import ModelArgs, Transformer
 from gptoss_titan.parallel.fsdp import gathered_weights
 from gptoss_titan.rl.prompts import Prompt
 from gptoss_titan.rl.rollout import rollout
+from gptoss_titan.runtime.cli import exit_now
 from gptoss_titan.runtime.distributed import shutdown
 
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=256, num_experts=4)
@@ -87,3 +88,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # no interpreter teardown (runtime/cli.py)

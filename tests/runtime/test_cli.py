@@ -3,6 +3,8 @@ copy of that line in torchrun's error file for the launcher."""
 
 import json
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -56,3 +58,42 @@ def test_a_failing_cleanup_adds_nothing_to_the_line(capsys, monkeypatch):
 
     assert run_cli(raises(CollectiveFailed("rank 0: a collective failed")), on_error=cleanup) == 1
     assert capsys.readouterr().err == "error: rank 0: a collective failed\n"
+
+
+def exit_now_in(tmp_path, body: str) -> subprocess.CompletedProcess:
+    """`body` then exit_now(3) in a fresh interpreter, its output through pipes (block-buffered)."""
+    code = f"import sys, threading, time, multiprocessing\nfrom gptoss_titan.runtime.cli import exit_now\n{body}\nexit_now(3)\n"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+
+
+def test_exit_now_flushes_and_skips_the_teardown(tmp_path):
+    """The fast path: the exit code, the buffered output flushed, and no atexit handler (the
+    interpreter's teardown) run."""
+    r = exit_now_in(
+        tmp_path,
+        "import atexit; atexit.register(print, 'teardown')\nprint('out'); print('err', file=sys.stderr)",
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
+
+
+@pytest.mark.parametrize("work", ["thread", "child"])
+def test_exit_now_waits_for_work_still_running(tmp_path, work):
+    """A non-daemon thread (e.g. the background deletion of an old checkpoint) or a child process
+    still running: the normal exit, which waits for them (their file is written), same code."""
+    # the child lets go of the pipes first: subprocess.run then returns when the parent ends
+    body = (
+        "import os\n"
+        "def work(child):\n"
+        "    if child:\n"
+        "        os.close(1), os.close(2)\n"
+        "    time.sleep(0.5)\n"
+        "    open('done', 'w').write('x')\n"
+    )
+    start = {
+        "thread": "threading.Thread(target=work, args=(False,)).start()",
+        "child": "multiprocessing.get_context('fork').Process(target=work, args=(True,)).start()",
+    }[work]
+    r = exit_now_in(tmp_path, body + start)
+    assert r.returncode == 3 and (tmp_path / "done").read_text() == "x", r.stderr
