@@ -137,16 +137,12 @@ def check_pipeline(cfg: JobConfig, args: ModelArgs) -> None:
             "rank, 1F1B and GPipe exactly 1"
         )
     pipeline_layout(p, args.n_layers)
-    unsupported = (
-        ("training.document_mask = true", cfg.training.document_mask),
-        (f"model.aux_loss_coef = {cfg.model.aux_loss_coef}", cfg.model.aux_loss_coef > 0),
-    )
-    for what, bad in unsupported:
-        if bad:
-            raise ConfigError(
-                f"{what} is not supported with pipeline parallelism yet; turn it off or set "
-                "parallelism.pipeline_parallel_degree = 1"
-            )
+    if cfg.model.aux_loss_coef > 0:
+        raise ConfigError(
+            f"model.aux_loss_coef = {cfg.model.aux_loss_coef} is not supported with pipeline parallelism yet; "
+            "set it to 0 (the load-balancing bias, model.load_balance_bias, works) or set "
+            "parallelism.pipeline_parallel_degree = 1"
+        )
 
 
 def check_micro_batches(p: Parallelism, micro_batches: int, per_micro: int) -> None:

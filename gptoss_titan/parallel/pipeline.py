@@ -20,6 +20,12 @@ The head runs on the counted targets' rows alone (a chat batch's prompts cost it
 a pipeline: train/batching.py): the schedule hands the loss function one micro-batch's targets and
 no index, so each micro-batch's rows travel inside its target, padded to a common length with one
 of its ignored positions (which adds nothing to the loss or to any gradient): `pack_targets`.
+
+Each micro-batch's layout (its documents under training.document_mask, or context parallelism's
+share of its sequences) reaches every stage's forward for that micro-batch: the schedule splits a
+host tensor of micro-batch indices like any input and hands each stage its piece as a keyword,
+which a pre-forward hook (ahead of FSDP's, which would move it to the device) turns into the
+layout.
 """
 
 from __future__ import annotations
@@ -129,9 +135,18 @@ class Pipeline:
         self.targets_shape, self.packed = (b, T), False  # one micro-batch's targets; rows packed in (_run)
         self.ce: list[torch.Tensor] = []
         self.counts: dict[int, torch.Tensor] = {}
+        self.layouts: list = []  # each micro-batch's layout (Documents, CPBatch or None), set by _run
         for part in self.parts:
+            part.register_forward_pre_hook(self._layout, with_kwargs=True, prepend=True)
             for block in part.blocks():
                 block.register_forward_hook(self._count(block.layer_id))
+
+    def _layout(self, module, args, kwargs):
+        """The stage's keyword `microbatch` (its index, a host tensor [1]) -> `documents`, its layout."""
+        if "microbatch" in kwargs:
+            kwargs = dict(kwargs)
+            kwargs["documents"] = self.layouts[int(kwargs.pop("microbatch"))]
+        return args, kwargs
 
     def _count(self, layer_id: int):
         def hook(module, args, out):  # (h, counts [E], prob sums): once per micro-batch forward
@@ -146,45 +161,57 @@ class Pipeline:
         self.ce.append(ce.detach())
         return ce / self.n_targets
 
-    def _run(self, x: torch.Tensor, y: torch.Tensor, layout, train: bool, rows=None) -> torch.Tensor:
-        self.ce, self.counts = [], {}
+    def _run(
+        self, x: torch.Tensor, y: torch.Tensor, layouts: list | None, train: bool, rows=None
+    ) -> torch.Tensor:
+        self.ce, self.counts, self.layouts = [], {}, layouts or [None] * self.n_microbatches
         args = (x,) if self.has_first else ()
         self.targets_shape = (y.shape[0] // self.n_microbatches, y.shape[1])
         target = pack_targets(y, rows, self.n_microbatches) if self.last is not None else None
         self.packed = target is not None and target is not y
         run = self.schedule.step if train else self.schedule.eval
-        # every stage runs the positions of whole sequences (of its cp share: layout, the same for
-        # every micro-batch without document masking)
-        kwargs = dict(hidden_states=True, seq_len=y.shape[1], documents=layout)
+        # every stage runs the positions of whole sequences (of its cp share), each micro-batch's
+        # layout its own (_layout); one layout for all (None: plain sequences) goes as it is
+        kwargs = dict(hidden_states=True, seq_len=y.shape[1])
+        if all(layout is self.layouts[0] for layout in self.layouts):
+            kwargs["documents"] = self.layouts[0]
+        else:
+            kwargs["microbatch"] = torch.arange(self.n_microbatches)
         run(*args, target=target, losses=[] if target is not None else None, **kwargs)
         ce = torch.stack(self.ce).sum() if self.ce else torch.zeros((), device=self.device)
         dist.all_reduce(ce, group=self.group)  # from the last stage to every stage
         return ce
 
     def step(
-        self, x: torch.Tensor, y: torch.Tensor, n_targets: torch.Tensor, layout=None, rows=None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        n_targets: torch.Tensor,
+        layouts: list | None = None,
+        rows=None,
     ) -> tuple:
-        """x, y [M x b, T]: forward and backward of every micro-batch (layout: context
-        parallelism's CPBatch of one micro-batch; rows: each micro-batch's counted positions,
-        train/batching.py's, or None); returns the summed cross-entropy (on every stage) and this
-        rank's routing counts {layer: [E]}."""
+        """x, y [M x b, T]: forward and backward of every micro-batch (layouts: each micro-batch's
+        Documents, context parallelism's CPBatch or None, or None for all; rows: each micro-batch's counted
+        positions, train/batching.py's, or None); returns the summed cross-entropy (on every stage)
+        and this rank's routing counts {layer: [E]}."""
         self.n_targets = n_targets
-        return self._run(x, y, layout, train=True, rows=rows), self.counts
+        return self._run(x, y, layouts, train=True, rows=rows), self.counts
 
     @torch.no_grad()
-    def evaluate(self, batches: list[tuple], layout=None) -> torch.Tensor:
-        """Summed cross-entropy of these (tokens, targets, rows) batches (any number), M at a
-        time; a short last group is filled with batches whose targets are all ignored (no rows)."""
+    def evaluate(self, batches: list[tuple]) -> torch.Tensor:
+        """Summed cross-entropy of these (tokens, targets, rows, layout) batches (any number), M at
+        a time; a short last group is filled with batches whose targets are all ignored (no rows)."""
         self.n_targets = torch.ones((), device=self.device)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         none = torch.zeros(0, dtype=torch.long, device=self.device)  # a filler's rows
         for g in range(0, len(batches), self.n_microbatches):
             group = batches[g : g + self.n_microbatches]
-            x, y, _ = group[0]
-            group = group + [(x, torch.full_like(y, IGNORE_INDEX), none)] * (self.n_microbatches - len(group))
+            x, y, _, layout = group[0]
+            filler = (x, torch.full_like(y, IGNORE_INDEX), none, layout)
+            group = group + [filler] * (self.n_microbatches - len(group))
             x = torch.cat([b[0] for b in group])
             y = torch.cat([b[1] for b in group])
-            total += self._run(x, y, layout, train=False, rows=[b[2] for b in group]).double()
+            total += self._run(x, y, [b[3] for b in group], train=False, rows=[b[2] for b in group]).double()
         return total
 
     def train(self, mode: bool = True) -> None:

@@ -40,10 +40,10 @@ def validation_loss(step: TrainStep, tokens: np.ndarray | ChatSplit, cfg: JobCon
                 ce_sum, _, _ = model(tokens, targets, documents=layout, target_rows=rows)
                 total += float(ce_sum)
             else:
-                batches.append((tokens, targets, rows))
+                batches.append((tokens, targets, rows, layout))
         count += n
     if pipeline is not None:
-        total = float(pipeline.evaluate(batches, layout))
+        total = float(pipeline.evaluate(batches))
     model.train()
     sums = step.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=inputs.device))
     return float(sums[0] / sums[1])

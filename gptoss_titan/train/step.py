@@ -185,7 +185,7 @@ class TrainStep:
         x = torch.cat([b.tokens for b in batches])
         y = torch.cat([b.targets for b in batches])
         rows = [b.rows for b in batches]  # the head on the counted rows alone, as without pp
-        ce_total, counts = self.pipeline.step(x, y, n_targets, batches[0].layout, rows)
+        ce_total, counts = self.pipeline.step(x, y, n_targets, [b.layout for b in batches], rows)
         a = self.plan.args
         counts_total = torch.zeros(a.n_layers, a.num_experts, dtype=torch.int64, device=self.device)
         for layer, c in counts.items():

@@ -45,8 +45,8 @@ from ..helpers.config import write
         ),
         (
             "",
-            ["--parallelism.pipeline_parallel_degree=2", "--training.document_mask=true"],
-            "document_mask = true is not supported with pipeline parallelism yet",
+            ["--parallelism.pipeline_parallel_degree=2", "--model.aux_loss_coef=0.01"],
+            "aux_loss_coef = 0.01 is not supported with pipeline parallelism yet",
         ),
         (
             "",

@@ -128,23 +128,30 @@ def test_two_processes_train_like_one_on_masked_packed_data(chat_folder, tmp_pat
 
 @pytest.mark.slow
 def test_pipeline_trains_like_one_process_on_chat_data(chat_folder, tmp_path):
-    """Chat SFT (prompts masked, one conversation per row) through a 2-stage pipeline: the head
-    runs on each micro-batch's counted rows (packed into the schedule's targets: pipeline.py) and
-    the losses, grad norms, weights and the validation loss (3 batches through 2 micro-batches: the
+    """Chat SFT (prompts masked) packed with document masking through a 2-stage pipeline, alone and
+    with context parallelism 2: each micro-batch's documents reach both stages (pipeline.py:
+    _layout), the head runs on its counted rows (packed into the schedule's targets), and the
+    losses, grad norms, weights and the validation loss (3 batches through 2 micro-batches: the
     last group padded with an all-ignored one) equal one process accumulating the same 2."""
     from ..helpers.equivalence import assert_same, logged, run
 
     extra = (
         f"--data.dataset_path={chat_folder}",
-        "--training.seq_len=128",
+        "--training.seq_len=256",
         "--training.global_batch_size=4",
         "--validation.enable=true",
         "--validation.freq=5",
         "--validation.steps=3",
+        "--training.document_mask=true",
     )
     one = run(tmp_path, "one", 1, *extra, batch=2)
-    pp = run(tmp_path, "pp", 2, *extra, "--parallelism.pipeline_parallel_degree=2", batch=4)
-    assert_same(one, pp)
     want = logged(tmp_path, "one", "val_loss")
     assert len(want) == 1
-    np.testing.assert_allclose(logged(tmp_path, "pp", "val_loss"), want, rtol=1e-5)
+    pp = "--parallelism.pipeline_parallel_degree=2"
+    # pp 2; and pp 2 x cp 2, where each micro-batch's layout is its share of the split documents
+    for name, nproc, more in (("pp", 2, [pp]), ("pp_cp", 4, [pp, "--parallelism.context_parallel_degree=2"])):
+        assert_same(one, run(tmp_path, name, nproc, *extra, *more, batch=2 * nproc))
+        np.testing.assert_allclose(logged(tmp_path, name, "val_loss"), want, rtol=1e-5)
+    # rows hold several conversations: a stage that attended across them would differ
+    packed = ChatSplit(chat_folder, "train", 201088).loader(256, 2, 0, 1, pack=True).sequences
+    assert sum(len(seq) > 1 for seq in packed) > len(packed) // 2
