@@ -9,8 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
-from ..model import FLAVORS, ModelArgs
-from ..model.moe import EXPERT_KERNELS
+from ..model.args import EXPERT_KERNELS, FLAVORS, ModelArgs
 from ..model.tokens import VOCAB_SIZE
 from ..runtime.dtypes import DTYPE_NAMES
 from .job_config import SAVED_STATES, ConfigError, JobConfig, Parallelism, Training

@@ -24,14 +24,13 @@ from ..runtime.compat import grouped_mm, has_grouped_mm
 from ..runtime.dtypes import compute_dtype
 from ..runtime.errors import UserError
 from . import blas_batch
-from .args import ModelArgs
+from .args import EXPERT_KERNELS, ModelArgs
 from .balanced_routing import balanced_choice
 from .expert_mm import expert_linear
 from .local import local
 from .mxfp4 import BLOCK, FrozenMXFP4Linear, MXFP4Error, fake_quantize_mxfp4
 
 # "auto" is resolved by resolve_expert_kernel; the others are what GroupedExperts.kernel holds.
-EXPERT_KERNELS = ("auto", "loop", "batched", "grouped")
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -1,10 +1,14 @@
 """Loading a config (config/loading.py): TOML files, --section.field=value overrides, tables and
 lists of tables, strict keys and types, --help."""
 
+import subprocess
+import sys
+
 import pytest
 
 from gptoss_titan.config import ConfigError, JobConfig, help_text, parse_args
 
+from ..conftest import ROOT
 from ..helpers.config import write
 
 
@@ -144,3 +148,20 @@ def test_help_lists_every_option():
             f.name for f in dataclasses.fields(cls) if f.name not in docs and f.name not in UNDOCUMENTED
         ]
         assert not missing, (section.name, missing)
+
+
+def test_the_config_check_loads_no_model():
+    """run_train.sh's launcher checks the config before any worker starts: that check reads
+    ModelArgs and FLAVORS without importing the transformer, DTensor or sympy (0.65 s of every
+    launch), and `gptoss_titan.model.Transformer` still resolves on first use."""
+    code = (
+        "import sys\n"
+        "from gptoss_titan.config import check_before_launch\n"
+        "check_before_launch(['--config', 'train_configs/debug_model.toml'])\n"
+        "heavy = [m for m in sys.modules if m.startswith(('torch.distributed.tensor', 'sympy', 'gptoss_titan.model.model'))]\n"
+        "assert not heavy, heavy\n"
+        "from gptoss_titan.model import Transformer\n"
+        "assert Transformer.__module__ == 'gptoss_titan.model.model'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
