@@ -15,8 +15,8 @@ from .tokens import VOCAB_SIZE
 # Fields that shape only how a run trains (no weight, no saved state): a checkpoint, an export or
 # a sampling config may differ in them.
 TRAINING_ONLY_FIELDS = ("balanced_routing",)
-# model.expert_kernel's choices (moe.py: resolve_expert_kernel); here, where the config check reads them
-# without importing the model
+# model.expert_kernel's choices: "auto" is resolved by moe.py's resolve_expert_kernel, the others are
+# what GroupedExperts.kernel holds (here, where the config check reads them without the model)
 EXPERT_KERNELS = ("auto", "loop", "batched", "grouped")
 
 

@@ -30,8 +30,6 @@ from .expert_mm import expert_linear
 from .local import local
 from .mxfp4 import BLOCK, FrozenMXFP4Linear, MXFP4Error, fake_quantize_mxfp4
 
-# "auto" is resolved by resolve_expert_kernel; the others are what GroupedExperts.kernel holds.
-
 
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous.
